@@ -1,0 +1,15 @@
+//! eoss: declarative, content-cached pipelines that reproduce the experiments of
+//! *Edge of Stochastic Stability: Revisiting the Edge of Stability for SGD*.
+//!
+//! Layers, with dependencies pointing one way:
+//! `cli → exec → {spec, expand, graph, key, store, report, stages} → {train, curvature, analysis, plot}
+//! → {nn, data}`. `nn`, `data`, `curvature`, `analysis` and `plot` know nothing of pipelines; the
+//! engine modules know nothing of candle.
+#![warn(missing_docs)]
+
+pub mod curvature;
+pub mod data;
+pub mod device;
+pub mod nn;
+pub mod stages;
+pub mod train;

@@ -1,0 +1,36 @@
+//! Neural networks of the paper (MLP, 5-layer CNN, ResNets without BatchNorm), its losses and SGD.
+//!
+//! Models keep their parameters as candle `Var`s in whatever layout is fastest in memory and know
+//! how to export them under PyTorch `state_dict` names and layouts.
+
+pub mod loss;
+
+use candle_core::{Result, Tensor, Var};
+
+/// How an in-memory parameter maps to its PyTorch layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchLayout {
+    /// Stored exactly as PyTorch stores it.
+    Same,
+    /// Stored as the transpose of PyTorch's 2-D layout (e.g. linear weights kept as (in, out)).
+    Transposed,
+}
+
+/// One trainable tensor with its PyTorch `state_dict` name.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// PyTorch `state_dict` name, e.g. `layers.0.weight`.
+    pub name: String,
+    /// The variable itself, in the in-memory layout.
+    pub var: Var,
+    /// How `var` relates to the PyTorch layout.
+    pub layout: TorchLayout,
+}
+
+/// A network: a forward pass and its parameters in a fixed order.
+pub trait Model: Send + Sync {
+    /// Maps a batch of inputs (N, C, H, W) to outputs (N, K).
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The parameters, always in the same order.
+    fn params(&self) -> &[Param];
+}

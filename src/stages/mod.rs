@@ -1,0 +1,146 @@
+//! Stage kinds: the `Stage` trait every YAML `kind:` implements, and the registry of kinds.
+//!
+//! A kind turns resolved params plus its input artifacts into files in a work directory; the engine
+//! owns keys, locking, manifests and publication. Kinds never print: they report through
+//! [`StageReporter`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::device::DeviceClass;
+
+/// A parameter problem found while resolving a stage's params.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ParamError {
+    /// Dotted path of the field at fault inside `params` (e.g. `model.width`), empty for the root.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What a kind derives from raw params before anything runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// Canonical params with every default filled in; they enter the key.
+    pub params: serde_json::Value,
+    /// External files whose content enters the key (hashed by the engine).
+    pub external_files: Vec<PathBuf>,
+    /// The device the stage computes on (enters the key; CUDA stages run one at a time).
+    pub device: DeviceClass,
+}
+
+/// One input artifact handed to a running stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputArtifact {
+    /// Instance name of the producing stage, e.g. `train[lr=0.01,batch=16]`.
+    pub stage: String,
+    /// Its key.
+    pub key: String,
+    /// Its published directory.
+    pub dir: PathBuf,
+    /// Its resolved params.
+    pub params: serde_json::Value,
+}
+
+/// Progress and log sink given to a running stage. Implemented by the engine.
+pub trait StageReporter: Send + Sync {
+    /// Sets the amount of work (e.g. total steps) for a progress bar with ETA.
+    fn set_length(&self, total: u64);
+    /// Sets the amount of work done so far.
+    fn set_position(&self, done: u64);
+    /// Appends a line to the stage's log (kept with its artifact).
+    fn log(&self, line: &str);
+}
+
+/// Everything a running stage may use.
+pub struct StageContext<'a> {
+    /// Instance name, e.g. `train[lr=0.01]`.
+    pub name: &'a str,
+    /// Resolved params (as returned by [`Stage::resolve`]).
+    pub params: &'a serde_json::Value,
+    /// Inputs by name: one artifact, or every instance of a sweep in expansion order.
+    pub inputs: &'a BTreeMap<String, Vec<InputArtifact>>,
+    /// Private directory for this key, held under the key's lock. Outputs go here. It survives a
+    /// killed run, so a resumable kind may find its own earlier partial work in it.
+    pub work_dir: &'a Path,
+    /// Progress and log sink.
+    pub reporter: &'a dyn StageReporter,
+}
+
+/// Why a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A candle operation failed.
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An input artifact is missing or malformed.
+    #[error("input `{input}`: {message}")]
+    Input {
+        /// The input name.
+        input: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Anything else, as a message naming what was at fault.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StageError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StageError::Io { path: path.into(), source }
+    }
+}
+
+/// A stage kind: what a YAML `kind:` names.
+pub trait Stage: Send + Sync {
+    /// The YAML name of the kind, e.g. `dataset`.
+    fn kind(&self) -> &'static str;
+    /// Bumped whenever the kind's results change for the same params; enters every key.
+    fn version(&self) -> u32;
+    /// Checks raw params (unknown fields and types are errors) and fills defaults.
+    fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError>;
+    /// The input names this kind accepts, and whether each takes a whole sweep.
+    fn inputs(&self) -> &'static [InputSlot];
+    /// Computes the outputs into `ctx.work_dir`.
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError>;
+}
+
+/// One input a kind accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSlot {
+    /// The name used under `inputs:`.
+    pub name: &'static str,
+    /// Must be given.
+    pub required: bool,
+    /// Takes every instance of a sweep (otherwise exactly one artifact).
+    pub sweep: bool,
+}
+
+/// Deserializes raw params into a kind's typed params (unknown fields rejected), naming the field
+/// path at fault, and returns them with their canonical JSON (defaults filled in).
+pub fn resolve_typed<P: DeserializeOwned + Serialize>(
+    raw: &serde_json::Value,
+) -> Result<(P, serde_json::Value), ParamError> {
+    let typed: P = serde_path_to_error::deserialize(raw).map_err(|e| ParamError {
+        path: e.path().to_string().trim_start_matches('.').to_string(),
+        message: e.inner().to_string(),
+    })?;
+    let canonical = serde_json::to_value(&typed).map_err(|e| ParamError {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
+    Ok((typed, canonical))
+}

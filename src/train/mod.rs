@@ -1,0 +1,1 @@
+//! Training loops: SGD with schedules, checkpoints, resumption, divergence handling and metrics.
