@@ -114,8 +114,14 @@ pub trait Stage: Send + Sync {
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError>;
     /// The input names this kind accepts, and whether each takes a whole sweep.
     fn inputs(&self) -> &'static [InputSlot];
-    /// Computes the outputs into `ctx.work_dir`.
+    /// Computes the outputs into `ctx.work_dir`. If the kind writes `summary.json` (a JSON object),
+    /// the engine embeds it in the manifest under `summary`.
     fn run(&self, ctx: &StageContext) -> Result<(), StageError>;
+    /// Whether the kind continues from partial work left in its work dir by a killed run (the engine
+    /// empties the work dir before running a kind that is not resumable).
+    fn resumable(&self) -> bool {
+        false
+    }
 }
 
 /// One input a kind accepts.
