@@ -1,0 +1,270 @@
+//! What drives each update: mini-batch SGD (the default), full-batch GD, noisy GD with one of the
+//! noise models of the paper's section 6 / appendix J, or the SDE by Euler–Maruyama substeps.
+//!
+//! Noisy GD takes the full-batch gradient plus noise with the scale of batch size b:
+//! - Gaussian resampling: the gradient of Σ_i w_i ℓ_i with w = 1/n + (I − 11ᵀ/n) z / √(n b),
+//!   z ~ N(0, I_n): noise covariance exactly Σ/b, with Σ = (1/n) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ, and the
+//!   mini-batch structure of the Hessians kept (every sample's loss is reweighted);
+//! - diagonal: N(0, diag(Σ)/b), the per-coordinate variances refreshed every `refresh_every` steps from
+//!   running sums of per-sample gradients (O(d) memory, never n × d);
+//! - isotropic: N(0, (tr Σ / d)/b · I), refreshed likewise;
+//! - constant: N(0, σ² I) with a given σ.
+//!
+//! The SDE dθ = −∇L dt + √η (Σ/b)^{1/2} dW advances time η per step in `substeps` Euler–Maruyama
+//! substeps of h = η / substeps, each the gradient of Σ_i w_i ℓ_i with
+//! w = h/n + √(η h) (I − 11ᵀ/n) z / √(n b): drift −h∇L and noise of covariance η h Σ/b, with no
+//! per-sample gradients.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::loss::{per_sample_loss, LossKind, Targets};
+use crate::nn::Model;
+
+/// The update rule of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Dynamics {
+    /// Mini-batch SGD (batches from the sampler).
+    #[default]
+    Sgd,
+    /// Full-batch gradient descent.
+    Gd,
+    /// Full-batch gradient with Gaussian-resampling noise of batch size b.
+    ResamplingNoise,
+    /// Full-batch gradient with diagonal noise diag(Σ)/b.
+    DiagonalNoise {
+        /// Steps between refreshes of the per-coordinate variances.
+        refresh_every: u64,
+    },
+    /// Full-batch gradient with isotropic noise (tr Σ / d)/b · I.
+    IsotropicNoise {
+        /// Steps between refreshes of tr Σ.
+        refresh_every: u64,
+    },
+    /// Full-batch gradient with N(0, σ² I) noise.
+    ConstantNoise {
+        /// Standard deviation σ of each coordinate.
+        sigma: f64,
+    },
+    /// The SDE of SGD with batch size b, `substeps` Euler–Maruyama substeps per step.
+    Sde {
+        /// Substeps per step of time η (h = η / substeps).
+        substeps: u32,
+    },
+}
+
+impl Dynamics {
+    /// Whether updates use mini-batches from the sampler.
+    pub fn uses_batches(&self) -> bool {
+        matches!(self, Dynamics::Sgd)
+    }
+}
+
+/// The training set on the device, as the full-batch dynamics see it.
+pub struct FullBatch<'a> {
+    /// All inputs (N, C, H, W).
+    pub images: &'a Tensor,
+    /// All targets.
+    pub targets: &'a Targets,
+    /// The loss.
+    pub loss: LossKind,
+    /// Samples per forward pass.
+    pub chunk: usize,
+}
+
+impl FullBatch<'_> {
+    fn n(&self) -> usize {
+        self.targets.labels.dims1().unwrap_or(0)
+    }
+
+    /// Gradient of Σ_i weights_i ℓ_i, accumulated over chunks (detached, one tensor per param), and
+    /// the plain mean loss (1/n) Σ_i ℓ_i from the same forward passes.
+    pub fn weighted_gradient(&self, model: &dyn Model, weights: &[f64]) -> Result<(Vec<Tensor>, f64)> {
+        let params = model.params();
+        let mut total: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut loss_sum = 0f64;
+        let n = self.n();
+        let mut start = 0;
+        while start < n {
+            let len = self.chunk.min(n - start);
+            let outputs = model.forward(&self.images.narrow(0, start, len)?)?;
+            let targets = self.targets.narrow(start, len)?;
+            let w = Tensor::from_slice(&weights[start..start + len], len, outputs.device())?
+                .to_dtype(outputs.dtype())?;
+            let losses = per_sample_loss(self.loss, &outputs, &targets)?;
+            loss_sum += losses.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            let grads = (losses * w)?.sum_all()?.backward()?;
+            for (sum, param) in total.iter_mut().zip(params) {
+                let g = grads.get(param.var.as_tensor()).map(|g| g.detach()).unwrap_or(param.var.zeros_like()?);
+                *sum = Some(match sum.take() {
+                    None => g,
+                    Some(s) => (s + g)?,
+                });
+            }
+            start += len;
+        }
+        let gradient = total
+            .into_iter()
+            .map(|g| g.ok_or_else(|| candle_core::Error::Msg("empty dataset".into())))
+            .collect::<Result<_>>()?;
+        Ok((gradient, loss_sum / n as f64))
+    }
+
+    /// Per-coordinate variances diag(Σ) of the per-sample gradients, from running sums of g_i and
+    /// g_i² (one backward per sample; memory O(d)).
+    pub fn gradient_variances(&self, model: &dyn Model) -> Result<Vec<Tensor>> {
+        let params = model.params();
+        let n = self.n();
+        let mut sum: Vec<Tensor> = params.iter().map(|p| p.var.zeros_like()).collect::<Result<_>>()?;
+        let mut sum_sq = sum.clone();
+        for i in 0..n {
+            let outputs = model.forward(&self.images.narrow(0, i, 1)?)?;
+            let loss = per_sample_loss(self.loss, &outputs, &self.targets.narrow(i, 1)?)?.sum_all()?;
+            let grads = loss.backward()?;
+            for (k, param) in params.iter().enumerate() {
+                if let Some(g) = grads.get(param.var.as_tensor()) {
+                    let g = g.detach();
+                    sum_sq[k] = (&sum_sq[k] + g.sqr()?)?;
+                    sum[k] = (&sum[k] + g)?;
+                }
+            }
+        }
+        let n = n as f64;
+        sum.iter()
+            .zip(&sum_sq)
+            .map(|(s, sq)| (sq / n)? - (s / n)?.sqr()?)
+            .map(|v| v?.relu())
+            .collect()
+    }
+}
+
+/// Noise and state carried between steps by the noisy dynamics.
+pub struct NoiseState {
+    seed: u64,
+    variances: Option<Vec<Tensor>>,
+    refreshed_at: Option<u64>,
+}
+
+/// Centred Gaussian weights (I − 11ᵀ/n) z scaled by `scale`, plus `base` on every sample.
+fn resampling_weights(rng: &mut ChaCha8Rng, n: usize, base: f64, scale: f64) -> Vec<f64> {
+    let z: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    let mean = z.iter().sum::<f64>() / n as f64;
+    z.iter().map(|zi| base + scale * (zi - mean)).collect()
+}
+
+fn gaussian_like(rng: &mut ChaCha8Rng, like: &Tensor, std: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let values: Vec<f64> = (0..like.elem_count()).map(|_| StandardNormal.sample(rng)).collect();
+    let noise = Tensor::from_vec(values, like.shape(), &Device::Cpu)?
+        .to_dtype(like.dtype())?
+        .to_device(like.device())?;
+    let noise = (noise * scale)?;
+    match std {
+        Some(std) => noise * std,
+        None => Ok(noise),
+    }
+}
+
+impl NoiseState {
+    /// Fresh state; the noise of step t comes from stream t of a ChaCha RNG seeded with `seed`, so a
+    /// resumed run draws the same noise.
+    pub fn new(seed: u64) -> Self {
+        Self { seed, variances: None, refreshed_at: None }
+    }
+
+    fn rng(&self, step: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(step);
+        rng
+    }
+
+    /// Step `step` of a full-batch dynamics: returns the full training loss at θ_t and the update
+    /// direction (per-param tensors, to be scaled by η by the optimizer), or no direction when the
+    /// dynamics moved θ itself (the SDE's substeps).
+    pub fn step(
+        &mut self,
+        dynamics: &Dynamics,
+        model: &dyn Model,
+        data: &FullBatch,
+        step: u64,
+        lr: f64,
+        batch_size: usize,
+    ) -> Result<(f64, Option<Vec<Tensor>>)> {
+        let n = data.n();
+        let b = batch_size as f64;
+        let mean = vec![1.0 / n as f64; n];
+        let mut rng = self.rng(step);
+        match dynamics {
+            Dynamics::Sgd => Err(candle_core::Error::Msg("SGD takes mini-batches".into())),
+            Dynamics::Gd => data.weighted_gradient(model, &mean).map(|(g, l)| (l, Some(g))),
+            Dynamics::ResamplingNoise => {
+                let w = resampling_weights(&mut rng, n, 1.0 / n as f64, 1.0 / (n as f64 * b).sqrt());
+                data.weighted_gradient(model, &w).map(|(g, l)| (l, Some(g)))
+            }
+            Dynamics::DiagonalNoise { refresh_every } | Dynamics::IsotropicNoise { refresh_every } => {
+                // Variances for steps [kR, (k+1)R) come from θ at step kR.
+                let due = step - step % refresh_every.max(&1);
+                if self.refreshed_at != Some(due) {
+                    let variances = data.gradient_variances(model)?;
+                    self.variances = Some(if matches!(dynamics, Dynamics::IsotropicNoise { .. }) {
+                        let d: usize = variances.iter().map(Tensor::elem_count).sum();
+                        let mut trace = 0f64;
+                        for v in &variances {
+                            trace += v.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+                        }
+                        variances
+                            .iter()
+                            .map(|v| v.ones_like()? * (trace / d as f64))
+                            .collect::<Result<_>>()?
+                    } else {
+                        variances
+                    });
+                    self.refreshed_at = Some(due);
+                }
+                let (gradient, loss) = data.weighted_gradient(model, &mean)?;
+                let variances = self.variances.as_ref().expect("refreshed above");
+                let noisy = gradient
+                    .iter()
+                    .zip(variances)
+                    .map(|(g, var)| g + gaussian_like(&mut rng, g, Some(&var.sqrt()?), 1.0 / b.sqrt())?)
+                    .collect::<Result<_>>()?;
+                Ok((loss, Some(noisy)))
+            }
+            Dynamics::ConstantNoise { sigma } => {
+                let (gradient, loss) = data.weighted_gradient(model, &mean)?;
+                let noisy = gradient
+                    .iter()
+                    .map(|g| g + gaussian_like(&mut rng, g, None, *sigma)?)
+                    .collect::<Result<_>>()?;
+                Ok((loss, Some(noisy)))
+            }
+            Dynamics::Sde { substeps } => {
+                let h = lr / *substeps as f64;
+                let mut first_loss = None;
+                for _ in 0..*substeps {
+                    let w = resampling_weights(&mut rng, n, h / n as f64, (lr * h / (n as f64 * b)).sqrt());
+                    let (displacement, loss) = data.weighted_gradient(model, &w)?;
+                    first_loss.get_or_insert(loss);
+                    for (param, d) in model.params().iter().zip(&displacement) {
+                        param.var.set(&(param.var.as_tensor() - d)?)?;
+                    }
+                }
+                Ok((first_loss.unwrap_or(f64::NAN), None))
+            }
+        }
+    }
+}
+
+/// Packs per-param tensors into a `GradStore` for the optimizer.
+pub fn to_grad_store(model: &dyn Model, gradient: Vec<Tensor>) -> Result<GradStore> {
+    // A GradStore can only be created by backward(); start from an empty one of a scalar.
+    let mut store = Tensor::new(0f32, &Device::Cpu)?.backward()?;
+    for (param, g) in model.params().iter().zip(gradient) {
+        store.insert(param.var.as_tensor(), g);
+    }
+    Ok(store)
+}
