@@ -7,9 +7,12 @@
 //! engine modules know nothing of candle.
 #![warn(missing_docs)]
 
+pub mod analysis;
 pub mod curvature;
 pub mod data;
 pub mod device;
 pub mod nn;
+pub mod plot;
 pub mod stages;
+pub mod toy;
 pub mod train;

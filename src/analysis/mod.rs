@@ -1,0 +1,69 @@
+//! Analysis of training metrics, as pure functions on plain data (no candle, no pipelines):
+//! reading `metrics.csv` ([`metrics`]), per-run summaries such as the plateau level of a quantity or
+//! the final λmax ([`run`]), sweep-level fits of λmax against the batch size — the power law of the
+//! gap 2/η − λmax and the critical batch size ([`sweep`]) — and catapult detection ([`catapult`]).
+//! The `analysis` and `plot` stage kinds turn artifacts into these inputs.
+
+pub mod catapult;
+pub mod metrics;
+pub mod run;
+pub mod stats;
+pub mod sweep;
+
+use std::path::PathBuf;
+
+/// Why an analysis could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The CSV structure is broken (ragged rows, bad quoting, ...).
+    #[error("{path}: malformed CSV: {message}")]
+    Csv {
+        /// The file at fault.
+        path: PathBuf,
+        /// What the CSV reader reported.
+        message: String,
+    },
+    /// A cell is neither empty nor a number.
+    #[error("{path}: line {line}, column `{column}`: `{value}` is not a number")]
+    Cell {
+        /// The file at fault.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// The column name.
+        column: String,
+        /// The offending text.
+        value: String,
+    },
+    /// A column the analysis needs is absent.
+    #[error("{path}: no column `{column}` (columns: {available})")]
+    MissingColumn {
+        /// The file at fault.
+        path: PathBuf,
+        /// The missing column.
+        column: String,
+        /// The columns the file has, comma-separated.
+        available: String,
+    },
+    /// Too few usable data points for the requested analysis.
+    #[error("{what}: needs at least {needed} usable points, got {got}")]
+    NotEnoughData {
+        /// What was being computed, and on which data.
+        what: String,
+        /// Points needed.
+        needed: usize,
+        /// Points available.
+        got: usize,
+    },
+    /// A setting is out of its valid range.
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,0 +1,330 @@
+//! Draws a [`Figure`] with plotters to PNG (bitmap backend) or SVG.
+//!
+//! Log axes are drawn by plotting log₁₀ of the values on a linear coordinate and labelling ticks
+//! with 10^v, which keeps one coordinate type for every panel (linear/log × with/without twin axis).
+//! Text needs a system sans-serif font found through fontconfig (plotters' `ttf` feature); on
+//! Debian that is the `fonts-dejavu-core` package.
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::figure::{Axis, Figure, Mark, Panel, Scale, Style};
+use super::PlotError;
+
+const FONT: &str = "sans-serif";
+
+/// Renders `figure` to a PNG file.
+pub fn write_png(figure: &Figure, path: &Path) -> Result<(), PlotError> {
+    let root = BitMapBackend::new(path, canvas_size(figure)).into_drawing_area();
+    draw(figure, &root).map_err(|message| PlotError::Render {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Renders `figure` to an SVG file.
+pub fn write_svg(figure: &Figure, path: &Path) -> Result<(), PlotError> {
+    let root = SVGBackend::new(path, canvas_size(figure)).into_drawing_area();
+    draw(figure, &root).map_err(|message| PlotError::Render {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+fn title_height(figure: &Figure) -> u32 {
+    if figure.title.is_empty() {
+        0
+    } else {
+        40
+    }
+}
+
+fn canvas_size(figure: &Figure) -> (u32, u32) {
+    let cols = figure.columns.clamp(1, figure.panels.len().max(1)) as u32;
+    let rows = figure.rows().max(1) as u32;
+    (
+        cols * figure.panel_size.0,
+        rows * figure.panel_size.1 + title_height(figure),
+    )
+}
+
+/// Maps a value onto its drawing coordinate (log₁₀ on log axes); `None` if it cannot be drawn.
+fn to_coord(v: f64, scale: Scale) -> Option<f64> {
+    match scale {
+        Scale::Linear if v.is_finite() => Some(v),
+        Scale::Log if v.is_finite() && v > 0.0 => Some(v.log10()),
+        _ => None,
+    }
+}
+
+/// The drawing-coordinate range covering `values`, padded by 5 %.
+fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+        (l.min(v), h.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
+    (lo - pad)..(hi + pad)
+}
+
+fn tick_label(v: f64, scale: Scale) -> String {
+    let value = match scale {
+        Scale::Linear => v,
+        Scale::Log => 10f64.powf(v),
+    };
+    let a = value.abs();
+    if a == 0.0 {
+        "0".to_string()
+    } else if (1e-2..1e4).contains(&a) {
+        let s = format!("{value:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{value:.0e}")
+    }
+}
+
+fn points_on(s: &super::figure::Series, xs: Scale, ys: Scale) -> Vec<(f64, f64)> {
+    s.points
+        .iter()
+        .filter_map(|&(x, y)| Some((to_coord(x, xs)?, to_coord(y, ys)?)))
+        .collect()
+}
+
+fn rgb(style: &Style) -> RGBColor {
+    RGBColor(style.color.0, style.color.1, style.color.2)
+}
+
+fn draw<DB: DrawingBackend>(figure: &Figure, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
+    let text = |e: &dyn std::fmt::Display| e.to_string();
+    root.fill(&WHITE).map_err(|e| text(&e))?;
+    let body = if figure.title.is_empty() {
+        root.clone()
+    } else {
+        root.titled(&figure.title, (FONT, 24))
+            .map_err(|e| text(&e))?
+    };
+    let cols = figure.columns.clamp(1, figure.panels.len().max(1));
+    let areas = body.split_evenly((figure.rows().max(1), cols));
+    for (panel, area) in figure.panels.iter().zip(&areas) {
+        draw_panel(panel, area).map_err(|e| format!("panel `{}`: {e}", panel.title))?;
+    }
+    root.present().map_err(|e| text(&e))
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    panel: &Panel,
+    area: &DrawingArea<DB, Shift>,
+) -> Result<(), String> {
+    let text = |e: &dyn std::fmt::Display| e.to_string();
+    let (xs, ys) = (panel.x.scale, panel.y.scale);
+    let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
+    let left: Vec<_> = panel
+        .series
+        .iter()
+        .filter(|s| s.axis == Axis::Left)
+        .collect();
+    let right: Vec<_> = panel
+        .series
+        .iter()
+        .filter(|s| s.axis == Axis::Right)
+        .collect();
+    let xr = range(
+        panel
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().filter_map(|p| to_coord(p.0, xs))),
+    );
+    let yr = range(left.iter().flat_map(|s| points_on(s, xs, ys)).map(|p| p.1));
+    let y2r = range(
+        right
+            .iter()
+            .flat_map(|s| points_on(s, xs, y2s))
+            .map(|p| p.1),
+    );
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FONT, 18))
+        .margin(8)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .right_y_label_area_size(if panel.y2.is_some() { 60 } else { 0 })
+        .build_cartesian_2d(xr.clone(), yr)
+        .map_err(|e| text(&e))?
+        .set_secondary_coord(xr, y2r);
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.08))
+        .x_desc(panel.x.label.as_str())
+        .y_desc(panel.y.label.as_str())
+        .x_label_formatter(&|v| tick_label(*v, xs))
+        .y_label_formatter(&|v| tick_label(*v, ys))
+        .label_style((FONT, 13))
+        .draw()
+        .map_err(|e| text(&e))?;
+    if let Some(y2) = &panel.y2 {
+        chart
+            .configure_secondary_axes()
+            .y_desc(y2.label.as_str())
+            .y_label_formatter(&|v| tick_label(*v, y2s))
+            .label_style((FONT, 13))
+            .draw()
+            .map_err(|e| text(&e))?;
+    }
+    // Right-axis series (losses) first, so the curvature quantities are drawn on top.
+    for s in right.iter().chain(left.iter()) {
+        let pts = points_on(s, xs, if s.axis == Axis::Left { ys } else { y2s });
+        let color = rgb(&s.style);
+        let line = ShapeStyle::from(&color).stroke_width(2);
+        let anno = match (s.style.mark, s.axis) {
+            (Mark::Line, Axis::Left) => chart.draw_series(LineSeries::new(pts, line)),
+            (Mark::Line, Axis::Right) => chart.draw_secondary_series(LineSeries::new(pts, line)),
+            (Mark::Dashed, Axis::Left) => chart.draw_series(DashedLineSeries::new(pts, 8, 5, line)),
+            (Mark::Dashed, Axis::Right) => {
+                chart.draw_secondary_series(DashedLineSeries::new(pts, 8, 5, line))
+            }
+            (Mark::Dots, Axis::Left) => chart.draw_series(
+                pts.into_iter()
+                    .map(|p| Circle::new(p, 2, color.mix(0.6).filled())),
+            ),
+            (Mark::Dots, Axis::Right) => chart.draw_secondary_series(
+                pts.into_iter()
+                    .map(|p| Circle::new(p, 2, color.mix(0.6).filled())),
+            ),
+            (Mark::LineDots, Axis::Left) => {
+                chart.draw_series(LineSeries::new(pts, line).point_size(4))
+            }
+            (Mark::LineDots, Axis::Right) => {
+                chart.draw_secondary_series(LineSeries::new(pts, line).point_size(4))
+            }
+        }
+        .map_err(|e| text(&e))?;
+        // A short line for lines, a dot for dots.
+        let (len, radius) = if s.style.mark == Mark::Dots {
+            (0, 3)
+        } else {
+            (18, 0)
+        };
+        anno.label(s.name.as_str()).legend(move |(x, y)| {
+            EmptyElement::at((x, y))
+                + PathElement::new(vec![(0, 0), (len, 0)], line)
+                + Circle::new((len / 2, 0), radius, color.filled())
+        });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.5))
+        .label_font((FONT, 12))
+        .draw()
+        .map_err(|e| text(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plot::figure::{AxisSpec, Series};
+    use crate::plot::style::{column_style, threshold_style, BLUE};
+
+    fn figure() -> Figure {
+        let steps: Vec<f64> = (0..200).map(f64::from).collect();
+        let lam: Vec<(f64, f64)> = steps
+            .iter()
+            .map(|&s| (s, 40.0 * (1.0 - (-s / 50.0).exp())))
+            .collect();
+        let loss: Vec<(f64, f64)> = steps
+            .iter()
+            .map(|&s| (s, 2.0 * (-s / 40.0).exp()))
+            .collect();
+        let panel = Panel {
+            title: "b = 8".into(),
+            x: AxisSpec::linear("step"),
+            y: AxisSpec::linear("sharpness"),
+            y2: Some(AxisSpec::log("loss")),
+            series: vec![
+                Series {
+                    name: "2/η".into(),
+                    style: threshold_style(),
+                    axis: Axis::Left,
+                    points: vec![(0.0, 50.0), (199.0, 50.0)],
+                },
+                Series {
+                    name: "λmax".into(),
+                    style: column_style("lambda_max", 0),
+                    axis: Axis::Left,
+                    points: lam,
+                },
+                Series {
+                    name: "loss".into(),
+                    style: column_style("loss", 1),
+                    axis: Axis::Right,
+                    points: loss,
+                },
+            ],
+        };
+        let mut loglog = panel.clone();
+        loglog.x = AxisSpec::log("b");
+        loglog.y = AxisSpec::log("gap");
+        loglog.y2 = None;
+        loglog.series.truncate(2);
+        Figure {
+            title: "test".into(),
+            columns: 2,
+            panel_size: (400, 300),
+            panels: vec![panel, loglog],
+        }
+    }
+
+    #[test]
+    fn png_and_svg_are_written_with_series_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = figure();
+        write_png(&f, &dir.path().join("f.png")).unwrap();
+        write_svg(&f, &dir.path().join("f.svg")).unwrap();
+        let img = image::open(dir.path().join("f.png")).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (800, 340));
+        let blue = img
+            .pixels()
+            .filter(|p| p.0 == [BLUE.0, BLUE.1, BLUE.2])
+            .count();
+        assert!(blue > 300, "λmax line missing: {blue} blue pixels");
+        let svg = std::fs::read_to_string(dir.path().join("f.svg")).unwrap();
+        assert!(svg.contains("λmax") && svg.contains("polyline"));
+    }
+
+    #[test]
+    fn csv_lists_every_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = figure();
+        f.write_csv(&dir.path().join("f.csv")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("f.csv")).unwrap();
+        let n: usize = f
+            .panels
+            .iter()
+            .flat_map(|p| &p.series)
+            .map(|s| s.points.len())
+            .sum();
+        assert_eq!(text.lines().count(), n + 1);
+        assert!(text.starts_with("panel,series,axis,x,y\nb = 8,2/η,left,0,50\n"));
+    }
+
+    #[test]
+    fn log_axes_drop_nonpositive_values_and_label_decades() {
+        assert_eq!(to_coord(-1.0, Scale::Log), None);
+        assert_eq!(to_coord(100.0, Scale::Log), Some(2.0));
+        assert_eq!(tick_label(2.0, Scale::Log), "100");
+        assert_eq!(tick_label(-5.0, Scale::Log), "1e-5");
+        assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
+    }
+
+    #[test]
+    fn unwritable_path_is_an_error_naming_it() {
+        let err = write_png(&figure(), Path::new("/nonexistent-dir/f.png")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent-dir/f.png"));
+    }
+}

@@ -1,0 +1,675 @@
+//! The `analysis` stage kind: reads the `metrics.csv` of every run of a sweep (input `runs`) and
+//! computes one of the analyses of [`crate::analysis`], chosen by `mode`:
+//! `plateau` (level of a quantity over a window, with its ratio to 2/η), `final_lambda` (final value
+//! per run), `gap` (power law of 2/η − λmax against b, with its test), `critical_batch` (knee of
+//! λmax against ln b) and `catapults` (loss spikes). Writes `analysis.json` (the full result),
+//! `analysis.csv` (a tidy table) and `summary.json`.
+//!
+//! A run's step size and batch size come from its `lr` / `batch_size` params, else from the last
+//! row of its `lr` / `batch_size` metrics columns.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use crate::analysis::catapult::detect_catapults;
+use crate::analysis::metrics::MetricsTable;
+use crate::analysis::run::{final_value, plateau, FinalProtocol, Window};
+use crate::analysis::sweep::{critical_batch_size, gap_power_law};
+use crate::analysis::AnalysisError;
+use crate::device::DeviceClass;
+
+/// One run of the input sweep with its metrics.
+#[derive(Debug, Clone)]
+pub struct RunMetrics {
+    /// Instance name of the producing stage.
+    pub stage: String,
+    /// Its resolved params.
+    pub params: Value,
+    /// Its metrics table.
+    pub table: MetricsTable,
+}
+
+impl RunMetrics {
+    /// A numeric param by dotted path (`optim.lr`), else the last value of the metrics column of
+    /// the same name (last path segment).
+    pub fn value(&self, name: &str) -> Option<f64> {
+        let from_params = name
+            .split('.')
+            .try_fold(&self.params, |v, key| v.get(key))
+            .and_then(Value::as_f64);
+        from_params.or_else(|| {
+            let column = name.rsplit('.').next()?;
+            self.table
+                .column(column)
+                .ok()?
+                .iter()
+                .rev()
+                .find_map(|v| *v)
+        })
+    }
+
+    /// A param rendered for labels (strings and numbers alike), falling back to [`Self::value`].
+    pub fn label(&self, name: &str) -> Option<String> {
+        match name.split('.').try_fold(&self.params, |v, key| v.get(key)) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(Value::Bool(b)) => Some(b.to_string()),
+            _ => self.value(name).map(|v| v.to_string()),
+        }
+    }
+
+    /// A required numeric value (see [`Self::value`]), or an error naming the run.
+    pub fn require(&self, name: &str, input: &str) -> Result<f64, StageError> {
+        self.value(name).ok_or_else(|| StageError::Input {
+            input: input.to_string(),
+            message: format!(
+                "run `{}` has neither a `{name}` param nor a `{name}` metrics column",
+                self.stage
+            ),
+        })
+    }
+}
+
+/// Reads `metrics.csv` of every artifact of input `name`, in sweep order.
+pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, StageError> {
+    let artifacts = ctx
+        .inputs
+        .get(name)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| StageError::Input {
+            input: name.to_string(),
+            message: "no input artifacts given".to_string(),
+        })?;
+    artifacts
+        .iter()
+        .map(|a| {
+            let table =
+                MetricsTable::read(&a.dir.join("metrics.csv")).map_err(|e| input_error(name, e))?;
+            Ok(RunMetrics {
+                stage: a.stage.clone(),
+                params: a.params.clone(),
+                table,
+            })
+        })
+        .collect()
+}
+
+/// Wraps an analysis error as a failure of input `input`.
+pub fn input_error(input: &str, e: AnalysisError) -> StageError {
+    StageError::Input {
+        input: input.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Writes `value` as pretty JSON.
+pub fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| StageError::Failed(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| StageError::io(path, e))
+}
+
+/// Writes a CSV table of string cells.
+pub fn write_table(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<(), StageError> {
+    let fail = |e: csv::Error| StageError::Failed(format!("{}: {e}", path.display()));
+    let mut w = csv::Writer::from_path(path).map_err(fail)?;
+    w.write_record(header).map_err(fail)?;
+    for row in rows {
+        w.write_record(row).map_err(fail)?;
+    }
+    w.flush().map_err(|e| StageError::io(path, e))
+}
+
+fn default_level() -> f64 {
+    0.95
+}
+fn default_sharpness() -> String {
+    "batch_sharpness".to_string()
+}
+fn default_lambda() -> String {
+    "lambda_max".to_string()
+}
+fn default_loss() -> String {
+    "loss".to_string()
+}
+fn default_window() -> Window {
+    Window::LastFraction(1.0 / 3.0)
+}
+fn default_protocol() -> FinalProtocol {
+    FinalProtocol::FinalEpoch
+}
+fn default_significance() -> f64 {
+    0.05
+}
+fn default_bootstrap() -> usize {
+    1000
+}
+fn default_catapult_window() -> usize {
+    50
+}
+fn default_factor() -> f64 {
+    3.0
+}
+
+/// Params of the `analysis` kind, one variant per `mode`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AnalysisParams {
+    /// Plateau level of `column` over `window`, with a `level` interval and its ratio to 2/η.
+    Plateau {
+        /// Metrics column (default `batch_sharpness`).
+        #[serde(default = "default_sharpness")]
+        column: String,
+        /// Steps averaged (default: the last third, `{last_fraction: 0.333…}`).
+        #[serde(default = "default_window")]
+        window: Window,
+        /// Confidence level (default 0.95).
+        #[serde(default = "default_level")]
+        level: f64,
+    },
+    /// Final value of `column` per run.
+    FinalLambda {
+        /// Metrics column (default `lambda_max`).
+        #[serde(default = "default_lambda")]
+        column: String,
+        /// `final_epoch` (default) or `{last_k: k}`.
+        #[serde(default = "default_protocol")]
+        protocol: FinalProtocol,
+    },
+    /// Power law of the gap 2/η − final λ against b across the sweep (one η).
+    Gap {
+        /// Metrics column (default `lambda_max`).
+        #[serde(default = "default_lambda")]
+        column: String,
+        /// How the final value is read (default `final_epoch`).
+        #[serde(default = "default_protocol")]
+        protocol: FinalProtocol,
+        /// Significance of the curvature test (default 0.05).
+        #[serde(default = "default_significance")]
+        significance: f64,
+    },
+    /// Critical batch size: knee of final λ against ln b.
+    CriticalBatch {
+        /// Metrics column (default `lambda_max`).
+        #[serde(default = "default_lambda")]
+        column: String,
+        /// How the final value is read (default `final_epoch`).
+        #[serde(default = "default_protocol")]
+        protocol: FinalProtocol,
+        /// Bootstrap replicates (default 1000).
+        #[serde(default = "default_bootstrap")]
+        bootstrap: usize,
+        /// Interval level (default 0.95).
+        #[serde(default = "default_level")]
+        level: f64,
+        /// Bootstrap seed (default 0).
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Loss spikes above a running median baseline.
+    Catapults {
+        /// Metrics column (default `loss`).
+        #[serde(default = "default_loss")]
+        column: String,
+        /// Points in the running baseline (default 50).
+        #[serde(default = "default_catapult_window")]
+        window: usize,
+        /// Spike threshold as a multiple of the baseline (default 3).
+        #[serde(default = "default_factor")]
+        factor: f64,
+    },
+}
+
+/// The `analysis` stage kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnalysisStage;
+
+const RUNS: &str = "runs";
+
+fn f(v: f64) -> String {
+    v.to_string()
+}
+
+/// (b, final value) of every run, checking that all share one step size, which is returned.
+fn final_points(
+    runs: &[RunMetrics],
+    column: &str,
+    protocol: FinalProtocol,
+) -> Result<(Vec<(f64, f64)>, f64), StageError> {
+    let mut lr: Option<(f64, &str)> = None;
+    let mut points = Vec::with_capacity(runs.len());
+    for run in runs {
+        let this_lr = run.require("lr", RUNS)?;
+        match lr {
+            Some((l, first)) if l != this_lr => {
+                return Err(StageError::Input {
+                    input: RUNS.to_string(),
+                    message: format!(
+                        "runs `{first}` (lr {l}) and `{}` (lr {this_lr}) differ in step size; a \
+                         gap or critical-batch analysis needs one η (split the sweep by lr)",
+                        run.stage
+                    ),
+                })
+            }
+            None => lr = Some((this_lr, &run.stage)),
+            _ => {}
+        }
+        let value = final_value(&run.table, column, protocol).map_err(|e| input_error(RUNS, e))?;
+        points.push((run.require("batch_size", RUNS)?, value.value));
+    }
+    Ok((points, lr.map_or(f64::NAN, |l| l.0)))
+}
+
+impl Stage for AnalysisStage {
+    fn kind(&self) -> &'static str {
+        "analysis"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
+        let (_, canonical) = resolve_typed::<AnalysisParams>(params)?;
+        Ok(Resolved {
+            params: canonical,
+            external_files: Vec::new(),
+            device: DeviceClass::Cpu,
+        })
+    }
+
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[InputSlot {
+            name: RUNS,
+            required: true,
+            sweep: true,
+        }]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let params: AnalysisParams = resolve_typed(ctx.params)
+            .map_err(|e| StageError::Failed(format!("params: {e}")))?
+            .0;
+        let runs = load_runs(ctx, RUNS)?;
+        let (result, header, rows, summary): (Value, Vec<&str>, Vec<Vec<String>>, Value) =
+            match &params {
+                AnalysisParams::Plateau {
+                    column,
+                    window,
+                    level,
+                } => {
+                    let mut per_run = Vec::new();
+                    let mut rows = Vec::new();
+                    for run in &runs {
+                        let lr = run.require("lr", RUNS)?;
+                        let pts = run
+                            .table
+                            .pairs("step", column)
+                            .map_err(|e| input_error(RUNS, e))?;
+                        let what = format!("`{column}` of run `{}`", run.stage);
+                        let p = plateau(&pts, *window, *level, &what)
+                            .map_err(|e| input_error(RUNS, e))?;
+                        let ratio = p.mean * lr / 2.0;
+                        rows.push(vec![
+                            run.stage.clone(),
+                            f(lr),
+                            run.value("batch_size").map_or(String::new(), f),
+                            f(2.0 / lr),
+                            f(p.mean),
+                            f(p.stderr),
+                            f(p.low),
+                            f(p.high),
+                            p.samples.to_string(),
+                            f(ratio),
+                        ]);
+                        per_run.push(json!({"run": run.stage, "lr": lr, "plateau": p, "ratio_to_threshold": ratio}));
+                    }
+                    let ratios: Vec<f64> = per_run
+                        .iter()
+                        .filter_map(|r| r["ratio_to_threshold"].as_f64())
+                        .collect();
+                    let summary = json!({
+                        "mode": "plateau",
+                        "column": column,
+                        "min_ratio_to_threshold": ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        "max_ratio_to_threshold": ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    });
+                    (
+                        json!({"mode": "plateau", "column": column, "runs": per_run}),
+                        vec![
+                            "run",
+                            "lr",
+                            "batch_size",
+                            "threshold",
+                            "mean",
+                            "stderr",
+                            "low",
+                            "high",
+                            "samples",
+                            "ratio_to_threshold",
+                        ],
+                        rows,
+                        summary,
+                    )
+                }
+                AnalysisParams::FinalLambda { column, protocol } => {
+                    let mut per_run = Vec::new();
+                    let mut rows = Vec::new();
+                    for run in &runs {
+                        let v = final_value(&run.table, column, *protocol)
+                            .map_err(|e| input_error(RUNS, e))?;
+                        let lr = run.value("lr");
+                        let b = run.value("batch_size");
+                        rows.push(vec![
+                            run.stage.clone(),
+                            lr.map_or(String::new(), f),
+                            b.map_or(String::new(), f),
+                            f(v.value),
+                            v.samples.to_string(),
+                            f(v.from_step),
+                            f(v.to_step),
+                        ]);
+                        per_run
+                            .push(json!({"run": run.stage, "lr": lr, "batch_size": b, "final": v}));
+                    }
+                    (
+                        json!({"mode": "final_lambda", "column": column, "runs": per_run}),
+                        vec![
+                            "run",
+                            "lr",
+                            "batch_size",
+                            "value",
+                            "samples",
+                            "from_step",
+                            "to_step",
+                        ],
+                        rows,
+                        json!({"mode": "final_lambda", "column": column, "runs": runs.len()}),
+                    )
+                }
+                AnalysisParams::Gap {
+                    column,
+                    protocol,
+                    significance,
+                } => {
+                    let (points, lr) = final_points(&runs, column, *protocol)?;
+                    let fit = gap_power_law(&points, lr).map_err(|e| input_error(RUNS, e))?;
+                    let rows = points
+                        .iter()
+                        .map(|&(b, lam)| {
+                            let used = fit.used.iter().position(|p| p.0 == b);
+                            vec![
+                                f(b),
+                                f(lam),
+                                f(2.0 / lr - lam),
+                                used.map_or(String::new(), |_| f(fit.predict(b))),
+                                used.map_or(String::new(), |i| f(fit.residuals[i])),
+                            ]
+                        })
+                        .collect();
+                    let rejected = fit.rejected(*significance);
+                    let summary = json!({
+                        "mode": "gap", "lr": lr, "alpha": fit.alpha, "r_squared": fit.r_squared,
+                        "curvature_p_value": fit.curvature.map(|c| c.p_value),
+                        "power_law_rejected": rejected,
+                    });
+                    (
+                        json!({"mode": "gap", "column": column, "lr": lr, "threshold": 2.0 / lr,
+                               "points": points, "fit": fit, "significance": significance,
+                               "power_law_rejected": rejected}),
+                        vec![
+                            "batch_size",
+                            "lambda",
+                            "gap",
+                            "fitted_gap",
+                            "log10_residual",
+                        ],
+                        rows,
+                        summary,
+                    )
+                }
+                AnalysisParams::CriticalBatch {
+                    column,
+                    protocol,
+                    bootstrap,
+                    level,
+                    seed,
+                } => {
+                    let (points, lr) = final_points(&runs, column, *protocol)?;
+                    let knee = critical_batch_size(&points, *bootstrap, *level, *seed)
+                        .map_err(|e| input_error(RUNS, e))?;
+                    let rows = points
+                        .iter()
+                        .map(|&(b, lam)| vec![f(b), f(lam), f(knee.predict(b))])
+                        .collect();
+                    let summary = json!({
+                        "mode": "critical_batch", "lr": lr, "critical_batch": knee.critical_batch,
+                        "ci_low": knee.ci_low, "ci_high": knee.ci_high,
+                    });
+                    (
+                        json!({"mode": "critical_batch", "column": column, "lr": lr, "threshold": 2.0 / lr,
+                               "points": points, "fit": knee, "level": level}),
+                        vec!["batch_size", "lambda", "fitted"],
+                        rows,
+                        summary,
+                    )
+                }
+                AnalysisParams::Catapults {
+                    column,
+                    window,
+                    factor,
+                } => {
+                    let mut per_run = Vec::new();
+                    let mut rows = Vec::new();
+                    for run in &runs {
+                        let pts = run
+                            .table
+                            .pairs("step", column)
+                            .map_err(|e| input_error(RUNS, e))?;
+                        let events = detect_catapults(&pts, *window, *factor)
+                            .map_err(|e| input_error(RUNS, e))?;
+                        for e in &events {
+                            rows.push(vec![
+                                run.stage.clone(),
+                                f(e.start_step),
+                                f(e.peak_step),
+                                f(e.peak),
+                                f(e.baseline),
+                                f(e.ratio),
+                                e.end_step.map_or(String::new(), f),
+                            ]);
+                        }
+                        per_run.push(json!({"run": run.stage, "catapults": events}));
+                    }
+                    (
+                        json!({"mode": "catapults", "column": column, "runs": per_run}),
+                        vec![
+                            "run",
+                            "start_step",
+                            "peak_step",
+                            "peak",
+                            "baseline",
+                            "ratio",
+                            "end_step",
+                        ],
+                        rows.clone(),
+                        json!({"mode": "catapults", "column": column, "catapults": rows.len()}),
+                    )
+                }
+            };
+        write_json(&ctx.work_dir.join("analysis.json"), &result)?;
+        write_table(&ctx.work_dir.join("analysis.csv"), &header, &rows)?;
+        write_json(&ctx.work_dir.join("summary.json"), &summary)
+    }
+}
+
+/// Helpers for driving stages directly on the fixture runs of `tests/fixtures/metrics/`.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use serde_json::{json, Value};
+
+    use crate::stages::{InputArtifact, Stage, StageContext, StageError, StageReporter};
+
+    /// A reporter that discards everything.
+    pub struct NullReporter;
+
+    impl StageReporter for NullReporter {
+        fn set_length(&self, _: u64) {}
+        fn set_position(&self, _: u64) {}
+        fn log(&self, _: &str) {}
+    }
+
+    /// The fixture sweep at lr = 0.04 over b = 8…128, as input `runs`.
+    pub fn fixture_runs() -> BTreeMap<String, Vec<InputArtifact>> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/metrics");
+        let runs = [8, 16, 32, 64, 128]
+            .iter()
+            .map(|b| InputArtifact {
+                stage: format!("train[batch_size={b}]"),
+                key: format!("key{b}"),
+                dir: root.join(format!("b{b}")),
+                params: json!({"lr": 0.04, "batch_size": b}),
+            })
+            .collect();
+        BTreeMap::from([("runs".to_string(), runs)])
+    }
+
+    /// Resolves `params` and runs `stage` in a fresh temporary work dir.
+    pub fn run_stage(
+        stage: &dyn Stage,
+        params: Value,
+        inputs: &BTreeMap<String, Vec<InputArtifact>>,
+    ) -> (tempfile::TempDir, Result<(), StageError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let resolved = stage.resolve(&params).unwrap();
+        let ctx = StageContext {
+            name: "test",
+            params: &resolved.params,
+            inputs,
+            work_dir: dir.path(),
+            reporter: &NullReporter,
+        };
+        let result = stage.run(&ctx);
+        (dir, result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{fixture_runs, run_stage};
+    use super::*;
+
+    fn summary(dir: &Path) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn params_reject_unknown_fields_and_modes() {
+        let s = AnalysisStage;
+        let err = s
+            .resolve(&json!({"mode": "plateau", "colum": "gni"}))
+            .unwrap_err();
+        assert!(err.message.contains("colum"), "{err}");
+        assert!(s.resolve(&json!({"mode": "median"})).is_err());
+        let ok = s
+            .resolve(&json!({"mode": "final_lambda", "protocol": {"last_k": 3}}))
+            .unwrap();
+        assert_eq!(ok.params["column"], "lambda_max");
+    }
+
+    #[test]
+    fn plateau_of_fixture_batch_sharpness_is_at_two_over_eta() {
+        // Fixture batch sharpness hovers at 50 = 2/η after step 120 (noise sd 1.5).
+        let (dir, r) = run_stage(&AnalysisStage, json!({"mode": "plateau"}), &fixture_runs());
+        r.unwrap();
+        let s = summary(dir.path());
+        let (lo, hi) = (
+            s["min_ratio_to_threshold"].as_f64().unwrap(),
+            s["max_ratio_to_threshold"].as_f64().unwrap(),
+        );
+        assert!(lo > 0.95 && hi < 1.05, "{s}");
+        let text = std::fs::read_to_string(dir.path().join("analysis.csv")).unwrap();
+        assert_eq!(text.lines().count(), 6);
+    }
+
+    #[test]
+    fn final_lambda_and_critical_batch_on_fixture_sweep() {
+        let runs = fixture_runs();
+        let (dir, r) = run_stage(&AnalysisStage, json!({"mode": "final_lambda"}), &runs);
+        r.unwrap();
+        let result: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("analysis.json")).unwrap(),
+        )
+        .unwrap();
+        // Designed final λ: 10, 19.5, 36, 47, 51.5 (noise sd 0.3, ≤ 2 samples averaged).
+        for (run, want) in result["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip([10.0, 19.5, 36.0, 47.0, 51.5])
+        {
+            let got = run["final"]["value"].as_f64().unwrap();
+            assert!((got - want).abs() < 1.0, "{run}");
+        }
+        let (dir, r) = run_stage(
+            &AnalysisStage,
+            json!({"mode": "critical_batch", "bootstrap": 100}),
+            &runs,
+        );
+        r.unwrap();
+        let s = summary(dir.path());
+        let bc = s["critical_batch"].as_f64().unwrap();
+        // λ rises steeply to b = 64 (by ~11 per doubling) then flattens: the knee lies in 32..=64.
+        assert!((32.0..=64.0).contains(&bc), "{s}");
+    }
+
+    #[test]
+    fn gap_excludes_runs_above_threshold_and_catapult_is_found() {
+        let runs = fixture_runs();
+        let (dir, r) = run_stage(&AnalysisStage, json!({"mode": "gap"}), &runs);
+        r.unwrap();
+        let result: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("analysis.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(result["fit"]["excluded"], json!([128.0]));
+        let (dir, r) = run_stage(
+            &AnalysisStage,
+            json!({"mode": "catapults", "window": 20}),
+            &runs,
+        );
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("analysis.csv")).unwrap();
+        let rows: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(rows.len(), 1, "{text}");
+        assert!(rows[0].starts_with("train[batch_size=8],200,"), "{text}");
+    }
+
+    #[test]
+    fn missing_column_and_mixed_lr_are_named() {
+        let mut runs = fixture_runs();
+        let (_d, r) = run_stage(
+            &AnalysisStage,
+            json!({"mode": "plateau", "column": "ias"}),
+            &runs,
+        );
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("ias") && msg.contains("b8/metrics.csv"),
+            "{msg}"
+        );
+        runs.get_mut("runs").unwrap()[1].params["lr"] = json!(0.02);
+        let (_d, r) = run_stage(&AnalysisStage, json!({"mode": "gap"}), &runs);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("train[batch_size=16]") && msg.contains("step size"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The `plot` stage kind: builds a [`Figure`] from the metrics of every run of a sweep (input
+//! `runs`) and writes `<stem>.png`, `<stem>.svg` and `<stem>.csv` (the tidy data drawn).
+//!
+//! `mode: time_series` (figures 1, 3–11, 36–44…): one panel per value of `panel_by` (or per run),
+//! the chosen `columns` against `x` in the paper's styles, `secondary` columns (losses) on a log
+//! twin axis, and the dashed 2/η, which follows the run's `lr` column when it changes.
+//! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b with 2/η and, with ≥ 4 batch
+//! sizes, the two-segment fit whose knee is the critical batch size; (b) the gap 2/η − λ on log-log
+//! axes with its least-squares power law. One curve per value of `series_by` (e.g. `lr`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::analysis::{input_error, load_runs, write_json, RunMetrics};
+use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use crate::analysis::run::{final_value, FinalProtocol};
+use crate::analysis::sweep::{critical_batch_size, gap_power_law};
+use crate::device::DeviceClass;
+use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Series, Style};
+use crate::plot::render::{write_png, write_svg};
+use crate::plot::style::{column_style, display_name, threshold_style, CYCLE};
+
+/// What kind of figure to draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PlotMode {
+    /// Quantities over training steps.
+    #[default]
+    TimeSeries,
+    /// Final λ against batch size, and the log-log gap.
+    LambdaVsBatch,
+}
+
+fn default_stem() -> String {
+    "figure".to_string()
+}
+fn default_columns() -> Vec<String> {
+    vec![
+        "step_sharpness".to_string(),
+        "batch_sharpness".to_string(),
+        "lambda_max".to_string(),
+    ]
+}
+fn default_x() -> String {
+    "step".to_string()
+}
+fn default_grid_columns() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_panel_size() -> (u32, u32) {
+    (520, 380)
+}
+fn default_protocol() -> FinalProtocol {
+    FinalProtocol::FinalEpoch
+}
+
+/// Params of the `plot` kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlotParams {
+    /// File stem of the outputs (default `figure`).
+    #[serde(default = "default_stem")]
+    pub stem: String,
+    /// Figure title (default none).
+    #[serde(default)]
+    pub title: String,
+    /// `time_series` (default) or `lambda_vs_batch`.
+    #[serde(default)]
+    pub mode: PlotMode,
+    /// Left-axis metrics columns (default step sharpness, batch sharpness, λmax); for
+    /// `lambda_vs_batch` the first one is the quantity.
+    #[serde(default = "default_columns")]
+    pub columns: Vec<String>,
+    /// Right-axis (log) columns, e.g. `[loss]` (default none).
+    #[serde(default)]
+    pub secondary: Vec<String>,
+    /// x column (default `step`).
+    #[serde(default = "default_x")]
+    pub x: String,
+    /// Param grouping runs into panels (e.g. `batch_size`); default one panel per run.
+    #[serde(default)]
+    pub panel_by: Option<String>,
+    /// Param grouping runs into curves in `lambda_vs_batch` (e.g. `lr`).
+    #[serde(default)]
+    pub series_by: Option<String>,
+    /// Panels per row (default 3).
+    #[serde(default = "default_grid_columns")]
+    pub grid_columns: usize,
+    /// Panel size in pixels (default 520 × 380).
+    #[serde(default = "default_panel_size")]
+    pub panel_size: (u32, u32),
+    /// Draw the dashed 2/η (default true).
+    #[serde(default = "default_true")]
+    pub threshold: bool,
+    /// Log scale on the left y axis (default false).
+    #[serde(default)]
+    pub log_y: bool,
+    /// Final-value protocol for `lambda_vs_batch` (default `final_epoch`).
+    #[serde(default = "default_protocol")]
+    pub protocol: FinalProtocol,
+}
+
+/// The `plot` stage kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlotStage;
+
+const RUNS: &str = "runs";
+
+/// Groups runs by the label of `param` (or one group per run), keeping first-appearance order.
+fn group<'a>(
+    runs: &'a [RunMetrics],
+    param: Option<&str>,
+) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
+    let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
+    for run in runs {
+        let key = match param {
+            Some(p) => format!(
+                "{} = {}",
+                short_name(p),
+                run.label(p).ok_or_else(|| StageError::Input {
+                    input: RUNS.into(),
+                    message: format!(
+                        "run `{}` has no param or column `{p}` to group by",
+                        run.stage
+                    ),
+                })?
+            ),
+            None => run.stage.clone(),
+        };
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(run),
+            None => groups.push((key, vec![run])),
+        }
+    }
+    Ok(groups)
+}
+
+fn short_name(param: &str) -> String {
+    match param.rsplit('.').next().unwrap_or(param) {
+        "lr" => "η".to_string(),
+        "batch_size" => "b".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The 2/η line of a run as a step function over `x`, following its `lr` column.
+fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageError> {
+    let pts = run.table.pairs(x, "lr").map_err(|e| input_error(RUNS, e))?;
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for (i, &(xv, lr)) in pts.iter().enumerate() {
+        let y = 2.0 / lr;
+        let changed = out.last().is_none_or(|p| p.1 != y);
+        if changed {
+            if let Some(&(_, prev)) = out.last() {
+                out.push((xv, prev));
+            }
+            out.push((xv, y));
+        } else if i == pts.len() - 1 {
+            out.push((xv, y));
+        }
+    }
+    Ok(out)
+}
+
+fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
+    let mut panels = Vec::new();
+    for (title, members) in group(runs, params.panel_by.as_deref())? {
+        let many = members.len() > 1;
+        let mut series = Vec::new();
+        for (ri, run) in members.iter().enumerate() {
+            let suffix = if many {
+                format!(" ({})", run.stage)
+            } else {
+                String::new()
+            };
+            if params.threshold {
+                series.push(Series {
+                    name: format!("2/η{suffix}"),
+                    style: threshold_style(),
+                    axis: Axis::Left,
+                    points: threshold_points(run, &params.x)?,
+                });
+            }
+            let columns = params.columns.iter().map(|c| (c, Axis::Left));
+            let secondary = params.secondary.iter().map(|c| (c, Axis::Right));
+            for (ci, (column, axis)) in columns.chain(secondary).enumerate() {
+                let mut style = column_style(column, ci);
+                if many && ri > 0 {
+                    style.color = CYCLE[(ri + ci) % CYCLE.len()];
+                }
+                series.push(Series {
+                    name: format!("{}{suffix}", display_name(column)),
+                    style,
+                    axis,
+                    points: run
+                        .table
+                        .pairs(&params.x, column)
+                        .map_err(|e| input_error(RUNS, e))?,
+                });
+            }
+        }
+        let y_label = if params.columns.len() == 1 {
+            display_name(&params.columns[0])
+        } else {
+            "sharpness".to_string()
+        };
+        panels.push(Panel {
+            title,
+            x: AxisSpec::linear(&params.x),
+            y: if params.log_y {
+                AxisSpec::log(&y_label)
+            } else {
+                AxisSpec::linear(&y_label)
+            },
+            y2: (!params.secondary.is_empty()).then(|| {
+                AxisSpec::log(&if params.secondary.len() == 1 {
+                    display_name(&params.secondary[0])
+                } else {
+                    "loss".to_string()
+                })
+            }),
+            series,
+        });
+    }
+    Ok(panels)
+}
+
+/// Log-spaced points from `lo` to `hi` for drawing fitted curves.
+fn log_grid(lo: f64, hi: f64) -> Vec<f64> {
+    (0..=40)
+        .map(|i| lo * (hi / lo).powf(i as f64 / 40.0))
+        .collect()
+}
+
+fn lambda_vs_batch(
+    params: &PlotParams,
+    runs: &[RunMetrics],
+) -> Result<(Vec<Panel>, Value), StageError> {
+    let column = params.columns.first().ok_or_else(|| {
+        StageError::Failed(
+            "params.columns: lambda_vs_batch needs the quantity as the first column".into(),
+        )
+    })?;
+    let name = display_name(column);
+    let mut level = Vec::new();
+    let mut gap = Vec::new();
+    let mut fits = Vec::new();
+    // Without `series_by`, the whole sweep is one curve.
+    let curves = match params.series_by.as_deref() {
+        Some(by) => group(runs, Some(by))?,
+        None => vec![(String::new(), runs.iter().collect())],
+    };
+    for (gi, (label, members)) in curves.into_iter().enumerate() {
+        let color = CYCLE[gi % CYCLE.len()];
+        let suffix = if params.series_by.is_some() {
+            format!(" ({label})")
+        } else {
+            String::new()
+        };
+        let mut points = Vec::new();
+        let mut lrs = Vec::new();
+        for run in &members {
+            let v = final_value(&run.table, column, params.protocol)
+                .map_err(|e| input_error(RUNS, e))?;
+            points.push((run.require("batch_size", RUNS)?, v.value));
+            lrs.push(run.require("lr", RUNS)?);
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let lr = lrs[0];
+        if lrs.iter().any(|&l| l != lr) {
+            return Err(StageError::Input {
+                input: RUNS.into(),
+                message: format!("curve `{label}` mixes step sizes; set `series_by: lr`"),
+            });
+        }
+        let (bmin, bmax) = (points[0].0, points[points.len() - 1].0);
+        level.push(Series {
+            name: format!("final {name}{suffix}"),
+            style: Style {
+                color,
+                mark: Mark::LineDots,
+            },
+            axis: Axis::Left,
+            points: points.clone(),
+        });
+        if params.threshold {
+            level.push(Series {
+                name: format!("2/η{suffix}"),
+                style: Style {
+                    color,
+                    mark: Mark::Dashed,
+                },
+                axis: Axis::Left,
+                points: vec![(bmin, 2.0 / lr), (bmax, 2.0 / lr)],
+            });
+        }
+        // The figure shows the point estimate; the `analysis` kind gives its interval.
+        let knee = critical_batch_size(&points, 0, 0.95, 0).ok();
+        if let Some(k) = &knee {
+            level.push(Series {
+                name: format!("two-segment fit, b_c ≈ {:.0}{suffix}", k.critical_batch),
+                style: Style {
+                    color: (120, 120, 120),
+                    mark: Mark::Dashed,
+                },
+                axis: Axis::Left,
+                points: log_grid(bmin, bmax)
+                    .into_iter()
+                    .map(|b| (b, k.predict(b)))
+                    .collect(),
+            });
+        }
+        let power = gap_power_law(&points, lr).ok();
+        gap.push(Series {
+            name: format!("2/η − {name}{suffix}"),
+            style: Style {
+                color,
+                mark: Mark::LineDots,
+            },
+            axis: Axis::Left,
+            points: points
+                .iter()
+                .map(|&(b, l)| (b, 2.0 / lr - l))
+                .filter(|p| p.1 > 0.0)
+                .collect(),
+        });
+        if let Some(p) = &power {
+            gap.push(Series {
+                name: format!("power law, α = {:.2}{suffix}", p.alpha),
+                style: Style {
+                    color,
+                    mark: Mark::Dashed,
+                },
+                axis: Axis::Left,
+                points: log_grid(bmin, bmax)
+                    .into_iter()
+                    .map(|b| (b, p.predict(b)))
+                    .collect(),
+            });
+        }
+        fits.push(json!({"curve": label, "lr": lr, "points": points, "critical_batch": knee, "power_law": power}));
+    }
+    let panels = vec![
+        Panel {
+            title: format!("(a) final {name} vs batch size"),
+            x: AxisSpec::log("batch size b"),
+            y: AxisSpec::linear(&name),
+            y2: None,
+            series: level,
+        },
+        Panel {
+            title: format!("(b) gap 2/η − {name} (log-log)"),
+            x: AxisSpec::log("batch size b"),
+            y: AxisSpec::log(&format!("2/η − {name}")),
+            y2: None,
+            series: gap,
+        },
+    ];
+    Ok((panels, json!({ "curves": fits })))
+}
+
+impl Stage for PlotStage {
+    fn kind(&self) -> &'static str {
+        "plot"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
+        let (p, canonical) = resolve_typed::<PlotParams>(params)?;
+        let stem_ok = !p.stem.is_empty()
+            && p.stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !p.stem.starts_with('.');
+        if !stem_ok {
+            return Err(ParamError {
+                path: "stem".into(),
+                message: format!(
+                    "`{}` must be a plain file name stem ([A-Za-z0-9_.-])",
+                    p.stem
+                ),
+            });
+        }
+        if p.grid_columns == 0 || p.panel_size.0 < 100 || p.panel_size.1 < 100 {
+            return Err(ParamError {
+                path: "grid_columns".into(),
+                message: "grid_columns must be ≥ 1 and panel_size at least 100 × 100".into(),
+            });
+        }
+        Ok(Resolved {
+            params: canonical,
+            external_files: Vec::new(),
+            device: DeviceClass::Cpu,
+        })
+    }
+
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[InputSlot {
+            name: RUNS,
+            required: true,
+            sweep: true,
+        }]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let params: PlotParams = resolve_typed(ctx.params)
+            .map_err(|e| StageError::Failed(format!("params: {e}")))?
+            .0;
+        let runs = load_runs(ctx, RUNS)?;
+        let (panels, extra) = match params.mode {
+            PlotMode::TimeSeries => (time_series(&params, &runs)?, json!({})),
+            PlotMode::LambdaVsBatch => lambda_vs_batch(&params, &runs)?,
+        };
+        let figure = Figure {
+            title: params.title.clone(),
+            columns: params.grid_columns,
+            panel_size: params.panel_size,
+            panels,
+        };
+        let out = |ext: &str| ctx.work_dir.join(format!("{}.{ext}", params.stem));
+        let fail = |e: crate::plot::PlotError| StageError::Failed(e.to_string());
+        figure.write_csv(&out("csv")).map_err(fail)?;
+        write_png(&figure, &out("png")).map_err(fail)?;
+        write_svg(&figure, &out("svg")).map_err(fail)?;
+        let points: BTreeMap<&str, usize> = figure
+            .panels
+            .iter()
+            .map(|p| {
+                (
+                    p.title.as_str(),
+                    p.series.iter().map(|s| s.points.len()).sum(),
+                )
+            })
+            .collect();
+        write_json(
+            &ctx.work_dir.join("summary.json"),
+            &json!({"panels": figure.panels.len(), "points": points, "fits": extra}),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::analysis::test_support::{fixture_runs, run_stage};
+    use super::*;
+    use crate::analysis::metrics::MetricsTable;
+
+    fn count_green(png: &std::path::Path) -> usize {
+        let img = image::open(png).unwrap().to_rgb8();
+        img.pixels().filter(|p| p.0 == [34, 139, 34]).count()
+    }
+
+    #[test]
+    fn time_series_grid_writes_png_svg_and_matching_csv() {
+        let runs = fixture_runs();
+        let params = json!({"panel_by": "batch_size", "secondary": ["loss"], "stem": "fig1"});
+        let (dir, r) = run_stage(&PlotStage, params, &runs);
+        r.unwrap();
+        let png = dir.path().join("fig1.png");
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (3 * 520, 2 * 380));
+        assert!(count_green(&png) > 200, "batch sharpness line not drawn");
+        let svg = std::fs::read_to_string(dir.path().join("fig1.svg")).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("Batch Sharpness") && svg.contains("b = 8")
+        );
+        // The CSV holds exactly the measured points of each plotted column plus two threshold
+        // points per run (constant lr), counted here straight from the fixture files.
+        let text = std::fs::read_to_string(dir.path().join("fig1.csv")).unwrap();
+        let mut expected = 0;
+        for run in &runs["runs"] {
+            let t = MetricsTable::read(&run.dir.join("metrics.csv")).unwrap();
+            for c in ["step_sharpness", "batch_sharpness", "lambda_max", "loss"] {
+                expected += t.column(c).unwrap().iter().filter(|v| v.is_some()).count();
+            }
+            expected += 2;
+        }
+        assert_eq!(text.lines().count(), expected + 1);
+        assert!(
+            text.contains("b = 32,Batch Sharpness,left,10,"),
+            "{}",
+            &text[..200]
+        );
+    }
+
+    #[test]
+    fn lambda_vs_batch_plots_final_values_and_fits() {
+        let (dir, r) = run_stage(
+            &PlotStage,
+            json!({"mode": "lambda_vs_batch", "columns": ["lambda_max"], "grid_columns": 2}),
+            &fixture_runs(),
+        );
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let finals = text.lines().filter(|l| l.contains(",final λmax,")).count();
+        assert_eq!(finals, 5);
+        // b = 128 sits above 2/η and is left out of the log-log gap.
+        let gaps = text.lines().filter(|l| l.contains(",2/η − λmax,")).count();
+        assert_eq!(gaps, 4);
+        assert!(
+            text.contains("two-segment fit") && text.contains("power law, α ="),
+            "{text}"
+        );
+        let img = image::open(dir.path().join("figure.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (2 * 520, 380));
+    }
+
+    #[test]
+    fn bad_params_are_rejected_by_field() {
+        let err = PlotStage.resolve(&json!({"stem": "../x"})).unwrap_err();
+        assert_eq!(err.path, "stem");
+        let err = PlotStage.resolve(&json!({"layout": 3})).unwrap_err();
+        assert!(err.message.contains("layout"), "{err}");
+        let (_d, r) = run_stage(&PlotStage, json!({"panel_by": "width"}), &fixture_runs());
+        assert!(r.unwrap_err().to_string().contains("width"));
+    }
+}

@@ -1,0 +1,214 @@
+//! The `quadratic` stage kind: SGD on the 1-D quadratic of figure 3 ([`crate::toy::quadratic`]),
+//! writing `metrics.csv` in the training-run layout (so `plot` and `analysis` read it like any run)
+//! and `summary.json` with `diverged_at`. Divergence (expected for η > 2) is a result, not a failure.
+//!
+//! Columns: `step,epoch,lr,batch_size,loss` (batch loss), `full_loss`, `grad_norm_sq`, `gni`,
+//! `lambda_max` (= 1, the closed form) and `x`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::analysis::{write_json, write_table};
+use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use crate::device::DeviceClass;
+use crate::toy::quadratic::{run_sgd, QuadraticConfig, Sampling};
+
+fn default_n() -> usize {
+    100
+}
+fn default_batch() -> usize {
+    1
+}
+fn default_steps() -> usize {
+    2000
+}
+fn default_x0() -> f64 {
+    1.0
+}
+fn default_divergence() -> f64 {
+    1e10
+}
+
+/// Params of the `quadratic` kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuadraticParams {
+    /// Step size η (required).
+    pub lr: f64,
+    /// Number of data points N (default 100).
+    #[serde(default = "default_n")]
+    pub n: usize,
+    /// Batch size (default 1).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// SGD steps (default 2000).
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Seed of data and batch order (default 0).
+    #[serde(default)]
+    pub seed: u64,
+    /// Starting point (default 1).
+    #[serde(default = "default_x0")]
+    pub x0: f64,
+    /// `reshuffle` (default) or `replacement`.
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Full loss beyond which the run is stopped as diverged (default 1e10).
+    #[serde(default = "default_divergence")]
+    pub divergence_loss: f64,
+}
+
+/// The `quadratic` stage kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuadraticStage;
+
+impl Stage for QuadraticStage {
+    fn kind(&self) -> &'static str {
+        "quadratic"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
+        let (p, canonical) = resolve_typed::<QuadraticParams>(params)?;
+        if p.batch_size == 0 || p.batch_size > p.n {
+            return Err(ParamError {
+                path: "batch_size".into(),
+                message: format!("must lie in 1..={} (n), got {}", p.n, p.batch_size),
+            });
+        }
+        if !(p.lr > 0.0 && p.lr.is_finite()) {
+            return Err(ParamError {
+                path: "lr".into(),
+                message: format!("must be a positive number, got {}", p.lr),
+            });
+        }
+        Ok(Resolved {
+            params: canonical,
+            external_files: Vec::new(),
+            device: DeviceClass::Cpu,
+        })
+    }
+
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let p: QuadraticParams = resolve_typed(ctx.params)
+            .map_err(|e| StageError::Failed(format!("params: {e}")))?
+            .0;
+        ctx.reporter.set_length(p.steps as u64);
+        let run = run_sgd(&QuadraticConfig {
+            n: p.n,
+            batch_size: p.batch_size,
+            lr: p.lr,
+            steps: p.steps,
+            seed: p.seed,
+            x0: p.x0,
+            sampling: p.sampling,
+            divergence_loss: p.divergence_loss,
+        })
+        .map_err(|e| StageError::Failed(e.to_string()))?;
+        let rows: Vec<Vec<String>> = run
+            .steps
+            .iter()
+            .map(|s| {
+                vec![
+                    s.step.to_string(),
+                    s.epoch.to_string(),
+                    p.lr.to_string(),
+                    p.batch_size.to_string(),
+                    s.batch_loss.to_string(),
+                    s.full_loss.to_string(),
+                    s.grad_norm_sq.to_string(),
+                    s.gni.to_string(),
+                    "1".to_string(),
+                    s.x.to_string(),
+                ]
+            })
+            .collect();
+        write_table(
+            &ctx.work_dir.join("metrics.csv"),
+            &[
+                "step",
+                "epoch",
+                "lr",
+                "batch_size",
+                "loss",
+                "full_loss",
+                "grad_norm_sq",
+                "gni",
+                "lambda_max",
+                "x",
+            ],
+            &rows,
+        )?;
+        ctx.reporter.set_position(run.steps.len() as u64);
+        write_json(
+            &ctx.work_dir.join("summary.json"),
+            &json!({
+                "steps": run.steps.len(),
+                "diverged_at": run.diverged_at,
+                "minimum": run.problem.mean,
+                "min_loss": run.problem.loss(run.problem.mean),
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::analysis::test_support::run_stage;
+    use super::*;
+    use crate::analysis::metrics::MetricsTable;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn writes_metrics_and_reports_divergence_only_above_two() {
+        for (lr, diverges) in [(1.5, false), (2.5, true)] {
+            let params = json!({"lr": lr, "n": 50, "batch_size": 5, "steps": 500, "seed": 1});
+            let (dir, r) = run_stage(&QuadraticStage, params, &BTreeMap::new());
+            r.unwrap();
+            let t = MetricsTable::read(&dir.path().join("metrics.csv")).unwrap();
+            let summary: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(summary["diverged_at"].is_null(), !diverges, "lr {lr}");
+            // The written loss is the closed form ½((x − ā)² + σ²) of the written x.
+            let (mean, var) = {
+                let p = crate::toy::quadratic::QuadraticProblem::sample(50, 1);
+                (p.mean, p.variance)
+            };
+            let xs = t.column("x").unwrap();
+            let full = t.column("full_loss").unwrap();
+            for (x, l) in xs.iter().zip(full).take(50) {
+                let (x, l) = (x.unwrap(), l.unwrap());
+                assert!((l - 0.5 * ((x - mean).powi(2) + var)).abs() <= 1e-9 * l.max(1.0));
+            }
+            assert_eq!(t.rows() < 500, diverges, "lr {lr}: {} rows", t.rows());
+        }
+    }
+
+    #[test]
+    fn params_are_checked() {
+        assert_eq!(
+            QuadraticStage
+                .resolve(&json!({"lr": 0.5, "n": 4, "batch_size": 8}))
+                .unwrap_err()
+                .path,
+            "batch_size"
+        );
+        assert!(QuadraticStage
+            .resolve(&json!({"n": 4}))
+            .unwrap_err()
+            .message
+            .contains("lr"));
+        assert!(QuadraticStage
+            .resolve(&json!({"lr": 0.5, "eta": 1}))
+            .is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! SGD on the 1-D quadratic of figure 3: L(x) = 1/(2N) Σᵢ (x − aᵢ)², aᵢ ~ N(0, 1) seeded.
+//!
+//! Closed forms used throughout (ā = mean of a, σ² = population variance of a, y = x − ā):
+//! L(x) = ½(y² + σ²), ∇L = y, H = λmax = 1 (every mini-batch Hessian is 1 as well). A batch B
+//! gives ∇L_B = x − ā_B, so E_B[∇L_Bᵀ H ∇L_B] = y² + v_b with v_b = Var(ā_B): σ²/b when batches are
+//! drawn with replacement, σ²/b · (N − b)/(N − 1) for a uniform b-subset (random reshuffling).
+//! Hence GNI(x) = 1 + v_b / y² exactly, and with i.i.d. batches the stationary law of
+//! y_{t+1} = (1 − η) y_t − η ξ_t has E[y²] = η v_b / (2 − η) for 0 < η < 2, so
+//! E[E_B ∇L_B²] / E[y²] = 2/η exactly; for η > 2 the iteration diverges (paper, appendix D.1).
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+/// How mini-batches are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// A fresh permutation each epoch, consecutive slices of b, ⌊N/b⌋ steps per epoch.
+    #[default]
+    Reshuffle,
+    /// b indices drawn independently with replacement each step.
+    Replacement,
+}
+
+/// The data aᵢ of one quadratic problem and its closed-form statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuadraticProblem {
+    /// The targets aᵢ.
+    pub a: Vec<f64>,
+    /// Their mean ā (the minimiser).
+    pub mean: f64,
+    /// Their population variance σ² (so the minimum loss is σ²/2).
+    pub variance: f64,
+}
+
+impl QuadraticProblem {
+    /// Draws N targets from N(0, 1) with a seeded RNG.
+    pub fn sample(n: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Self::from_targets((0..n).map(|_| StandardNormal.sample(&mut rng)).collect())
+    }
+
+    /// Wraps given targets.
+    pub fn from_targets(a: Vec<f64>) -> Self {
+        let n = a.len().max(1) as f64;
+        let mean = a.iter().sum::<f64>() / n;
+        let variance = a.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        QuadraticProblem { a, mean, variance }
+    }
+
+    /// Full-batch loss L(x) = ½((x − ā)² + σ²).
+    pub fn loss(&self, x: f64) -> f64 {
+        0.5 * ((x - self.mean).powi(2) + self.variance)
+    }
+
+    /// Variance of the batch mean ā_B for batch size `b` under `sampling`.
+    pub fn batch_mean_variance(&self, b: usize, sampling: Sampling) -> f64 {
+        let n = self.a.len() as f64;
+        let b = b as f64;
+        match sampling {
+            Sampling::Replacement => self.variance / b,
+            Sampling::Reshuffle if n > 1.0 => self.variance / b * (n - b) / (n - 1.0),
+            Sampling::Reshuffle => 0.0,
+        }
+    }
+
+    /// GNI(x) = E_B[∇L_B(x)²] / ∇L(x)² (H = 1).
+    pub fn gni(&self, x: f64, b: usize, sampling: Sampling) -> f64 {
+        let y2 = (x - self.mean).powi(2);
+        (y2 + self.batch_mean_variance(b, sampling)) / y2
+    }
+}
+
+/// Settings of one SGD run on the quadratic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuadraticConfig {
+    /// Number of data points N.
+    pub n: usize,
+    /// Batch size b (1 ≤ b ≤ N).
+    pub batch_size: usize,
+    /// Step size η.
+    pub lr: f64,
+    /// Number of SGD steps.
+    pub steps: usize,
+    /// Seed of the data (stream 0) and of the batch order (stream 1).
+    pub seed: u64,
+    /// Starting point x₀.
+    pub x0: f64,
+    /// How batches are drawn.
+    pub sampling: Sampling,
+    /// The run counts as diverged once the full loss exceeds this (or is not finite).
+    pub divergence_loss: f64,
+}
+
+/// What is recorded at each step, at x_t before the update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuadraticStep {
+    /// Step index t.
+    pub step: usize,
+    /// Epoch index (t divided by steps per epoch).
+    pub epoch: usize,
+    /// The iterate x_t.
+    pub x: f64,
+    /// Loss of the batch used at this step.
+    pub batch_loss: f64,
+    /// Full-batch loss L(x_t).
+    pub full_loss: f64,
+    /// ‖∇L(x_t)‖².
+    pub grad_norm_sq: f64,
+    /// Gradient-noise interaction at x_t (closed form, see module docs).
+    pub gni: f64,
+}
+
+/// A run: its steps, and the step at which it diverged, if it did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuadraticRun {
+    /// The problem that was optimised.
+    pub problem: QuadraticProblem,
+    /// One record per step taken (the diverging step is the last).
+    pub steps: Vec<QuadraticStep>,
+    /// First step whose full loss exceeded the divergence threshold.
+    pub diverged_at: Option<usize>,
+}
+
+/// Why a quadratic run could not start.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuadraticError {
+    /// A setting is out of range.
+    #[error("quadratic: {field} {message}")]
+    Invalid {
+        /// The setting at fault.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Runs SGD `x ← x − η ∇L_B(x)` with the configured sampling, stopping early on divergence.
+pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError> {
+    let invalid = |field, message: String| QuadraticError::Invalid { field, message };
+    if config.n == 0 {
+        return Err(invalid("n", "must be at least 1".into()));
+    }
+    if config.batch_size == 0 || config.batch_size > config.n {
+        return Err(invalid(
+            "batch_size",
+            format!(
+                "must lie in 1..={} (n), got {}",
+                config.n, config.batch_size
+            ),
+        ));
+    }
+    if !(config.lr > 0.0 && config.lr.is_finite()) {
+        return Err(invalid(
+            "lr",
+            format!("must be positive, got {}", config.lr),
+        ));
+    }
+    let problem = QuadraticProblem::sample(config.n, config.seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    rng.set_stream(1);
+    let b = config.batch_size;
+    let steps_per_epoch = config.n / b;
+    let mut order: Vec<usize> = (0..config.n).collect();
+    let mut batch = vec![0usize; b];
+    let mut x = config.x0;
+    let mut steps = Vec::with_capacity(config.steps);
+    let mut diverged_at = None;
+    for t in 0..config.steps {
+        match config.sampling {
+            Sampling::Reshuffle => {
+                let slot = t % steps_per_epoch;
+                if slot == 0 {
+                    order.shuffle(&mut rng);
+                }
+                batch.copy_from_slice(&order[slot * b..(slot + 1) * b]);
+            }
+            Sampling::Replacement => {
+                for i in batch.iter_mut() {
+                    *i = rng.random_range(0..config.n);
+                }
+            }
+        }
+        let batch_mean = batch.iter().map(|&i| problem.a[i]).sum::<f64>() / b as f64;
+        let batch_loss = batch
+            .iter()
+            .map(|&i| (x - problem.a[i]).powi(2))
+            .sum::<f64>()
+            / (2.0 * b as f64);
+        let full_loss = problem.loss(x);
+        steps.push(QuadraticStep {
+            step: t,
+            epoch: t / steps_per_epoch,
+            x,
+            batch_loss,
+            full_loss,
+            grad_norm_sq: (x - problem.mean).powi(2),
+            gni: problem.gni(x, b, config.sampling),
+        });
+        if full_loss.is_nan() || full_loss > config.divergence_loss {
+            diverged_at = Some(t);
+            break;
+        }
+        x -= config.lr * (x - batch_mean);
+    }
+    Ok(QuadraticRun {
+        problem,
+        steps,
+        diverged_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lr: f64, sampling: Sampling) -> QuadraticConfig {
+        QuadraticConfig {
+            n: 100,
+            batch_size: 10,
+            lr,
+            steps: 30_000,
+            seed: 4,
+            x0: 3.0,
+            sampling,
+            divergence_loss: 1e10,
+        }
+    }
+
+    #[test]
+    fn loss_and_gni_match_direct_sums_and_batch_enumeration() {
+        let p = QuadraticProblem::sample(6, 1);
+        let x = 0.7;
+        let direct: f64 = p.a.iter().map(|a| (x - a).powi(2)).sum::<f64>() / 12.0;
+        assert!((p.loss(x) - direct).abs() < 1e-14);
+        // E_B[(x − ā_B)²] over all 2-subsets (reshuffle) and all ordered 2-tuples (replacement).
+        let (mut subsets, mut count) = (0.0, 0.0);
+        let mut tuples = 0.0;
+        for i in 0..6 {
+            for j in 0..6 {
+                let g = (x - (p.a[i] + p.a[j]) / 2.0).powi(2);
+                tuples += g / 36.0;
+                if i < j {
+                    subsets += g;
+                    count += 1.0;
+                }
+            }
+        }
+        let y2 = (x - p.mean).powi(2);
+        assert!((p.gni(x, 2, Sampling::Reshuffle) - subsets / count / y2).abs() < 1e-12);
+        assert!((p.gni(x, 2, Sampling::Replacement) - tuples / y2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn below_two_over_lambda_it_oscillates_at_the_stationary_variance() {
+        // λmax = 1, so η < 2 is stable: E[y²] → η v_b / (2 − η) and the ratio of time-averaged GNI
+        // numerator and denominator → 2/η (module docs).
+        for &lr in &[0.5, 1.5] {
+            let run = run_sgd(&config(lr, Sampling::Replacement)).unwrap();
+            assert_eq!(run.diverged_at, None);
+            let v = run.problem.batch_mean_variance(10, Sampling::Replacement);
+            let tail = &run.steps[1000..];
+            let ey2 = tail.iter().map(|s| s.grad_norm_sq).sum::<f64>() / tail.len() as f64;
+            let expected = lr * v / (2.0 - lr);
+            assert!(
+                (ey2 / expected - 1.0).abs() < 0.08,
+                "lr {lr}: {ey2} vs {expected}"
+            );
+            let num = tail.iter().map(|s| s.gni * s.grad_norm_sq).sum::<f64>();
+            let den = tail.iter().map(|s| s.grad_norm_sq).sum::<f64>();
+            assert!(
+                (num / den * lr / 2.0 - 1.0).abs() < 0.08,
+                "lr {lr}: GNI {}",
+                num / den
+            );
+        }
+    }
+
+    #[test]
+    fn reshuffled_sgd_is_stable_below_two_and_diverges_above() {
+        for &lr in &[0.1, 1.0, 1.9] {
+            let run = run_sgd(&config(lr, Sampling::Reshuffle)).unwrap();
+            assert_eq!(run.diverged_at, None, "lr {lr}");
+            assert_eq!(run.steps.len(), 30_000);
+            assert_eq!(run.steps[25].epoch, 2); // 10 steps per epoch
+        }
+        let run = run_sgd(&config(2.2, Sampling::Reshuffle)).unwrap();
+        // |1 − η| = 1.2 per step from loss ≈ 5 to 1e10: about ln(1e10/5)/(2 ln 1.2) ≈ 59 steps.
+        let at = run.diverged_at.expect("η = 2.2 > 2/λmax must diverge");
+        assert!((40..80).contains(&at), "diverged at {at}");
+        assert_eq!(run.steps.len(), at + 1);
+    }
+
+    #[test]
+    fn runs_are_reproducible_and_validated() {
+        let c = config(0.8, Sampling::Reshuffle);
+        assert_eq!(run_sgd(&c).unwrap(), run_sgd(&c).unwrap());
+        let mut other = c;
+        other.seed = 5;
+        assert_ne!(
+            run_sgd(&c).unwrap().steps[50].x,
+            run_sgd(&other).unwrap().steps[50].x
+        );
+        let mut bad = c;
+        bad.batch_size = 101;
+        assert!(run_sgd(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("batch_size"));
+        bad = c;
+        bad.lr = -1.0;
+        assert!(run_sgd(&bad).is_err());
+    }
+}
