@@ -4,6 +4,8 @@
 //! owns keys, locking, manifests and publication. Kinds never print: they report through
 //! [`StageReporter`].
 
+pub mod dataset;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -100,7 +102,10 @@ pub enum StageError {
 impl StageError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StageError::Io { path: path.into(), source }
+        StageError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
