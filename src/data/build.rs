@@ -38,7 +38,8 @@ pub struct DatasetSpec {
     pub normalize: Option<Normalization>,
     /// Classes to keep, relabelled 0..k−1 in this order; `None` keeps all.
     pub classes: Option<Vec<u8>>,
-    /// The 2-class ±1 variant (one output): `classes` must list two classes.
+    /// The 2-class ±1 variant (one output): `classes` lists two classes (default [1, 9]); the first
+    /// becomes label 0 (target −1), the second label 1 (target +1).
     pub binary: bool,
     /// The "easy" variant: a class-specific offset added to every image.
     pub easy: Option<EasyOffset>,
