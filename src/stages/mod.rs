@@ -5,8 +5,10 @@
 //! [`StageReporter`].
 
 pub mod analysis;
+pub mod dataset;
 pub mod plot;
 pub mod quadratic;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
