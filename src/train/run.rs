@@ -171,7 +171,7 @@ impl DeviceData {
     fn new(data: &Dataset, dtype: DType, device: &Device) -> Result<Self, StageError> {
         let all: Vec<usize> = (0..data.shape[0]).collect();
         Ok(Self {
-            images: data.images_tensor(dtype, device)?,
+            images: data.images_tensor(&all, device)?.to_dtype(dtype)?,
             targets: Targets::from_dataset(data, &all, dtype, device)?,
             n: data.shape[0],
         })
