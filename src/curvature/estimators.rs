@@ -259,10 +259,16 @@ impl<'a> Landscape<'a> {
         &self,
         b: usize,
         mc: &MonteCarloConfig,
+        divides_by_gradient: bool,
         finish: impl Fn(&[(f64, f64)], f64) -> Estimate,
     ) -> Result<Estimate> {
         let full = self.hessian()?;
         let grad_sq = full.gradient().norm_sq()?;
+        if divides_by_gradient && grad_sq == 0.0 {
+            return Err(CurvatureError::ZeroGradient {
+                what: "GNI (full-batch gradient)",
+            });
+        }
         let gradient_only = HvpConfig {
             retain_graphs: false,
             ..self.hvp
@@ -287,7 +293,7 @@ impl<'a> Landscape<'a> {
 
     /// GNI = E_B[g_Bᵀ H g_B] / ‖∇L‖² (full-batch H and ∇L) over batches of size `b`.
     pub fn gni(&self, b: usize, mc: &MonteCarloConfig) -> Result<Estimate> {
-        self.full_hessian_samples(b, mc, |s, grad_sq| {
+        self.full_hessian_samples(b, mc, true, |s, grad_sq| {
             let e = mean_estimate(&s.iter().map(|(x, _)| *x).collect::<Vec<_>>());
             Estimate {
                 value: e.value / grad_sq,
@@ -299,7 +305,7 @@ impl<'a> Landscape<'a> {
 
     /// IAS = E_B[g_Bᵀ H g_B] / E_B[‖g_B‖²] (full-batch H) over batches of size `b`.
     pub fn ias(&self, b: usize, mc: &MonteCarloConfig) -> Result<Estimate> {
-        self.full_hessian_samples(b, mc, |s, _| {
+        self.full_hessian_samples(b, mc, false, |s, _| {
             let (x, y): (Vec<f64>, Vec<f64>) = s.iter().copied().unzip();
             ratio_estimate(&x, &y)
         })

@@ -66,9 +66,7 @@ pub enum CurvatureError {
     #[error("Hessian-vector product self-check failed: {0}")]
     SelfCheck(String),
     /// A Rayleigh quotient along a gradient was asked for, but the gradient is exactly zero.
-    #[error(
-        "{what}: the mini-batch gradient is exactly zero, so the quotient along it is undefined"
-    )]
+    #[error("{what}: the gradient is exactly zero, so the quotient by its norm is undefined")]
     ZeroGradient {
         /// The quantity being measured.
         what: &'static str,
