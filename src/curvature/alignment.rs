@@ -16,7 +16,7 @@ use super::batch::random_subset;
 use super::{Batch, CandleContext, CurvatureError, Result};
 use crate::nn::Model;
 
-/// Counts of values in bins given by edges: bin i is [edges[i], edges[i+1]), the last one closed.
+/// Counts of values in bins given by edges: bin i is `[edges[i], edges[i+1])`, the last one closed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
     /// Strictly increasing bin edges (at least two).
@@ -82,7 +82,7 @@ pub struct AlignmentBins {
 pub struct AlignmentReport {
     /// The samples used (rows of the training set).
     pub samples: Vec<usize>,
-    /// Gram matrix G[i][j] = ⟨∇f(x_i), ∇f(x_j)⟩ over `samples`.
+    /// Gram matrix `G[i][j]` = ⟨∇f(x_i), ∇f(x_j)⟩ over `samples`.
     pub gram: Vec<Vec<f64>>,
     /// Pairwise dot products, i < j.
     pub dots: Histogram,

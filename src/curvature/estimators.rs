@@ -16,6 +16,11 @@
 //! λmax a Lanczos run of full-batch HVPs (warm starts help); λmax^b a Lanczos run per batch; the
 //! second-moment contraction a Lanczos run whose every product costs a full HVP plus two batch
 //! HVPs per sampled batch; Gauss–Newton products cost three backward passes.
+//!
+//! Measured (debug build of eoss, dependencies at opt-level 3, f32, 2 shared and busy CPU cores):
+//! for the paper's MLP 3072-512-512-10, building the operator (forward + backward with graph) on
+//! 512 samples took 0.38 s, one HVP 0.60 s and one Gauss–Newton product 0.81 s; on 2048 samples
+//! 1.1 s, 1.9 s and 3.3 s. `candle-notes.md` reports 0.31 s per HVP on 512 samples on idle cores.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -53,9 +58,9 @@ pub struct LambdaMaxB {
 /// The second-moment contraction of Wu et al. (2018) in the paper's two forms.
 #[derive(Debug, Clone)]
 pub struct SecondMomentContraction {
-    /// Eq. 37: λmax(E_B[(I − ηH_B)²]) (threshold 1).
+    /// Eq. 37: `λmax(E_B[(I − ηH_B)²])` (threshold 1).
     pub eq37: f64,
-    /// Eq. 39: λmax(−2ηH + η² E_B[H_B²]) (threshold 0); eq37 = 1 + eq39.
+    /// Eq. 39: `λmax(−2ηH + η² E_B[H_B²])` (threshold 0); eq37 = 1 + eq39.
     pub eq39: f64,
     /// Number of batches the expectation was taken over.
     pub batches: usize,

@@ -11,6 +11,8 @@
 //! A warm start from the previous top eigenvector makes the paper's every-256-steps λmax cheap.
 //! On a breakdown (an invariant subspace found before k pairs converged) the run continues from a
 //! seeded random vector orthogonal to the Krylov basis.
+//! An eigenvalue of exactly zero among the wanted ones has an infinite relative residual unless its
+//! residual is exactly zero, so such a run ends at `max_iter` with `converged = false`.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

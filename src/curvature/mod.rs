@@ -6,7 +6,7 @@
 //! - [`batch`]: [`Batch`] (inputs + targets) and uniform mini-batch sampling.
 //! - [`hvp`]: [`HessianOperator`] and [`GaussNewtonOperator`] on one fixed batch (one forward graph
 //!   reused for many products; large batches in chunks), and the start-up [`self_check`].
-//! - [`lanczos`]: top-k eigenpairs of any symmetric operator closure.
+//! - [`lanczos`](mod@lanczos): top-k eigenpairs of any symmetric operator closure.
 //! - [`estimators`]: [`Landscape`], every measured quantity of the paper, with seeded RNGs.
 //! - [`alignment`]: pairwise alignment of per-sample model gradients (figures 23–24).
 //!
