@@ -1,0 +1,358 @@
+//! Alignment of per-sample model gradients (appendix K, figures 23–24): for a set of samples, the
+//! gradients ∇_θ f_k(x_i) of one model output, their Gram matrix, and histograms of the pairwise
+//! dot products and cosines (i < j) and of the squared norms.
+//!
+//! The gradients of a block of samples are kept as rows of one (block × d) tensor on the model's
+//! device and the Gram matrix is built block by block with a matrix product; when all m gradients
+//! do not fit in `max_floats`, blocks are recomputed (m² / block² extra backward passes) instead of
+//! storing all m·d floats.
+
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::batch::random_subset;
+use super::{Batch, CandleContext, CurvatureError, Result};
+use crate::nn::Model;
+
+/// Counts of values in bins given by edges: bin i is `[edges[i], edges[i+1])`, the last one closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Strictly increasing bin edges (at least two).
+    pub edges: Vec<f64>,
+    /// Count per bin (`edges.len() − 1` of them).
+    pub counts: Vec<u64>,
+    /// Values below the first edge.
+    pub below: u64,
+    /// Values above the last edge (and NaNs).
+    pub above: u64,
+}
+
+impl Histogram {
+    /// An empty histogram; `field` names the edges in errors.
+    pub fn new(edges: &[f64], field: &'static str) -> Result<Self> {
+        if edges.len() < 2
+            || edges
+                .windows(2)
+                .any(|w| w[0] >= w[1] || w[1].is_nan() || w[0].is_nan())
+        {
+            return Err(CurvatureError::Config {
+                field,
+                message: "bin edges must be at least two strictly increasing numbers".into(),
+            });
+        }
+        Ok(Self {
+            edges: edges.to_vec(),
+            counts: vec![0; edges.len() - 1],
+            below: 0,
+            above: 0,
+        })
+    }
+
+    /// Counts `x`.
+    pub fn add(&mut self, x: f64) {
+        let last = *self.edges.last().unwrap_or(&f64::NAN);
+        if x < self.edges[0] {
+            self.below += 1;
+        } else if x > last || x.is_nan() {
+            self.above += 1;
+        } else {
+            // Index of the last edge ≤ x, clamped into the last (closed) bin.
+            let i = self.edges.partition_point(|e| *e <= x).saturating_sub(1);
+            let last_bin = self.counts.len() - 1;
+            self.counts[i.min(last_bin)] += 1;
+        }
+    }
+}
+
+/// Bin edges of the three alignment histograms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignmentBins {
+    /// Edges for pairwise dot products ⟨∇f_i, ∇f_j⟩, i < j.
+    pub dots: Vec<f64>,
+    /// Edges for pairwise cosines, i < j.
+    pub cosines: Vec<f64>,
+    /// Edges for squared norms ‖∇f_i‖².
+    pub sq_norms: Vec<f64>,
+}
+
+/// Alignment of per-sample model gradients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignmentReport {
+    /// The samples used (rows of the training set).
+    pub samples: Vec<usize>,
+    /// Gram matrix `G[i][j]` = ⟨∇f(x_i), ∇f(x_j)⟩ over `samples`.
+    pub gram: Vec<Vec<f64>>,
+    /// Pairwise dot products, i < j.
+    pub dots: Histogram,
+    /// Pairwise cosines, i < j (pairs with a zero gradient are skipped).
+    pub cosines: Histogram,
+    /// Squared norms.
+    pub sq_norms: Histogram,
+}
+
+impl AlignmentReport {
+    /// Summarises a Gram matrix into the three histograms.
+    pub fn from_gram(
+        samples: Vec<usize>,
+        gram: Vec<Vec<f64>>,
+        bins: &AlignmentBins,
+    ) -> Result<Self> {
+        let mut dots = Histogram::new(&bins.dots, "bins.dots")?;
+        let mut cosines = Histogram::new(&bins.cosines, "bins.cosines")?;
+        let mut sq_norms = Histogram::new(&bins.sq_norms, "bins.sq_norms")?;
+        let m = gram.len();
+        for i in 0..m {
+            sq_norms.add(gram[i][i]);
+            for j in i + 1..m {
+                dots.add(gram[i][j]);
+                let denom = (gram[i][i] * gram[j][j]).sqrt();
+                if denom > 0.0 {
+                    cosines.add(gram[i][j] / denom);
+                }
+            }
+        }
+        Ok(Self {
+            samples,
+            gram,
+            dots,
+            cosines,
+            sq_norms,
+        })
+    }
+}
+
+/// How [`model_gradient_alignment`] samples and bins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignmentConfig {
+    /// Number of samples m (drawn uniformly without replacement).
+    pub samples: usize,
+    /// Seed of that draw.
+    pub seed: u64,
+    /// Which model output f_k to differentiate (0 for the paper's one-output ±1 setup).
+    pub output: usize,
+    /// Most gradient floats held at once (≥ the parameter count); bounds memory.
+    pub max_floats: usize,
+    /// Histogram bins.
+    pub bins: AlignmentBins,
+}
+
+/// The gradients of output `output` of each sample in `rows`, as rows of a (len × d) tensor.
+fn gradient_rows(model: &dyn Model, data: &Batch, rows: &[usize], output: usize) -> Result<Tensor> {
+    let ctx = "per-sample model gradient";
+    let mut out = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let x = data.inputs.narrow(0, r, 1).ctx(ctx)?;
+        let z = model.forward(&x).ctx(ctx)?;
+        let k = z.dims().get(1).copied().unwrap_or(0);
+        if output >= k {
+            return Err(CurvatureError::Config {
+                field: "output",
+                message: format!("output {output} of a model with {k} outputs"),
+            });
+        }
+        let grads = z
+            .narrow(1, output, 1)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .ctx(ctx)?;
+        let parts = model
+            .params()
+            .iter()
+            .map(|p| match grads.get(p.var.as_tensor()) {
+                Some(g) => g.detach().flatten_all(),
+                None => p.var.as_tensor().zeros_like()?.flatten_all(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .ctx(ctx)?;
+        out.push(Tensor::cat(&parts, 0).ctx(ctx)?);
+    }
+    Tensor::stack(&out, 0).ctx(ctx)
+}
+
+/// Gram matrix of per-sample gradients of output `output` over `rows`, in blocks of at most
+/// `block` samples.
+pub fn model_gradient_gram(
+    model: &dyn Model,
+    data: &Batch,
+    rows: &[usize],
+    output: usize,
+    block: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let ctx = "model-gradient Gram matrix";
+    let block = block.max(1);
+    let m = rows.len();
+    let mut gram = vec![vec![0.0; m]; m];
+    let starts: Vec<usize> = (0..m).step_by(block).collect();
+    for (bi, &si) in starts.iter().enumerate() {
+        let ri = &rows[si..(si + block).min(m)];
+        let a = gradient_rows(model, data, ri, output)?;
+        for &sj in &starts[bi..] {
+            let rj = &rows[sj..(sj + block).min(m)];
+            let b = if sj == si {
+                a.clone()
+            } else {
+                gradient_rows(model, data, rj, output)?
+            };
+            let g = a
+                .matmul(&b.t().ctx(ctx)?)
+                .and_then(|g| g.to_dtype(DType::F64))
+                .and_then(|g| g.to_vec2::<f64>())
+                .ctx(ctx)?;
+            for (i, row) in g.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    gram[si + i][sj + j] = *v;
+                    gram[sj + j][si + i] = *v;
+                }
+            }
+        }
+    }
+    Ok(gram)
+}
+
+/// Alignment of per-sample model gradients over a seeded random sample of `data`.
+pub fn model_gradient_alignment(
+    model: &dyn Model,
+    data: &Batch,
+    cfg: &AlignmentConfig,
+) -> Result<AlignmentReport> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let rows =
+        random_subset(&mut rng, data.len(), cfg.samples).map_err(|_| CurvatureError::Config {
+            field: "samples",
+            message: format!("must be in 1..={}, got {}", data.len(), cfg.samples),
+        })?;
+    let d: usize = model
+        .params()
+        .iter()
+        .map(|p| p.var.as_tensor().elem_count())
+        .sum();
+    if cfg.max_floats < d {
+        return Err(CurvatureError::Config {
+            field: "max_floats",
+            message: format!("{} is below one gradient ({d} parameters)", cfg.max_floats),
+        });
+    }
+    // Two blocks are alive at once.
+    let block = (cfg.max_floats / d / 2).max(1);
+    let gram = model_gradient_gram(model, data, &rows, cfg.output, block)?;
+    AlignmentReport::from_gram(rows, gram, &cfg.bins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::testing::{data, dot, TanhMlp};
+    use crate::curvature::ParamVec;
+
+    #[test]
+    fn histogram_bins_are_half_open_with_a_closed_last_bin() {
+        let mut h = Histogram::new(&[0.0, 1.0, 2.0], "bins").unwrap();
+        for x in [-0.5, 0.0, 0.5, 1.0, 2.0, 2.5, f64::NAN] {
+            h.add(x);
+        }
+        assert_eq!((h.below, h.counts.clone(), h.above), (1, vec![2, 2], 2));
+        assert!(Histogram::new(&[1.0, 1.0], "bins.dots")
+            .unwrap_err()
+            .to_string()
+            .contains("bins.dots"));
+    }
+
+    /// ∇_θ f_k(x_i) by a plain first-order backward pass per sample, as f64 vectors.
+    fn reference_gradients(
+        model: &TanhMlp,
+        batch: &Batch,
+        rows: &[usize],
+        k: usize,
+    ) -> Vec<Vec<f64>> {
+        rows.iter()
+            .map(|&r| {
+                let z = model
+                    .forward(&batch.inputs.narrow(0, r, 1).unwrap())
+                    .unwrap();
+                let grads = z
+                    .narrow(1, k, 1)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let parts = model
+                    .params()
+                    .iter()
+                    .map(|p| grads.get(p.var.as_tensor()).unwrap().detach())
+                    .collect();
+                ParamVec::new(parts).to_f64_vec().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gram_matches_plain_dot_products_for_every_block_size() {
+        let model = TanhMlp::new(3, 4, 2, 31);
+        let batch = data(7, [3, 1, 1], 2, 32);
+        let rows = [6, 0, 3, 2, 5];
+        let g = reference_gradients(&model, &batch, &rows, 1);
+        for block in [1, 2, 5] {
+            let gram = model_gradient_gram(&model, &batch, &rows, 1, block).unwrap();
+            for i in 0..rows.len() {
+                for j in 0..rows.len() {
+                    assert!(
+                        (gram[i][j] - dot(&g[i], &g[j])).abs() < 1e-12,
+                        "block {block}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn report_counts_every_pair_and_is_seeded() {
+        let model = TanhMlp::new(3, 4, 1, 33);
+        let batch = data(9, [3, 1, 1], 1, 34);
+        let d = ParamVec::zeros_for(model.params()).unwrap().dim();
+        let cfg = AlignmentConfig {
+            samples: 6,
+            seed: 35,
+            output: 0,
+            max_floats: 2 * d * 2,
+            bins: AlignmentBins {
+                dots: vec![-100.0, 0.0, 100.0],
+                cosines: vec![-1.0, 0.0, 1.0],
+                sq_norms: vec![0.0, 1.0, 1000.0],
+            },
+        };
+        let a = model_gradient_alignment(&model, &batch, &cfg).unwrap();
+        assert_eq!(a, model_gradient_alignment(&model, &batch, &cfg).unwrap());
+        let pairs = 15;
+        assert_eq!(
+            a.dots.counts.iter().sum::<u64>() + a.dots.below + a.dots.above,
+            pairs
+        );
+        assert_eq!(a.cosines.counts.iter().sum::<u64>(), pairs);
+        assert_eq!(a.sq_norms.counts.iter().sum::<u64>(), 6);
+        let g = reference_gradients(&model, &batch, &a.samples, 0);
+        let positive = (0..6)
+            .flat_map(|i| (i + 1..6).map(move |j| (i, j)))
+            .filter(|&(i, j)| dot(&g[i], &g[j]) >= 0.0)
+            .count();
+        assert_eq!(a.cosines.counts[1] as usize, positive);
+        let bad = AlignmentConfig {
+            output: 1,
+            ..cfg.clone()
+        };
+        assert!(model_gradient_alignment(&model, &batch, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("output"));
+        let bad = AlignmentConfig {
+            max_floats: 3,
+            ..cfg
+        };
+        assert!(model_gradient_alignment(&model, &batch, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("max_floats"));
+    }
+}

@@ -1,0 +1,488 @@
+//! Hessian- and Gauss–Newton-vector products on one fixed batch.
+//!
+//! [`HessianOperator`] runs the forward pass and the first backward pass once, keeping the
+//! gradient's graph, and then applies H v for many v by differentiating gᵀv a second time (double
+//! backward; needs `CANDLE_GRAD_DO_NOT_DETACH=1`). [`GaussNewtonOperator`] applies
+//! G v = Jᵀ H_z J v, where J is the Jacobian of the outputs and H_z the Hessian of the loss with
+//! respect to the outputs (2I/N per sample for the paper's MSE): J v comes from the double-backward
+//! R-operator trick J v = ∂/∂u [(Jᵀu)·v], H_z w from a double backward in output space, and Jᵀ q
+//! from one more backward pass.
+//!
+//! Large batches are split into chunks: the loss of a chunk is scaled by its share of the whole
+//! (n_c / n for the mean loss), so chunk products simply add up to the full-batch product. Graphs
+//! are either kept for all chunks (fast, memory ∝ n) or rebuilt chunk by chunk for every product
+//! (memory ∝ chunk size). Everything handed back to callers is detached from the graphs.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::{Batch, CandleContext, CurvatureError, ParamVec, Result};
+use crate::data::LabelEncoding;
+use crate::nn::loss::{mean_loss, weighted_loss, LossKind, Targets};
+use crate::nn::{Model, Param, TorchLayout};
+
+/// Which scalar objective of a batch is differentiated.
+#[derive(Debug, Clone)]
+pub enum Objective {
+    /// The mean loss over the batch (`mean_loss`), as SGD and the full-batch loss use.
+    Mean,
+    /// Σ_i w_i ℓ_i for per-sample weights (N,) (`weighted_loss`), as noisy-GD variants use.
+    Weighted(Tensor),
+}
+
+/// How a batch is split and whether graphs are kept between products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HvpConfig {
+    /// At most this many samples per forward graph.
+    pub chunk_size: usize,
+    /// Keep every chunk's graph for the operator's lifetime (one forward + backward in total) or
+    /// rebuild each chunk's graph for every product (memory of one chunk only).
+    pub retain_graphs: bool,
+}
+
+impl Default for HvpConfig {
+    /// Chunks of 4096 samples, graphs kept.
+    fn default() -> Self {
+        Self {
+            chunk_size: 4096,
+            retain_graphs: true,
+        }
+    }
+}
+
+/// One chunk of a batch with its share of the objective.
+struct ChunkSpec {
+    batch: Batch,
+    weights: Option<Tensor>,
+    /// Factor on the chunk's objective so that chunk objectives sum to the whole objective.
+    scale: f64,
+}
+
+/// Chunks, and their built states when graphs are retained.
+struct Chunked<S> {
+    specs: Vec<ChunkSpec>,
+    retained: Option<Vec<S>>,
+}
+
+impl<S> Chunked<S> {
+    /// Splits `batch` into chunks (mean objective: scale n_c/n; weighted: scale 1, weights split).
+    fn split(batch: &Batch, objective: &Objective, cfg: &HvpConfig) -> Result<Vec<ChunkSpec>> {
+        if cfg.chunk_size == 0 {
+            return Err(CurvatureError::Config {
+                field: "chunk_size",
+                message: "must be at least 1".into(),
+            });
+        }
+        let n = batch.len();
+        if let Objective::Weighted(w) = objective {
+            if w.dims() != [n] {
+                return Err(CurvatureError::Batch(format!(
+                    "weights of shape {:?} for {n} samples",
+                    w.dims()
+                )));
+            }
+        }
+        let mut specs = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = cfg.chunk_size.min(n - start);
+            let whole = start == 0 && len == n;
+            let chunk = if whole {
+                batch.clone()
+            } else {
+                batch.narrow(start, len)?
+            };
+            let (weights, scale) = match objective {
+                Objective::Mean => (None, len as f64 / n as f64),
+                Objective::Weighted(w) => {
+                    (Some(w.narrow(0, start, len).ctx("weights chunk")?), 1.0)
+                }
+            };
+            specs.push(ChunkSpec {
+                batch: chunk,
+                weights,
+                scale,
+            });
+            start += len;
+        }
+        Ok(specs)
+    }
+
+    /// Runs `f` on every chunk's state, building states on the fly when they are not retained.
+    fn visit(
+        &self,
+        build: impl Fn(&ChunkSpec) -> Result<S>,
+        mut f: impl FnMut(&S) -> Result<()>,
+    ) -> Result<()> {
+        match &self.retained {
+            Some(states) => states.iter().try_for_each(f),
+            None => self.specs.iter().try_for_each(|spec| f(&build(spec)?)),
+        }
+    }
+}
+
+/// The chunk's share of the objective, as a differentiable scalar of `outputs`.
+fn chunk_objective(
+    kind: LossKind,
+    outputs: &Tensor,
+    spec: &ChunkSpec,
+) -> candle_core::Result<Tensor> {
+    let loss = match &spec.weights {
+        None => mean_loss(kind, outputs, &spec.batch.targets)?,
+        Some(w) => weighted_loss(kind, outputs, &spec.batch.targets, w)?,
+    };
+    if spec.scale == 1.0 {
+        Ok(loss)
+    } else {
+        loss.affine(spec.scale, 0.0)
+    }
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// ∂(scalar)/∂params, one tensor per parameter (zeros where the scalar does not depend on it);
+/// with `keep_graph` the results keep their graph for a further differentiation.
+fn param_grads(s: &Tensor, params: &[Param], keep_graph: bool) -> candle_core::Result<Vec<Tensor>> {
+    let grads = s.backward()?;
+    params
+        .iter()
+        .map(|p| match grads.get(p.var.as_tensor()) {
+            Some(g) if keep_graph => Ok(g.clone()),
+            Some(g) => Ok(g.detach()),
+            None => p.var.as_tensor().zeros_like(),
+        })
+        .collect()
+}
+
+/// Σ_p ⟨a_p, v_p⟩ as a differentiable scalar (a keeps its graph, v is a constant).
+fn pair(a: &[Tensor], v: &ParamVec) -> candle_core::Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (a, v) in a.iter().zip(v.parts()) {
+        let term = (a * v)?.sum_all()?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
+    }
+    match total {
+        Some(t) => Ok(t),
+        None => Tensor::new(0f32, &Device::Cpu),
+    }
+}
+
+fn add_into(acc: &mut Option<Vec<Tensor>>, parts: Vec<Tensor>) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        None => parts,
+        Some(a) => a
+            .iter()
+            .zip(&parts)
+            .map(|(a, b)| a + b)
+            .collect::<candle_core::Result<_>>()?,
+    });
+    Ok(())
+}
+
+/// The Hessian of a batch's objective as a linear operator (double backward).
+pub struct HessianOperator<'a> {
+    model: &'a dyn Model,
+    kind: LossKind,
+    chunks: Chunked<Vec<Tensor>>,
+    gradient: ParamVec,
+    loss: f64,
+    samples: usize,
+}
+
+impl<'a> HessianOperator<'a> {
+    /// Runs the forward and first backward pass on `batch` (chunk by chunk) and keeps the gradient
+    /// graphs when `cfg.retain_graphs`.
+    pub fn new(
+        model: &'a dyn Model,
+        kind: LossKind,
+        batch: &Batch,
+        objective: &Objective,
+        cfg: &HvpConfig,
+    ) -> Result<Self> {
+        let specs = Chunked::<Vec<Tensor>>::split(batch, objective, cfg)?;
+        let mut retained = Vec::new();
+        let mut gradient = None;
+        let mut loss = 0.0;
+        for spec in &specs {
+            let (l, grads) = Self::build_with_loss(model, kind, spec)?;
+            loss += l;
+            let detached = grads.iter().map(|g| g.detach()).collect();
+            add_into(&mut gradient, detached).ctx("gradient")?;
+            if cfg.retain_graphs {
+                retained.push(grads);
+            }
+        }
+        Ok(Self {
+            model,
+            kind,
+            chunks: Chunked {
+                specs,
+                retained: cfg.retain_graphs.then_some(retained),
+            },
+            gradient: ParamVec::new(gradient.unwrap_or_default()),
+            loss,
+            samples: batch.len(),
+        })
+    }
+
+    fn build_with_loss(
+        model: &dyn Model,
+        kind: LossKind,
+        spec: &ChunkSpec,
+    ) -> Result<(f64, Vec<Tensor>)> {
+        let outputs = model.forward(&spec.batch.inputs).ctx("forward pass")?;
+        let loss = chunk_objective(kind, &outputs, spec).ctx("loss")?;
+        let grads = param_grads(&loss, model.params(), true).ctx("gradient")?;
+        Ok((scalar(&loss).ctx("loss")?, grads))
+    }
+
+    /// The objective's value.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// The objective's gradient (detached).
+    pub fn gradient(&self) -> &ParamVec {
+        &self.gradient
+    }
+
+    /// Number of samples in the batch.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// H v.
+    pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
+        let params = self.model.params();
+        let mut acc = None;
+        self.chunks.visit(
+            |spec| Ok(Self::build_with_loss(self.model, self.kind, spec)?.1),
+            |grads| {
+                let s = pair(grads, v).ctx("Hessian-vector product")?;
+                let hv = param_grads(&s, params, false).ctx("Hessian-vector product")?;
+                add_into(&mut acc, hv).ctx("Hessian-vector product")
+            },
+        )?;
+        Ok(ParamVec::new(acc.unwrap_or_default()))
+    }
+}
+
+/// Graph state of one chunk for Gauss–Newton products.
+struct GnChunk {
+    /// Model outputs z (N, K), with the forward graph.
+    outputs: Tensor,
+    /// Dummy output-space variable u for the R-operator trick.
+    u: Var,
+    /// Jᵀu per parameter, with its graph (linear in u).
+    jt_u: Vec<Tensor>,
+    /// A copy of z as a variable, the loss's argument in output space.
+    z: Var,
+    /// ∂loss/∂z at `z`, with its graph (for H_z w by one more backward).
+    grad_z: Tensor,
+    /// The chunk's objective value.
+    loss: f64,
+}
+
+/// The Gauss–Newton matrix G = Jᵀ H_z J of a batch's objective as a linear operator.
+pub struct GaussNewtonOperator<'a> {
+    model: &'a dyn Model,
+    kind: LossKind,
+    chunks: Chunked<GnChunk>,
+    gradient: ParamVec,
+    loss: f64,
+}
+
+impl<'a> GaussNewtonOperator<'a> {
+    /// Builds the output-space graphs of `batch` (chunk by chunk; kept when `cfg.retain_graphs`)
+    /// and the objective's gradient.
+    pub fn new(
+        model: &'a dyn Model,
+        kind: LossKind,
+        batch: &Batch,
+        objective: &Objective,
+        cfg: &HvpConfig,
+    ) -> Result<Self> {
+        let specs = Chunked::<GnChunk>::split(batch, objective, cfg)?;
+        let mut retained = Vec::new();
+        let mut gradient = None;
+        let mut loss = 0.0;
+        for spec in &specs {
+            let chunk = Self::build(model, kind, spec)?;
+            // ∇L = Jᵀ ∂L/∂z.
+            let s = (&chunk.outputs * chunk.grad_z.detach())
+                .and_then(|t| t.sum_all())
+                .ctx("Gauss-Newton gradient")?;
+            let g = param_grads(&s, model.params(), false).ctx("Gauss-Newton gradient")?;
+            add_into(&mut gradient, g).ctx("Gauss-Newton gradient")?;
+            loss += chunk.loss;
+            if cfg.retain_graphs {
+                retained.push(chunk);
+            }
+        }
+        Ok(Self {
+            model,
+            kind,
+            chunks: Chunked {
+                specs,
+                retained: cfg.retain_graphs.then_some(retained),
+            },
+            gradient: ParamVec::new(gradient.unwrap_or_default()),
+            loss,
+        })
+    }
+
+    fn build(model: &dyn Model, kind: LossKind, spec: &ChunkSpec) -> Result<GnChunk> {
+        let ctx = "Gauss-Newton graph";
+        let outputs = model.forward(&spec.batch.inputs).ctx("forward pass")?;
+        let u = Var::zeros(outputs.shape(), outputs.dtype(), outputs.device()).ctx(ctx)?;
+        let s = (&outputs * u.as_tensor())
+            .and_then(|t| t.sum_all())
+            .ctx(ctx)?;
+        let jt_u = param_grads(&s, model.params(), true).ctx(ctx)?;
+        let z = Var::from_tensor(&outputs.detach()).ctx(ctx)?;
+        let loss = chunk_objective(kind, z.as_tensor(), spec).ctx("loss")?;
+        let grads = loss.backward().ctx(ctx)?;
+        let grad_z = match grads.get(z.as_tensor()) {
+            Some(g) => g.clone(),
+            None => z.as_tensor().zeros_like().ctx(ctx)?,
+        };
+        Ok(GnChunk {
+            outputs,
+            u,
+            jt_u,
+            z,
+            grad_z,
+            loss: scalar(&loss).ctx("loss")?,
+        })
+    }
+
+    /// The objective's value.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// The objective's gradient (detached).
+    pub fn gradient(&self) -> &ParamVec {
+        &self.gradient
+    }
+
+    /// G v = Jᵀ H_z J v.
+    pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
+        let ctx = "Gauss-Newton-vector product";
+        let params = self.model.params();
+        let mut acc = None;
+        self.chunks.visit(
+            |spec| Self::build(self.model, self.kind, spec),
+            |c| {
+                // J v = ∂/∂u [(Jᵀu)·v].
+                let t = pair(&c.jt_u, v).ctx(ctx)?;
+                let jv = match t.backward().ctx(ctx)?.get(c.u.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => c.u.as_tensor().zeros_like().ctx(ctx)?,
+                };
+                // H_z (J v) = ∂/∂z [∂L/∂z · J v].
+                let s = (&c.grad_z * &jv).and_then(|t| t.sum_all()).ctx(ctx)?;
+                let hjv = match s.backward().ctx(ctx)?.get(c.z.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => c.z.as_tensor().zeros_like().ctx(ctx)?,
+                };
+                // Jᵀ q = ∂/∂θ [z · q].
+                let r = (&c.outputs * &hjv).and_then(|t| t.sum_all()).ctx(ctx)?;
+                let out = param_grads(&r, params, false).ctx(ctx)?;
+                add_into(&mut acc, out).ctx(ctx)
+            },
+        )?;
+        Ok(ParamVec::new(acc.unwrap_or_default()))
+    }
+}
+
+/// A linear model x ↦ x W used by [`self_check`].
+struct ProbeModel {
+    params: Vec<Param>,
+}
+
+impl Model for ProbeModel {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.flatten_from(1)?.matmul(self.params[0].var.as_tensor())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+}
+
+/// Checks on `device` that a Hessian-vector product by double backward is right and non-zero:
+/// for the linear model x ↦ xW under the paper's MSE, H V = (2/N) XᵀX V in closed form. Fails with
+/// a clear message when `CANDLE_GRAD_DO_NOT_DETACH=1` was not set before this thread's first
+/// backward pass (candle then silently returns no second-order gradients).
+pub fn self_check(device: &Device) -> Result<()> {
+    let ctx = "HVP self-check";
+    let (n, d, k) = (4usize, 3usize, 2usize);
+    let x: Vec<f32> = vec![
+        1.0, 2.0, -1.0, 0.5, -0.5, 1.5, 2.0, 0.0, 1.0, -1.0, 1.0, 0.5,
+    ];
+    let w: Vec<f32> = vec![0.3, -0.2, 0.1, 0.4, -0.5, 0.2];
+    let y: Vec<f32> = vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+    let v: Vec<f32> = vec![1.0, -1.0, 0.5, 2.0, -0.5, 1.0];
+    let var = Var::from_tensor(&Tensor::from_slice(&w, (d, k), device).ctx(ctx)?).ctx(ctx)?;
+    let model = ProbeModel {
+        params: vec![Param {
+            name: "weight".into(),
+            var,
+            layout: TorchLayout::Same,
+        }],
+    };
+    let targets = Targets {
+        values: Tensor::from_slice(&y, (n, k), device).ctx(ctx)?,
+        labels: Tensor::zeros(n, DType::U32, device).ctx(ctx)?,
+        encoding: LabelEncoding::OneHot,
+    };
+    let batch = Batch::new(
+        Tensor::from_slice(&x, (n, d, 1, 1), device).ctx(ctx)?,
+        targets,
+    )?;
+    let op = HessianOperator::new(
+        &model,
+        LossKind::Mse,
+        &batch,
+        &Objective::Mean,
+        &HvpConfig::default(),
+    )?;
+    let vt = ParamVec::new(vec![Tensor::from_slice(&v, (d, k), device).ctx(ctx)?]);
+    let got = op.apply(&vt)?.to_f64_vec()?;
+    // (2/N) XᵀX V, in f64.
+    let mut expected = vec![0.0f64; d * k];
+    for a in 0..d {
+        for c in 0..k {
+            let mut sum = 0.0;
+            for b in 0..d {
+                let xtx: f64 = (0..n).map(|i| (x[i * d + a] * x[i * d + b]) as f64).sum();
+                sum += xtx * v[b * k + c] as f64;
+            }
+            expected[a * k + c] = 2.0 / n as f64 * sum;
+        }
+    }
+    let norm = |u: &[f64]| u.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let diff: Vec<f64> = got.iter().zip(&expected).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&expected);
+    if norm(&got) == 0.0 {
+        return Err(CurvatureError::SelfCheck(
+            "the Hessian-vector product is zero: set CANDLE_GRAD_DO_NOT_DETACH=1 before the \
+             first backward pass of this thread (candle reads it once per thread)"
+                .into(),
+        ));
+    }
+    if rel.is_nan() || rel >= 1e-4 {
+        return Err(CurvatureError::SelfCheck(format!(
+            "relative error {rel:e} against the closed form (2/N) XᵀX V on {device:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! HVP and Gauss–Newton products against closed forms, finite differences and dense JᵀH_zJ.
+#![allow(clippy::needless_range_loop)] // dense reference linear algebra reads best indexed
+
+use candle_core::{Device, Tensor};
+
+use super::*;
+use crate::curvature::testing::{
+    data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, normals, rel_max_diff, Dense,
+    Linear, TanhMlp, TinyConv,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn inputs_matrix(batch: &Batch) -> Vec<Vec<f64>> {
+    batch
+        .inputs
+        .flatten_from(1)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn linear_mse_hessian_is_two_over_n_xtx_kron_identity() {
+    let (n, d, k) = (5, 3, 2);
+    let model = Linear::new(d, k, 1);
+    let batch = data(n, [d, 1, 1], k, 2);
+    let x = inputs_matrix(&batch);
+    let h = dense_hessian_hvp(&model, LossKind::Mse, &batch);
+    // Parameter (a, c) is W[a][c] at flat index a·k + c.
+    let mut expected = vec![vec![0.0; d * k]; d * k];
+    for a in 0..d {
+        for b in 0..d {
+            let xtx: f64 = (0..n).map(|i| x[i][a] * x[i][b]).sum();
+            for c in 0..k {
+                expected[a * k + c][b * k + c] = 2.0 / n as f64 * xtx;
+            }
+        }
+    }
+    assert!(rel_max_diff(&h, &expected) < 1e-14, "{h:?}");
+}
+
+fn assert_symmetric(h: &Dense, tol: f64) {
+    let scale = h.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
+    for i in 0..h.len() {
+        for j in 0..i {
+            assert!((h[i][j] - h[j][i]).abs() <= tol * scale, "H[{i}][{j}]");
+        }
+    }
+}
+
+fn check_against_finite_differences(model: &dyn Model, kind: LossKind, batch: &Batch) {
+    let h = dense_hessian_hvp(model, kind, batch);
+    assert!(h.iter().flatten().any(|x| *x != 0.0));
+    assert_symmetric(&h, 1e-12);
+    let fd = dense_hessian_fd(model, kind, batch, 1e-5);
+    let err = rel_max_diff(&h, &fd);
+    assert!(
+        err < 1e-7,
+        "{kind:?}: HVP vs finite differences, relative error {err:e}"
+    );
+}
+
+#[test]
+fn tanh_mlp_hvp_matches_finite_differences_and_is_symmetric() {
+    let model = TanhMlp::new(3, 4, 2, 5);
+    let batch = data(6, [3, 1, 1], 2, 6);
+    check_against_finite_differences(&model, LossKind::Mse, &batch);
+    check_against_finite_differences(&model, LossKind::CrossEntropy, &batch);
+}
+
+#[test]
+fn conv_net_hvp_matches_finite_differences_and_is_symmetric() {
+    let model = TinyConv::new(1, 2, 2, 7);
+    let batch = data(4, [1, 3, 3], 2, 8);
+    check_against_finite_differences(&model, LossKind::Mse, &batch);
+    check_against_finite_differences(&model, LossKind::CrossEntropy, &batch);
+}
+
+fn random_vec(model: &dyn Model, seed: u64) -> ParamVec {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    ParamVec::zeros_for(model.params())
+        .unwrap()
+        .random_like(crate::curvature::vector::Probe::Gaussian, &mut rng)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &ParamVec, b: &ParamVec) -> f64 {
+    let (a, b) = (a.to_f64_vec().unwrap(), b.to_f64_vec().unwrap());
+    a.iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn chunked_products_equal_the_whole_batch_product() {
+    let model = TanhMlp::new(3, 4, 2, 9);
+    let batch = data(7, [3, 1, 1], 2, 10);
+    let v = random_vec(&model, 11);
+    let whole = HvpConfig {
+        chunk_size: 100,
+        retain_graphs: true,
+    };
+    let op = HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &whole).unwrap();
+    let reference = op.apply(&v).unwrap();
+    for retain_graphs in [true, false] {
+        let cfg = HvpConfig {
+            chunk_size: 3,
+            retain_graphs,
+        };
+        let chunked =
+            HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg).unwrap();
+        assert!((chunked.loss() - op.loss()).abs() < 1e-14);
+        assert!(max_abs_diff(chunked.gradient(), op.gradient()) < 1e-14);
+        assert!(max_abs_diff(&chunked.apply(&v).unwrap(), &reference) < 1e-13);
+        let gn = GaussNewtonOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg)
+            .unwrap();
+        let gn_whole =
+            GaussNewtonOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &whole)
+                .unwrap();
+        assert!(max_abs_diff(&gn.apply(&v).unwrap(), &gn_whole.apply(&v).unwrap()) < 1e-13);
+        assert!(max_abs_diff(gn.gradient(), op.gradient()) < 1e-14);
+    }
+}
+
+#[test]
+fn weighted_objective_is_the_weighted_sum_of_per_sample_hessians() {
+    let model = TanhMlp::new(2, 3, 2, 12);
+    let batch = data(4, [2, 1, 1], 2, 13);
+    let w = [0.5, -0.25, 1.5, 0.75];
+    let weights = Tensor::from_slice(&w, 4, &Device::Cpu).unwrap();
+    let v = random_vec(&model, 14);
+    let cfg = HvpConfig {
+        chunk_size: 3,
+        retain_graphs: true,
+    };
+    let op = HessianOperator::new(
+        &model,
+        LossKind::Mse,
+        &batch,
+        &Objective::Weighted(weights),
+        &cfg,
+    )
+    .unwrap();
+    let mut expected = ParamVec::zeros_for(model.params()).unwrap();
+    for (i, wi) in w.iter().enumerate() {
+        let single = batch.select(&[i]).unwrap();
+        let op_i =
+            HessianOperator::new(&model, LossKind::Mse, &single, &Objective::Mean, &cfg).unwrap();
+        expected = expected.axpy(*wi, &op_i.apply(&v).unwrap()).unwrap();
+    }
+    assert!(max_abs_diff(&op.apply(&v).unwrap(), &expected) < 1e-13);
+}
+
+fn dense_from_operator(op: &GaussNewtonOperator, template: &ParamVec) -> Dense {
+    let d = template.dim();
+    let mut m = vec![vec![0.0; d]; d];
+    for j in 0..d {
+        let mut e = vec![0.0; d];
+        e[j] = 1.0;
+        let col = op
+            .apply(&template.from_f64_like(&e).unwrap())
+            .unwrap()
+            .to_f64_vec()
+            .unwrap();
+        for i in 0..d {
+            m[i][j] = col[i];
+        }
+    }
+    m
+}
+
+#[test]
+fn gauss_newton_product_equals_dense_jt_hz_j() {
+    let model = TanhMlp::new(3, 3, 2, 15);
+    let batch = data(5, [3, 1, 1], 2, 16);
+    let template = ParamVec::zeros_for(model.params()).unwrap();
+    for kind in [LossKind::Mse, LossKind::CrossEntropy] {
+        let op = GaussNewtonOperator::new(
+            &model,
+            kind,
+            &batch,
+            &Objective::Mean,
+            &HvpConfig::default(),
+        )
+        .unwrap();
+        let got = dense_from_operator(&op, &template);
+        let expected = dense_gauss_newton(&model, kind, &batch);
+        let err = rel_max_diff(&got, &expected);
+        assert!(err < 1e-12, "{kind:?}: {err:e}");
+        let hess = HessianOperator::new(
+            &model,
+            kind,
+            &batch,
+            &Objective::Mean,
+            &HvpConfig::default(),
+        )
+        .unwrap();
+        assert!((op.loss() - hess.loss()).abs() < 1e-14);
+    }
+}
+
+#[test]
+fn gauss_newton_of_a_linear_model_is_its_hessian() {
+    let model = Linear::new(3, 2, 17);
+    let batch = data(4, [3, 1, 1], 2, 18);
+    let template = ParamVec::zeros_for(model.params()).unwrap();
+    let op = GaussNewtonOperator::new(
+        &model,
+        LossKind::Mse,
+        &batch,
+        &Objective::Mean,
+        &HvpConfig::default(),
+    )
+    .unwrap();
+    let h = dense_hessian_hvp(&model, LossKind::Mse, &batch);
+    assert!(rel_max_diff(&dense_from_operator(&op, &template), &h) < 1e-14);
+}
+
+#[test]
+fn self_check_passes_with_double_backward_enabled() {
+    self_check(&Device::Cpu).unwrap();
+}
+
+#[test]
+fn bad_weights_and_chunk_size_are_named() {
+    let model = Linear::new(2, 2, 19);
+    let batch = data(3, [2, 1, 1], 2, 20);
+    let w = Tensor::from_vec(
+        normals(&mut ChaCha8Rng::seed_from_u64(0), 2, 1.0),
+        2,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = HessianOperator::new(
+        &model,
+        LossKind::Mse,
+        &batch,
+        &Objective::Weighted(w),
+        &HvpConfig::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("weights"), "{err}");
+    let cfg = HvpConfig {
+        chunk_size: 0,
+        retain_graphs: true,
+    };
+    let err = HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("chunk_size"), "{err}");
+}
