@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod dynamics;
+pub mod measure;
 pub mod metrics;
 pub mod sampler;
 pub mod schedule;

@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseState};
+use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
 use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
 use super::schedule::{Cadence, Change, HyperSchedule};
+use crate::curvature::Batch;
 use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::loss::{correct_count, per_sample_loss, LossKind, Targets};
@@ -91,6 +93,9 @@ pub struct TrainConfig {
     /// Where to compute.
     #[serde(default)]
     pub device: DeviceClass,
+    /// Curvature quantities measured during the run, each at its own cadence.
+    #[serde(default)]
+    pub measure: MeasureConfig,
     /// Update rule: SGD, GD, noisy GD or the SDE.
     #[serde(default)]
     pub dynamics: Dynamics,
@@ -255,6 +260,9 @@ pub fn train(
     let mut log = MetricsLog::create(&metrics_path, &kept_rows)?;
     let mut sampler = BatchSampler::new(n, config.data_seed, config.sampling, sampler_state);
     let mut noise = NoiseState::new(config.noise_seed);
+    let full_set = Batch::new(train_set.images.clone(), train_set.targets.clone())
+        .map_err(|e| StageError::Failed(format!("training set: {e}")))?;
+    let mut measure_state = MeasureState::default();
 
     reporter.set_length(config.steps);
     reporter.set_position(first_step);
@@ -305,17 +313,20 @@ pub fn train(
             checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer)?;
         }
 
-        let (loss_value, gradient) = if config.dynamics.uses_batches() {
+        let live = if config.dynamics.uses_batches() {
             let batch = sampler.next_batch(batch_size);
-            let rows = Tensor::from_vec(
-                batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                batch_size,
-                &device,
-            )?;
-            let inputs = train_set.images.index_select(&rows, 0)?;
-            let targets = train_set.targets.select(&rows)?;
-            let loss =
-                per_sample_loss(config.loss, &model.forward(&inputs)?, &targets)?.mean_all()?;
+            Some(full_set.select(&batch).map_err(at_step(step))?)
+        } else {
+            None
+        };
+        let point = MeasurePoint { step, lr, batch_size, live_batch: live.as_ref() };
+        config
+            .measure
+            .measure(model.as_ref(), config.loss, &full_set, &point, &mut measure_state, &mut row)
+            .map_err(at_step(step))?;
+        let (loss_value, gradient) = if let Some(live) = &live {
+            let loss = per_sample_loss(config.loss, &model.forward(&live.inputs)?, &live.targets)?
+                .mean_all()?;
             (loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, Some(loss.backward()?))
         } else {
             let full = FullBatch {

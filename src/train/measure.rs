@@ -1,0 +1,342 @@
+//! Which curvature quantities a run measures, and when: each quantity has its own cadence (with the
+//! paper's doubling schedule) and settings, and its own RNG seeded from (measurement seed, step,
+//! quantity), so values are reproducible and a resumed run measures exactly what an uninterrupted one
+//! would. The same code serves measurements inline in `train` and the `measure` stage on checkpoints.
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use super::metrics::Row;
+use super::schedule::Cadence;
+use crate::curvature::{
+    Batch, BatchSet, CurvatureError, Estimate, FullBatchConfig, HvpConfig, Landscape,
+    LanczosConfig, MonteCarloConfig, ParamVec, Start,
+};
+use crate::nn::loss::LossKind;
+use crate::nn::Model;
+
+/// A deterministic quantity (λmax and the like): cadence and Lanczos settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EigenSpec {
+    /// Measure every this many steps.
+    pub every: u64,
+    /// Steps after which the interval doubles.
+    #[serde(default)]
+    pub double_after: Vec<u64>,
+    /// Relative residual at which Lanczos stops.
+    #[serde(default = "default_eigen_tol")]
+    pub rel_tol: f64,
+    /// At most this many Hessian-vector products.
+    #[serde(default = "default_max_iter")]
+    pub max_iter: usize,
+}
+
+/// A Monte Carlo quantity: cadence and adaptive-stopping settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonteCarloSpec {
+    /// Measure every this many steps.
+    pub every: u64,
+    /// Steps after which the interval doubles.
+    #[serde(default)]
+    pub double_after: Vec<u64>,
+    /// Never fewer samples (batches or probes).
+    #[serde(default = "default_min_samples")]
+    pub min_samples: usize,
+    /// Never more samples.
+    #[serde(default = "default_max_samples")]
+    pub max_samples: usize,
+    /// Stop once the standard error is below this fraction of the estimate.
+    #[serde(default = "default_mc_tol")]
+    pub rel_tol: f64,
+}
+
+/// A cheap quantity measured at a cadence with no further settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EverySpec {
+    /// Measure every this many steps.
+    pub every: u64,
+    /// Steps after which the interval doubles.
+    #[serde(default)]
+    pub double_after: Vec<u64>,
+}
+
+/// The second-moment contraction (eqs. 37 and 39) over a fixed number of random batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractionSpec {
+    /// Measure every this many steps.
+    pub every: u64,
+    /// Steps after which the interval doubles.
+    #[serde(default)]
+    pub double_after: Vec<u64>,
+    /// Number of random batches in E_B.
+    #[serde(default = "default_contraction_batches")]
+    pub batches: usize,
+    /// Relative residual at which Lanczos stops.
+    #[serde(default = "default_eigen_tol")]
+    pub rel_tol: f64,
+    /// At most this many operator products.
+    #[serde(default = "default_max_iter")]
+    pub max_iter: usize,
+}
+
+fn default_eigen_tol() -> f64 {
+    0.005
+}
+fn default_max_iter() -> usize {
+    100
+}
+fn default_min_samples() -> usize {
+    20
+}
+fn default_max_samples() -> usize {
+    1000
+}
+fn default_mc_tol() -> f64 {
+    0.005
+}
+fn default_contraction_batches() -> usize {
+    32
+}
+fn default_chunk() -> usize {
+    2048
+}
+
+/// Everything a run measures. Absent quantities are not measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureConfig {
+    /// Seed of every measurement RNG.
+    #[serde(default)]
+    pub seed: u64,
+    /// Full-batch quantities on a seeded random subset of this many samples (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsample: Option<usize>,
+    /// Samples per forward graph in Hessian-vector products.
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+    /// λmax of the full-batch Hessian (warm-started from the previous eigenvector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_max: Option<EigenSpec>,
+    /// Batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_sharpness: Option<MonteCarloSpec>,
+    /// Step sharpness on the live batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_sharpness: Option<EverySpec>,
+    /// Gradient-noise interaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gni: Option<MonteCarloSpec>,
+    /// Interaction-aware sharpness E_B[g_Bᵀ H g_B] / E_B[‖g_B‖²].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ias: Option<MonteCarloSpec>,
+    /// Modified batch sharpness E_B[g_Bᵀ H_B g_B] / E_B[‖g_B‖²].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_sharpness_modified: Option<MonteCarloSpec>,
+    /// λmax^b: mean and max of λmax(H_B) over random batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_max_b: Option<MonteCarloSpec>,
+    /// λmax(H_B) of the live batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_lambda_max_b: Option<EverySpec>,
+    /// Hutchinson trace of the full-batch Hessian.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hessian_trace: Option<MonteCarloSpec>,
+    /// Second-moment contraction, eqs. 37 and 39.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smc: Option<ContractionSpec>,
+    /// λmax of the full-batch Gauss–Newton matrix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_max_gn: Option<EigenSpec>,
+    /// Batch sharpness with Gauss–Newton matrices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_sharpness_gn: Option<MonteCarloSpec>,
+    /// ‖∇L‖² of the full-batch loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_sq: Option<EverySpec>,
+}
+
+fn due(every: u64, double_after: &[u64], step: u64) -> bool {
+    Cadence { every, double_after: double_after.to_vec() }.is_due(step)
+}
+
+/// SplitMix64: decorrelates seeds derived from (seed, step, quantity).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn seed_for(seed: u64, step: u64, quantity: u64) -> u64 {
+    mix(mix(seed ^ mix(step)) ^ quantity)
+}
+
+impl MonteCarloSpec {
+    fn config(&self, seed: u64) -> MonteCarloConfig {
+        MonteCarloConfig {
+            min_samples: self.min_samples,
+            max_samples: self.max_samples,
+            rel_tol: self.rel_tol,
+            seed,
+        }
+    }
+}
+
+fn lanczos_config(rel_tol: f64, max_iter: usize, seed: u64) -> LanczosConfig {
+    LanczosConfig { top_k: 1, max_iter, rel_tol, seed }
+}
+
+/// State carried between measurements: the last top eigenvectors, for warm starts.
+#[derive(Default)]
+pub struct MeasureState {
+    /// Last top eigenvector of the full-batch Hessian.
+    pub lambda_max_vector: Option<ParamVec>,
+    /// Last top eigenvector of the full-batch Gauss–Newton matrix.
+    pub lambda_max_gn_vector: Option<ParamVec>,
+}
+
+/// What is measured at one step.
+pub struct MeasurePoint<'a> {
+    /// The step (θ_step, before its update).
+    pub step: u64,
+    /// Step size in force (for the second-moment contraction).
+    pub lr: f64,
+    /// Batch size in force.
+    pub batch_size: usize,
+    /// The live batch of this step, if any (SGD runs).
+    pub live_batch: Option<&'a Batch>,
+}
+
+fn put(row: &mut Row, name: &str, estimate: Estimate) {
+    row.set(name, estimate.value);
+    row.set(&format!("{name}_stderr"), estimate.stderr);
+    row.set(&format!("{name}_samples"), estimate.samples as f64);
+}
+
+impl MeasureConfig {
+    /// Whether anything is measured at `step` (to skip building the landscape otherwise).
+    pub fn any_due(&self, step: u64) -> bool {
+        let e = |s: &Option<EigenSpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
+        let m = |s: &Option<MonteCarloSpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
+        let v = |s: &Option<EverySpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
+        e(&self.lambda_max)
+            || e(&self.lambda_max_gn)
+            || m(&self.batch_sharpness)
+            || m(&self.gni)
+            || m(&self.ias)
+            || m(&self.batch_sharpness_modified)
+            || m(&self.lambda_max_b)
+            || m(&self.hessian_trace)
+            || m(&self.batch_sharpness_gn)
+            || v(&self.step_sharpness)
+            || v(&self.step_lambda_max_b)
+            || v(&self.grad_norm_sq)
+            || self.smc.as_ref().is_some_and(|s| due(s.every, &s.double_after, step))
+    }
+
+    /// Measures every quantity due at `point.step` on `model` over the training set `data`, writing
+    /// the values into `row`.
+    pub fn measure(
+        &self,
+        model: &dyn Model,
+        loss: LossKind,
+        data: &Batch,
+        point: &MeasurePoint,
+        state: &mut MeasureState,
+        row: &mut Row,
+    ) -> Result<(), CurvatureError> {
+        let step = point.step;
+        if !self.any_due(step) {
+            return Ok(());
+        }
+        let full = FullBatchConfig {
+            subsample: self.subsample,
+            subsample_seed: seed_for(self.seed, step, 0),
+            hvp: HvpConfig { chunk_size: self.chunk, retain_graphs: true },
+        };
+        let landscape = Landscape::new(model, loss, data, &full)?;
+        let b = point.batch_size;
+        let seed = |quantity: u64| seed_for(self.seed, step, quantity);
+        let is_due = |every: u64, double_after: &[u64]| due(every, double_after, step);
+
+        if let Some(spec) = self.lambda_max.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
+            let start = state.lambda_max_vector.as_ref().map_or(Start::Random, Start::Warm);
+            let eig = landscape.lambda_max(&cfg, start)?;
+            row.set("lambda_max", eig.lambda_max());
+            state.lambda_max_vector = eig.vectors.into_iter().next();
+        }
+        if let Some(spec) = self.lambda_max_gn.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
+            let start = state.lambda_max_gn_vector.as_ref().map_or(Start::Random, Start::Warm);
+            let eig = landscape.lambda_max_gn(&cfg, start)?;
+            row.set("lambda_max_gn", eig.lambda_max());
+            state.lambda_max_gn_vector = eig.vectors.into_iter().next();
+        }
+        if let Some(spec) = self.batch_sharpness.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            put(row, "batch_sharpness", landscape.batch_sharpness(b, &spec.config(seed(3)))?);
+        }
+        if let Some(spec) = self.gni.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            put(row, "gni", landscape.gni(b, &spec.config(seed(4)))?);
+        }
+        if let Some(spec) = self.ias.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            put(row, "ias", landscape.ias(b, &spec.config(seed(5)))?);
+        }
+        if let Some(spec) =
+            self.batch_sharpness_modified.as_ref().filter(|s| is_due(s.every, &s.double_after))
+        {
+            put(row, "batch_sharpness_modified", landscape.modified_batch_sharpness(b, &spec.config(seed(6)))?);
+        }
+        if let Some(spec) = self.lambda_max_b.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
+            let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
+            put(row, "lambda_max_b", stats.mean);
+            row.set("lambda_max_b_max", stats.max);
+        }
+        if let Some(spec) = self.hessian_trace.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            put(row, "hessian_trace", landscape.hessian_trace(&spec.config(seed(9)))?);
+        }
+        if let Some(spec) = self.batch_sharpness_gn.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            put(row, "batch_sharpness_gn", landscape.batch_sharpness_gn(b, &spec.config(seed(10)))?);
+        }
+        if let Some(spec) = self.smc.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            let batches = BatchSet::Random { batch_size: b, count: spec.batches, seed: seed(11) };
+            let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(12));
+            let smc = landscape.second_moment_contraction(point.lr, &batches, &cfg, Start::Random)?;
+            for (name, value) in [("smc_eq37", smc.eq37), ("smc_eq39", smc.eq39)] {
+                row.set(name, value);
+                row.set(&format!("{name}_stderr"), f64::NAN);
+                row.set(&format!("{name}_samples"), smc.batches as f64);
+            }
+        }
+        if let Some(spec) = self.grad_norm_sq.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            row.set("grad_norm_sq", landscape.grad_norm_sq()?);
+        }
+        if let Some(live) = point.live_batch {
+            if let Some(spec) = self.step_sharpness.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+                row.set("step_sharpness", landscape.step_sharpness(live)?);
+            }
+            if let Some(spec) =
+                self.step_lambda_max_b.as_ref().filter(|s| is_due(s.every, &s.double_after))
+            {
+                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(13));
+                row.set("step_lambda_max_b", landscape.step_lambda_max(live, &cfg, Start::Random)?.lambda_max());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Converts a curvature error into a stage error naming the step.
+pub fn at_step(step: u64) -> impl Fn(CurvatureError) -> crate::stages::StageError {
+    move |e| crate::stages::StageError::Failed(format!("measurement at step {step}: {e}"))
+}
+
+/// The precision-independent f64 value of a scalar tensor.
+pub fn scalar(t: &candle_core::Tensor) -> candle_core::Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
