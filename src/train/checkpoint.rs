@@ -8,9 +8,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use candle_core::Tensor;
+
+use super::measure::MeasureState;
 use super::sampler::SamplerState;
+use crate::curvature::ParamVec;
+use crate::nn::checkpoint::{self as weights, Extras};
 use crate::nn::optim::Sgd;
-use crate::nn::{checkpoint as weights, Model};
+use crate::nn::Model;
 use crate::stages::StageError;
 
 /// The resumable state besides weights and optimizer.
@@ -52,33 +57,71 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
     Ok(found)
 }
 
-/// Writes the checkpoint of `state.step` into `dir` atomically.
+/// Warm-start vectors of the measurements, stored as extra tensors `<name>.<part>`.
+const WARM_VECTORS: [&str; 2] = ["lambda_max_vector", "lambda_max_gn_vector"];
+
+fn warm_slots(measure: &mut MeasureState) -> [&mut Option<ParamVec>; 2] {
+    [&mut measure.lambda_max_vector, &mut measure.lambda_max_gn_vector]
+}
+
+fn failed(path: &Path, e: impl std::fmt::Display) -> StageError {
+    StageError::Failed(format!("{}: {e}", path.display()))
+}
+
+/// Writes the checkpoint of `state.step` into `dir` (atomically: the file appears complete or not
+/// at all), with the measurements' warm-start vectors so that a resumed run measures identically.
 pub fn save(
     dir: &Path,
     state: &TrainState,
     model: &dyn Model,
     optimizer: &Sgd,
+    measure: &MeasureState,
 ) -> Result<PathBuf, StageError> {
     let path = dir.join(file_name(state.step));
-    let partial = dir.join(format!(".{}.partial", file_name(state.step)));
-    let mut metadata = BTreeMap::new();
-    metadata.insert(
+    let mut extras = Extras::default();
+    extras.metadata.insert(
         STATE_KEY.to_string(),
         serde_json::to_string(state).expect("train state serializes"),
     );
-    weights::save(&partial, model, Some(optimizer), &metadata)?;
-    std::fs::rename(&partial, &path).map_err(|e| StageError::io(&path, e))?;
+    let vectors = [&measure.lambda_max_vector, &measure.lambda_max_gn_vector];
+    for (name, vector) in WARM_VECTORS.iter().zip(vectors) {
+        for (part, tensor) in vector.iter().flat_map(|v| v.parts().iter().enumerate()) {
+            extras.tensors.insert(format!("{name}.{part:04}"), tensor.clone());
+        }
+    }
+    weights::save(&path, model, Some(optimizer), &extras).map_err(|e| failed(&path, e))?;
     Ok(path)
 }
 
-/// Loads weights and optimizer state from `path` into `model` and `optimizer`, returning the state.
-pub fn load(path: &Path, model: &dyn Model, optimizer: &mut Sgd) -> Result<TrainState, StageError> {
-    let metadata = weights::load(path, model, Some(optimizer))?;
-    let text = metadata.get(STATE_KEY).ok_or_else(|| {
-        StageError::Failed(format!("{}: not an eoss training checkpoint", path.display()))
-    })?;
-    serde_json::from_str(text)
-        .map_err(|e| StageError::Failed(format!("{}: bad training state: {e}", path.display())))
+/// Loads weights, optimizer state and warm-start vectors from `path`, returning the training state.
+pub fn load(
+    path: &Path,
+    model: &dyn Model,
+    optimizer: &Sgd,
+    measure: &mut MeasureState,
+) -> Result<TrainState, StageError> {
+    let extras = weights::load(path, model, Some(optimizer)).map_err(|e| failed(path, e))?;
+    let text = extras
+        .metadata
+        .get(STATE_KEY)
+        .ok_or_else(|| failed(path, "not an eoss training checkpoint"))?;
+    let state = serde_json::from_str(text).map_err(|e| failed(path, format!("bad training state: {e}")))?;
+    let template = model.params();
+    for (name, slot) in WARM_VECTORS.iter().zip(warm_slots(measure)) {
+        let prefix = format!("{name}.");
+        let parts: BTreeMap<&String, &Tensor> =
+            extras.tensors.iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let parts = parts
+            .into_values()
+            .zip(template)
+            .map(|(t, p)| t.to_dtype(p.var.dtype())?.to_device(p.var.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        *slot = Some(ParamVec::new(parts));
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -241,14 +241,15 @@ pub fn train(
         dtype,
         &device,
     )?;
-    let mut optimizer = Sgd::new(model.params(), config.momentum)?;
+    let mut optimizer = Sgd::new(model.params(), config.lr, config.momentum)?;
 
+    let mut measure_state = MeasureState::default();
     let checkpoints = out_dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| StageError::io(&checkpoints, e))?;
     let (first_step, sampler_state, kept_rows) = match start {
         StartPoint::Fresh => (0, Default::default(), Vec::new()),
         StartPoint::Checkpoint { path, metrics } => {
-            let state = checkpoint::load(path, model.as_ref(), &mut optimizer)?;
+            let state = checkpoint::load(path, model.as_ref(), &optimizer, &mut measure_state)?;
             let rows = super::metrics::read_rows(metrics)?
                 .into_iter()
                 .filter(|row| row.step() < state.step)
@@ -262,7 +263,6 @@ pub fn train(
     let mut noise = NoiseState::new(config.noise_seed);
     let full_set = Batch::new(train_set.images.clone(), train_set.targets.clone())
         .map_err(|e| StageError::Failed(format!("training set: {e}")))?;
-    let mut measure_state = MeasureState::default();
 
     reporter.set_length(config.steps);
     reporter.set_position(first_step);
@@ -310,7 +310,7 @@ pub fn train(
         if step > first_step && step % config.checkpoint_every == 0 {
             log.flush()?;
             let state = TrainState { step, sampler: sampler.state() };
-            checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer)?;
+            checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer, &measure_state)?;
         }
 
         let live = if config.dynamics.uses_batches() {
@@ -348,13 +348,14 @@ pub fn train(
             break;
         }
         if let Some(gradient) = gradient {
-            optimizer.step(model.params(), &gradient, lr)?;
+            optimizer.set_lr(lr);
+            optimizer.step(model.params(), &gradient)?;
         }
         step += 1;
         reporter.set_position(step);
     }
     log.flush()?;
     let state = TrainState { step: outcome.steps_run, sampler: sampler.state() };
-    checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer)?;
+    checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer, &measure_state)?;
     Ok(outcome)
 }
