@@ -7,9 +7,18 @@
 //! engine modules know nothing of candle.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod curvature;
 pub mod data;
 pub mod device;
+pub mod error;
+pub mod exec;
+pub mod expand;
+pub mod graph;
+pub mod key;
 pub mod nn;
+pub mod report;
+pub mod spec;
 pub mod stages;
+pub mod store;
 pub mod train;

@@ -100,7 +100,10 @@ pub enum StageError {
 impl StageError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StageError::Io { path: path.into(), source }
+        StageError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -149,4 +152,32 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
         message: e.to_string(),
     })?;
     Ok((typed, canonical))
+}
+
+/// The stage kinds an engine knows, by YAML name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: Vec<std::sync::Arc<dyn Stage>>,
+}
+
+impl Registry {
+    /// Every built-in kind. Adding a kind is one line in this list.
+    pub fn builtin() -> Registry {
+        Registry::new(vec![])
+    }
+
+    /// A registry of the given kinds (tests use their own).
+    pub fn new(kinds: Vec<std::sync::Arc<dyn Stage>>) -> Registry {
+        Registry { kinds }
+    }
+
+    /// The kind named `name`.
+    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<dyn Stage>> {
+        self.kinds.iter().find(|k| k.kind() == name)
+    }
+
+    /// The names of all kinds.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.kind()).collect()
+    }
 }
