@@ -4,6 +4,8 @@
 //! owns keys, locking, manifests and publication. Kinds never print: they report through
 //! [`StageReporter`].
 
+pub mod dataset;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
