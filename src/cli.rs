@@ -585,15 +585,13 @@ fn gc(store: &Store, keep: &[String], delete: bool, registry: &Registry) -> Resu
         count += 1;
         total += size;
     }
-    out.push_str(&format!(
-        "{} {count} item(s), {}{}\n",
-        if delete { "removed" } else { "would remove" },
-        human_size(total),
-        if delete {
-            ""
-        } else {
-            " (dry run; --delete removes them)"
-        }
-    ));
+    out.push_str(&if delete {
+        format!("gc: removed {count} item(s), {}\n", human_size(total))
+    } else {
+        format!(
+            "gc: {count} item(s), {} would be removed (dry run; --delete removes them)\n",
+            human_size(total)
+        )
+    });
     Ok(out)
 }

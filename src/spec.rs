@@ -206,17 +206,35 @@ pub fn parse(path: &Path, text: String) -> Result<Pipeline, Invalid> {
             let location = e
                 .location()
                 .map(|l| location_at(&source.text, l.line(), l.column(), 1));
-            let mut message = e.to_string();
-            if let Some(cut) = message.rfind(" at line ") {
-                message.truncate(cut);
-            }
-            let problem = Problem::at(&source, location, "", message);
+            let message = strip_positions(&e.to_string());
+            // serde_yaml prefixes the field path (`stages.data: unknown field ...`).
+            let (field, what) = match message.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => (path.to_string(), rest.to_string()),
+                _ => (String::new(), message),
+            };
+            let problem = Problem::at(&source, location, &field, what);
             Err(Invalid {
                 what: path.display().to_string(),
                 problems: vec![problem],
             })
         }
     }
+}
+
+/// Removes serde_yaml's ` at line N column M` (the position is reported separately).
+fn strip_positions(message: &str) -> String {
+    let mut out = message.to_string();
+    while let Some(start) = out.find(" at line ") {
+        let rest = &out[start + " at line ".len()..];
+        let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let line_len = digits(rest);
+        let Some(after) = rest[line_len..].strip_prefix(" column ") else {
+            break;
+        };
+        let end = start + " at line ".len() + line_len + " column ".len() + digits(after);
+        out.replace_range(start..end, "");
+    }
+    out
 }
 
 /// One step of a field path.

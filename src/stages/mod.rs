@@ -165,7 +165,7 @@ pub struct Registry {
 impl Registry {
     /// Every built-in kind. Adding a kind is one line in this list.
     pub fn builtin() -> Registry {
-        Registry::new(vec![])
+        Registry::new(vec![std::sync::Arc::new(dataset::DatasetStage)])
     }
 
     /// A registry of the given kinds (tests use their own).
