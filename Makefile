@@ -4,7 +4,7 @@ CARGO ?= cargo
 .PHONY: test lint quickstart bench
 
 test: lint
-	$(CARGO) test --all-targets
+	$(CARGO) test
 
 lint:
 	$(CARGO) fmt --check
