@@ -8,11 +8,20 @@
 #![warn(missing_docs)]
 
 pub mod analysis;
+pub mod cli;
 pub mod curvature;
 pub mod data;
 pub mod device;
+pub mod error;
+pub mod exec;
+pub mod expand;
+pub mod graph;
+pub mod key;
 pub mod nn;
 pub mod plot;
+pub mod report;
+pub mod spec;
 pub mod stages;
+pub mod store;
 pub mod toy;
 pub mod train;

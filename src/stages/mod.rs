@@ -159,3 +159,37 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     })?;
     Ok((typed, canonical))
 }
+
+/// The stage kinds an engine knows, by YAML name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: Vec<std::sync::Arc<dyn Stage>>,
+}
+
+impl Registry {
+    /// Every built-in kind. Adding a kind is one line in this list.
+    pub fn builtin() -> Registry {
+        Registry::new(vec![
+            std::sync::Arc::new(dataset::DatasetStage),
+            std::sync::Arc::new(train::TrainStage),
+            std::sync::Arc::new(analysis::AnalysisStage),
+            std::sync::Arc::new(plot::PlotStage),
+            std::sync::Arc::new(quadratic::QuadraticStage),
+        ])
+    }
+
+    /// A registry of the given kinds (tests use their own).
+    pub fn new(kinds: Vec<std::sync::Arc<dyn Stage>>) -> Registry {
+        Registry { kinds }
+    }
+
+    /// The kind named `name`.
+    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<dyn Stage>> {
+        self.kinds.iter().find(|k| k.kind() == name)
+    }
+
+    /// The names of all kinds.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.kind()).collect()
+    }
+}
