@@ -486,7 +486,7 @@ mod tests {
         outputs: usize,
         kind: LossKind,
     ) -> Probe {
-        let n = 3;
+        let n = 2;
         let x = random_tensor(&[n, input[0], input[1], input[2]], 77, 1.0).unwrap();
         let labels: Vec<u32> = (0..n as u32).map(|i| i % outputs as u32).collect();
         let mut onehot = vec![0f64; n * outputs];
