@@ -81,10 +81,14 @@ impl Targets {
     }
 }
 
-/// Loss of every sample, shape (N,).
+/// Loss of every sample, shape (N,). Cross-entropy needs one-hot targets (an error for ±1 targets,
+/// whose single output would make it identically zero).
 pub fn per_sample_loss(kind: LossKind, outputs: &Tensor, targets: &Targets) -> Result<Tensor> {
     match kind {
         LossKind::Mse => (outputs - &targets.values)?.sqr()?.sum(D::Minus1),
+        LossKind::CrossEntropy if targets.encoding == LabelEncoding::PlusMinusOne => {
+            candle_core::bail!("loss: cross_entropy needs one-hot targets, not the ±1 encoding")
+        }
         LossKind::CrossEntropy => {
             let log_p = candle_nn::ops::log_softmax(outputs, D::Minus1)?;
             (log_p * &targets.values)?.sum(D::Minus1)?.neg()
@@ -115,4 +119,118 @@ pub fn correct_count(outputs: &Tensor, targets: &Targets) -> Result<usize> {
     };
     let hits = predicted.eq(&targets.labels)?.to_dtype(DType::U32)?;
     Ok(hits.sum_all()?.to_scalar::<u32>()? as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(encoding: LabelEncoding, num_classes: usize, labels: Vec<i64>) -> Dataset {
+        let n = labels.len();
+        Dataset {
+            images: vec![0.0; n],
+            shape: [n, 1, 1, 1],
+            labels,
+            num_classes,
+            encoding,
+            source_indices: (0..n as i64).collect(),
+        }
+    }
+
+    fn outputs(rows: &[&[f64]]) -> Tensor {
+        let k = rows[0].len();
+        let v: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(v, (rows.len(), k), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn targets_are_one_hot_or_plus_minus_one() {
+        let d = dataset(LabelEncoding::OneHot, 3, vec![2, 0, 1]);
+        let t = Targets::from_dataset(&d, &[0, 2], DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            t.values.to_vec2::<f64>().unwrap(),
+            vec![vec![0.0, 0.0, 1.0], vec![0.0, 1.0, 0.0]]
+        );
+        assert_eq!(t.labels.to_vec1::<u32>().unwrap(), vec![2, 1]);
+        let d = dataset(LabelEncoding::PlusMinusOne, 2, vec![1, 0]);
+        let t = Targets::from_dataset(&d, &[0, 1], DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            t.values.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0], vec![-1.0]]
+        );
+    }
+
+    #[test]
+    fn mse_is_the_mean_of_summed_squares_without_a_half() {
+        let d = dataset(LabelEncoding::OneHot, 2, vec![0, 1]);
+        let t = Targets::from_dataset(&d, &[0, 1], DType::F64, &Device::Cpu).unwrap();
+        let y = outputs(&[&[0.5, 2.0], &[0.0, -1.0]]);
+        // Sample 1: (0.5 − 1)² + 2² = 4.25; sample 2: 0² + (−1 − 1)² = 4.
+        assert_eq!(
+            per_sample_loss(LossKind::Mse, &y, &t)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            vec![4.25, 4.0]
+        );
+        assert_eq!(
+            mean_loss(LossKind::Mse, &y, &t)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            4.125
+        );
+        let w = Tensor::new(&[2.0f64, -0.5], &Device::Cpu).unwrap();
+        assert_eq!(
+            weighted_loss(LossKind::Mse, &y, &t, &w)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            6.5
+        );
+    }
+
+    #[test]
+    fn cross_entropy_is_minus_log_softmax_of_the_label() {
+        let d = dataset(LabelEncoding::OneHot, 3, vec![0, 2]);
+        let t = Targets::from_dataset(&d, &[0, 1], DType::F64, &Device::Cpu).unwrap();
+        let y = outputs(&[&[1.0, 2.0, 3.0], &[0.0, 0.0, -1.0]]);
+        let e = std::f64::consts::E;
+        // −log(e¹ / (e¹ + e² + e³)) = ln(1 + e + e²); −log(e⁻¹ / (2 + e⁻¹)) = ln(1 + 2e).
+        let want = [(1.0 + e + e * e).ln(), (1.0 + 2.0 * e).ln()];
+        let got = per_sample_loss(LossKind::CrossEntropy, &y, &t)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-14, "{g} vs {w}");
+        }
+        let mean = mean_loss(LossKind::CrossEntropy, &y, &t)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((mean - (want[0] + want[1]) / 2.0).abs() < 1e-14);
+        let pm = Targets::from_dataset(
+            &dataset(LabelEncoding::PlusMinusOne, 2, vec![1]),
+            &[0],
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(per_sample_loss(LossKind::CrossEntropy, &outputs(&[&[0.3]]), &pm).is_err());
+    }
+
+    #[test]
+    fn accuracy_counts_argmax_and_sign() {
+        let d = dataset(LabelEncoding::OneHot, 3, vec![2, 0, 1]);
+        let t = Targets::from_dataset(&d, &[0, 1, 2], DType::F64, &Device::Cpu).unwrap();
+        let y = outputs(&[&[0.0, 0.1, 0.9], &[0.2, 0.5, 0.1], &[0.0, 3.0, 1.0]]);
+        assert_eq!(correct_count(&y, &t).unwrap(), 2);
+        let d = dataset(LabelEncoding::PlusMinusOne, 2, vec![1, 0, 0]);
+        let t = Targets::from_dataset(&d, &[0, 1, 2], DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            correct_count(&outputs(&[&[0.4], &[-2.0], &[0.1]]), &t).unwrap(),
+            2
+        );
+    }
 }

@@ -3,7 +3,18 @@
 //! Models keep their parameters as candle `Var`s in whatever layout is fastest in memory and know
 //! how to export them under PyTorch `state_dict` names and layouts.
 
+pub mod checkpoint;
+#[cfg(test)]
+mod gradcheck;
+pub mod init;
+pub mod layers;
 pub mod loss;
+pub mod models;
+pub mod optim;
+pub mod spec;
+
+pub use layers::Activation;
+pub use spec::{ModelSpec, SpecError};
 
 use candle_core::{Result, Tensor, Var};
 
@@ -33,4 +44,8 @@ pub trait Model: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The parameters, always in the same order.
     fn params(&self) -> &[Param];
+    /// Total number of scalar parameters.
+    fn num_params(&self) -> usize {
+        self.params().iter().map(|p| p.var.elem_count()).sum()
+    }
 }
