@@ -13,20 +13,37 @@ use crate::train::{checkpoint, train, StartPoint, TrainConfig};
 pub struct TrainStage;
 
 const INPUTS: &[InputSlot] = &[
-    InputSlot { name: "data", required: true, sweep: false },
-    InputSlot { name: "test", required: false, sweep: false },
-    InputSlot { name: "base", required: false, sweep: false },
+    InputSlot {
+        name: "data",
+        required: true,
+        sweep: false,
+    },
+    InputSlot {
+        name: "test",
+        required: false,
+        sweep: false,
+    },
+    InputSlot {
+        name: "base",
+        required: false,
+        sweep: false,
+    },
 ];
 
 fn load_dataset(ctx: &StageContext, input: &str) -> Result<Option<Dataset>, StageError> {
-    let Some(artifacts) = ctx.inputs.get(input) else { return Ok(None) };
+    let Some(artifacts) = ctx.inputs.get(input) else {
+        return Ok(None);
+    };
     let artifact = artifacts.first().ok_or_else(|| StageError::Input {
         input: input.into(),
         message: "no artifact given".into(),
     })?;
-    Dataset::load(&artifact.dir.join("dataset.safetensors"))
+    Dataset::load(artifact.dir.join("dataset.safetensors"))
         .map(Some)
-        .map_err(|e| StageError::Input { input: input.into(), message: e.to_string() })
+        .map_err(|e| StageError::Input {
+            input: input.into(),
+            message: e.to_string(),
+        })
 }
 
 impl Stage for TrainStage {
@@ -40,7 +57,10 @@ impl Stage for TrainStage {
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {
         let (config, canonical): (TrainConfig, _) = resolve_typed(params)?;
-        let invalid = |path: &str, message: &str| ParamError { path: path.into(), message: message.into() };
+        let invalid = |path: &str, message: &str| ParamError {
+            path: path.into(),
+            message: message.into(),
+        };
         if !(config.lr > 0.0 && config.lr.is_finite()) {
             return Err(invalid("lr", "must be a positive number"));
         }
@@ -50,7 +70,11 @@ impl Stage for TrainStage {
         if config.checkpoint_every == 0 || config.eval.every == 0 {
             return Err(invalid("checkpoint_every", "intervals must be at least 1"));
         }
-        Ok(Resolved { params: canonical, external_files: Vec::new(), device: config.device })
+        Ok(Resolved {
+            params: canonical,
+            external_files: Vec::new(),
+            device: config.device,
+        })
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
@@ -69,33 +93,61 @@ impl Stage for TrainStage {
 
         let own = checkpoint::list(&ctx.work_dir.join("checkpoints"))?;
         let start = if let Some((step, path)) = own.last() {
-            ctx.reporter.log(&format!("resuming from own checkpoint at step {step}"));
-            StartPoint::Checkpoint { path: path.clone(), metrics: ctx.work_dir.join("metrics.csv") }
+            ctx.reporter
+                .log(&format!("resuming from own checkpoint at step {step}"));
+            StartPoint::Checkpoint {
+                path: path.clone(),
+                metrics: ctx.work_dir.join("metrics.csv"),
+            }
         } else if let Some(step) = config.branch_step {
-            let base = ctx.inputs.get("base").and_then(|b| b.first()).ok_or_else(|| {
-                StageError::Input { input: "base".into(), message: "`branch_step` needs a `base` train input".into() }
-            })?;
+            let base = ctx
+                .inputs
+                .get("base")
+                .and_then(|b| b.first())
+                .ok_or_else(|| StageError::Input {
+                    input: "base".into(),
+                    message: "`branch_step` needs a `base` train input".into(),
+                })?;
             let available = checkpoint::list(&base.dir.join("checkpoints"))?;
-            let path = available.iter().find(|(s, _)| *s == step).map(|(_, p)| p.clone()).ok_or_else(|| {
-                StageError::Input {
+            let path = available
+                .iter()
+                .find(|(s, _)| *s == step)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| StageError::Input {
                     input: "base".into(),
                     message: format!(
                         "base run `{}` has no checkpoint at step {step}; it has {:?}",
                         base.stage,
                         available.iter().map(|(s, _)| s).collect::<Vec<_>>()
                     ),
-                }
-            })?;
-            ctx.reporter.log(&format!("branching from `{}` at step {step}", base.stage));
-            StartPoint::Checkpoint { path, metrics: base.dir.join("metrics.csv") }
+                })?;
+            ctx.reporter
+                .log(&format!("branching from `{}` at step {step}", base.stage));
+            StartPoint::Checkpoint {
+                path,
+                metrics: base.dir.join("metrics.csv"),
+            }
         } else {
             StartPoint::Fresh
         };
 
-        let outcome = train(&config, &train_data, test_data.as_ref(), &start, ctx.work_dir, ctx.reporter)?;
-        ctx.reporter.log(&format!("finished: {:?} after {} steps", outcome.status, outcome.steps_run));
+        let outcome = train(
+            &config,
+            &train_data,
+            test_data.as_ref(),
+            &start,
+            ctx.work_dir,
+            ctx.reporter,
+        )?;
+        ctx.reporter.log(&format!(
+            "finished: {:?} after {} steps",
+            outcome.status, outcome.steps_run
+        ));
         let summary = ctx.work_dir.join("summary.json");
-        std::fs::write(&summary, serde_json::to_vec_pretty(&outcome).expect("outcome serializes"))
-            .map_err(|e| StageError::io(&summary, e))
+        std::fs::write(
+            &summary,
+            serde_json::to_vec_pretty(&outcome).expect("outcome serializes"),
+        )
+        .map_err(|e| StageError::io(&summary, e))
     }
 }

@@ -44,7 +44,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
     };
     for entry in entries {
         let path = entry.map_err(|e| StageError::io(dir, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if let Some(step) = name
             .strip_prefix("step-")
             .and_then(|rest| rest.strip_suffix(".safetensors"))
@@ -61,7 +64,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StageError> {
 const WARM_VECTORS: [&str; 2] = ["lambda_max_vector", "lambda_max_gn_vector"];
 
 fn warm_slots(measure: &mut MeasureState) -> [&mut Option<ParamVec>; 2] {
-    [&mut measure.lambda_max_vector, &mut measure.lambda_max_gn_vector]
+    [
+        &mut measure.lambda_max_vector,
+        &mut measure.lambda_max_gn_vector,
+    ]
 }
 
 fn failed(path: &Path, e: impl std::fmt::Display) -> StageError {
@@ -86,7 +92,9 @@ pub fn save(
     let vectors = [&measure.lambda_max_vector, &measure.lambda_max_gn_vector];
     for (name, vector) in WARM_VECTORS.iter().zip(vectors) {
         for (part, tensor) in vector.iter().flat_map(|v| v.parts().iter().enumerate()) {
-            extras.tensors.insert(format!("{name}.{part:04}"), tensor.clone());
+            extras
+                .tensors
+                .insert(format!("{name}.{part:04}"), tensor.clone());
         }
     }
     weights::save(&path, model, Some(optimizer), &extras).map_err(|e| failed(&path, e))?;
@@ -105,12 +113,16 @@ pub fn load(
         .metadata
         .get(STATE_KEY)
         .ok_or_else(|| failed(path, "not an eoss training checkpoint"))?;
-    let state = serde_json::from_str(text).map_err(|e| failed(path, format!("bad training state: {e}")))?;
+    let state =
+        serde_json::from_str(text).map_err(|e| failed(path, format!("bad training state: {e}")))?;
     let template = model.params();
     for (name, slot) in WARM_VECTORS.iter().zip(warm_slots(measure)) {
         let prefix = format!("{name}.");
-        let parts: BTreeMap<&String, &Tensor> =
-            extras.tensors.iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        let parts: BTreeMap<&String, &Tensor> = extras
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
         if parts.is_empty() {
             continue;
         }
@@ -131,10 +143,18 @@ mod tests {
     #[test]
     fn lists_checkpoints_in_step_order_ignoring_partial_files() {
         let dir = tempfile::tempdir().unwrap();
-        for name in [file_name(200), file_name(10), ".step-00000300.safetensors.partial".into()] {
+        for name in [
+            file_name(200),
+            file_name(10),
+            ".step-00000300.safetensors.partial".into(),
+        ] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
-        let steps: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        let steps: Vec<u64> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(steps, vec![10, 200]);
         assert!(list(&dir.path().join("absent")).unwrap().is_empty());
     }

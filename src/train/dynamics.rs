@@ -84,7 +84,11 @@ impl FullBatch<'_> {
 
     /// Gradient of Σ_i weights_i ℓ_i, accumulated over chunks (detached, one tensor per param), and
     /// the plain mean loss (1/n) Σ_i ℓ_i from the same forward passes.
-    pub fn weighted_gradient(&self, model: &dyn Model, weights: &[f64]) -> Result<(Vec<Tensor>, f64)> {
+    pub fn weighted_gradient(
+        &self,
+        model: &dyn Model,
+        weights: &[f64],
+    ) -> Result<(Vec<Tensor>, f64)> {
         let params = model.params();
         let mut total: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0f64;
@@ -97,10 +101,17 @@ impl FullBatch<'_> {
             let w = Tensor::from_slice(&weights[start..start + len], len, outputs.device())?
                 .to_dtype(outputs.dtype())?;
             let losses = per_sample_loss(self.loss, &outputs, &targets)?;
-            loss_sum += losses.detach().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            loss_sum += losses
+                .detach()
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
             let grads = (losses * w)?.sum_all()?.backward()?;
             for (sum, param) in total.iter_mut().zip(params) {
-                let g = grads.get(param.var.as_tensor()).map(|g| g.detach()).unwrap_or(param.var.zeros_like()?);
+                let g = grads
+                    .get(param.var.as_tensor())
+                    .map(|g| g.detach())
+                    .unwrap_or(param.var.zeros_like()?);
                 *sum = Some(match sum.take() {
                     None => g,
                     Some(s) => (s + g)?,
@@ -120,11 +131,15 @@ impl FullBatch<'_> {
     pub fn gradient_variances(&self, model: &dyn Model) -> Result<Vec<Tensor>> {
         let params = model.params();
         let n = self.n();
-        let mut sum: Vec<Tensor> = params.iter().map(|p| p.var.zeros_like()).collect::<Result<_>>()?;
+        let mut sum: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.var.zeros_like())
+            .collect::<Result<_>>()?;
         let mut sum_sq = sum.clone();
         for i in 0..n {
             let outputs = model.forward(&self.images.narrow(0, i, 1)?)?;
-            let loss = per_sample_loss(self.loss, &outputs, &self.targets.narrow(i, 1)?)?.sum_all()?;
+            let loss =
+                per_sample_loss(self.loss, &outputs, &self.targets.narrow(i, 1)?)?.sum_all()?;
             let grads = loss.backward()?;
             for (k, param) in params.iter().enumerate() {
                 if let Some(g) = grads.get(param.var.as_tensor()) {
@@ -157,8 +172,15 @@ fn resampling_weights(rng: &mut ChaCha8Rng, n: usize, base: f64, scale: f64) -> 
     z.iter().map(|zi| base + scale * (zi - mean)).collect()
 }
 
-fn gaussian_like(rng: &mut ChaCha8Rng, like: &Tensor, std: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let values: Vec<f64> = (0..like.elem_count()).map(|_| StandardNormal.sample(rng)).collect();
+fn gaussian_like(
+    rng: &mut ChaCha8Rng,
+    like: &Tensor,
+    std: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let values: Vec<f64> = (0..like.elem_count())
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
     let noise = Tensor::from_vec(values, like.shape(), &Device::Cpu)?
         .to_dtype(like.dtype())?
         .to_device(like.device())?;
@@ -173,7 +195,11 @@ impl NoiseState {
     /// Fresh state; the noise of step t comes from stream t of a ChaCha RNG seeded with `seed`, so a
     /// resumed run draws the same noise.
     pub fn new(seed: u64) -> Self {
-        Self { seed, variances: None, refreshed_at: None }
+        Self {
+            seed,
+            variances: None,
+            refreshed_at: None,
+        }
     }
 
     fn rng(&self, step: u64) -> ChaCha8Rng {
@@ -200,12 +226,16 @@ impl NoiseState {
         let mut rng = self.rng(step);
         match dynamics {
             Dynamics::Sgd => Err(candle_core::Error::Msg("SGD takes mini-batches".into())),
-            Dynamics::Gd => data.weighted_gradient(model, &mean).map(|(g, l)| (l, Some(g))),
+            Dynamics::Gd => data
+                .weighted_gradient(model, &mean)
+                .map(|(g, l)| (l, Some(g))),
             Dynamics::ResamplingNoise => {
-                let w = resampling_weights(&mut rng, n, 1.0 / n as f64, 1.0 / (n as f64 * b).sqrt());
+                let w =
+                    resampling_weights(&mut rng, n, 1.0 / n as f64, 1.0 / (n as f64 * b).sqrt());
                 data.weighted_gradient(model, &w).map(|(g, l)| (l, Some(g)))
             }
-            Dynamics::DiagonalNoise { refresh_every } | Dynamics::IsotropicNoise { refresh_every } => {
+            Dynamics::DiagonalNoise { refresh_every }
+            | Dynamics::IsotropicNoise { refresh_every } => {
                 // Variances for steps [kR, (k+1)R) come from θ at step kR.
                 let due = step - step % refresh_every.max(&1);
                 if self.refreshed_at != Some(due) {
@@ -230,7 +260,9 @@ impl NoiseState {
                 let noisy = gradient
                     .iter()
                     .zip(variances)
-                    .map(|(g, var)| g + gaussian_like(&mut rng, g, Some(&var.sqrt()?), 1.0 / b.sqrt())?)
+                    .map(|(g, var)| {
+                        g + gaussian_like(&mut rng, g, Some(&var.sqrt()?), 1.0 / b.sqrt())?
+                    })
                     .collect::<Result<_>>()?;
                 Ok((loss, Some(noisy)))
             }
@@ -246,7 +278,12 @@ impl NoiseState {
                 let h = lr / *substeps as f64;
                 let mut first_loss = None;
                 for _ in 0..*substeps {
-                    let w = resampling_weights(&mut rng, n, h / n as f64, (lr * h / (n as f64 * b)).sqrt());
+                    let w = resampling_weights(
+                        &mut rng,
+                        n,
+                        h / n as f64,
+                        (lr * h / (n as f64 * b)).sqrt(),
+                    );
                     let (displacement, loss) = data.weighted_gradient(model, &w)?;
                     first_loss.get_or_insert(loss);
                     for (param, d) in model.params().iter().zip(&displacement) {

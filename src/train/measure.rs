@@ -3,14 +3,13 @@
 //! quantity), so values are reproducible and a resumed run measures exactly what an uninterrupted one
 //! would. The same code serves measurements inline in `train` and the `measure` stage on checkpoints.
 
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Row;
 use super::schedule::Cadence;
 use crate::curvature::{
-    Batch, BatchSet, CurvatureError, Estimate, FullBatchConfig, HvpConfig, Landscape,
-    LanczosConfig, MonteCarloConfig, ParamVec, Start,
+    Batch, BatchSet, CurvatureError, Estimate, FullBatchConfig, HvpConfig, LanczosConfig,
+    Landscape, MonteCarloConfig, ParamVec, Start,
 };
 use crate::nn::loss::LossKind;
 use crate::nn::Model;
@@ -160,7 +159,11 @@ pub struct MeasureConfig {
 }
 
 fn due(every: u64, double_after: &[u64], step: u64) -> bool {
-    Cadence { every, double_after: double_after.to_vec() }.is_due(step)
+    Cadence {
+        every,
+        double_after: double_after.to_vec(),
+    }
+    .is_due(step)
 }
 
 /// SplitMix64: decorrelates seeds derived from (seed, step, quantity).
@@ -187,7 +190,12 @@ impl MonteCarloSpec {
 }
 
 fn lanczos_config(rel_tol: f64, max_iter: usize, seed: u64) -> LanczosConfig {
-    LanczosConfig { top_k: 1, max_iter, rel_tol, seed }
+    LanczosConfig {
+        top_k: 1,
+        max_iter,
+        rel_tol,
+        seed,
+    }
 }
 
 /// State carried between measurements: the last top eigenvectors, for warm starts.
@@ -220,9 +228,18 @@ fn put(row: &mut Row, name: &str, estimate: Estimate) {
 impl MeasureConfig {
     /// Whether anything is measured at `step` (to skip building the landscape otherwise).
     pub fn any_due(&self, step: u64) -> bool {
-        let e = |s: &Option<EigenSpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
-        let m = |s: &Option<MonteCarloSpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
-        let v = |s: &Option<EverySpec>| s.as_ref().is_some_and(|s| due(s.every, &s.double_after, step));
+        let e = |s: &Option<EigenSpec>| {
+            s.as_ref()
+                .is_some_and(|s| due(s.every, &s.double_after, step))
+        };
+        let m = |s: &Option<MonteCarloSpec>| {
+            s.as_ref()
+                .is_some_and(|s| due(s.every, &s.double_after, step))
+        };
+        let v = |s: &Option<EverySpec>| {
+            s.as_ref()
+                .is_some_and(|s| due(s.every, &s.double_after, step))
+        };
         e(&self.lambda_max)
             || e(&self.lambda_max_gn)
             || m(&self.batch_sharpness)
@@ -235,7 +252,10 @@ impl MeasureConfig {
             || v(&self.step_sharpness)
             || v(&self.step_lambda_max_b)
             || v(&self.grad_norm_sq)
-            || self.smc.as_ref().is_some_and(|s| due(s.every, &s.double_after, step))
+            || self
+                .smc
+                .as_ref()
+                .is_some_and(|s| due(s.every, &s.double_after, step))
     }
 
     /// Measures every quantity due at `point.step` on `model` over the training set `data`, writing
@@ -256,75 +276,158 @@ impl MeasureConfig {
         let full = FullBatchConfig {
             subsample: self.subsample,
             subsample_seed: seed_for(self.seed, step, 0),
-            hvp: HvpConfig { chunk_size: self.chunk, retain_graphs: true },
+            hvp: HvpConfig {
+                chunk_size: self.chunk,
+                retain_graphs: true,
+            },
         };
         let landscape = Landscape::new(model, loss, data, &full)?;
         let b = point.batch_size;
         let seed = |quantity: u64| seed_for(self.seed, step, quantity);
         let is_due = |every: u64, double_after: &[u64]| due(every, double_after, step);
 
-        if let Some(spec) = self.lambda_max.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if let Some(spec) = self
+            .lambda_max
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
             let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
-            let start = state.lambda_max_vector.as_ref().map_or(Start::Random, Start::Warm);
+            let start = state
+                .lambda_max_vector
+                .as_ref()
+                .map_or(Start::Random, Start::Warm);
             let eig = landscape.lambda_max(&cfg, start)?;
             row.set("lambda_max", eig.lambda_max());
             state.lambda_max_vector = eig.vectors.into_iter().next();
         }
-        if let Some(spec) = self.lambda_max_gn.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if let Some(spec) = self
+            .lambda_max_gn
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
             let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
-            let start = state.lambda_max_gn_vector.as_ref().map_or(Start::Random, Start::Warm);
+            let start = state
+                .lambda_max_gn_vector
+                .as_ref()
+                .map_or(Start::Random, Start::Warm);
             let eig = landscape.lambda_max_gn(&cfg, start)?;
             row.set("lambda_max_gn", eig.lambda_max());
             state.lambda_max_gn_vector = eig.vectors.into_iter().next();
         }
-        if let Some(spec) = self.batch_sharpness.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
-            put(row, "batch_sharpness", landscape.batch_sharpness(b, &spec.config(seed(3)))?);
+        if let Some(spec) = self
+            .batch_sharpness
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
+            put(
+                row,
+                "batch_sharpness",
+                landscape.batch_sharpness(b, &spec.config(seed(3)))?,
+            );
         }
-        if let Some(spec) = self.gni.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if let Some(spec) = self
+            .gni
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
             put(row, "gni", landscape.gni(b, &spec.config(seed(4)))?);
         }
-        if let Some(spec) = self.ias.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if let Some(spec) = self
+            .ias
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
             put(row, "ias", landscape.ias(b, &spec.config(seed(5)))?);
         }
-        if let Some(spec) =
-            self.batch_sharpness_modified.as_ref().filter(|s| is_due(s.every, &s.double_after))
+        if let Some(spec) = self
+            .batch_sharpness_modified
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
         {
-            put(row, "batch_sharpness_modified", landscape.modified_batch_sharpness(b, &spec.config(seed(6)))?);
+            put(
+                row,
+                "batch_sharpness_modified",
+                landscape.modified_batch_sharpness(b, &spec.config(seed(6)))?,
+            );
         }
-        if let Some(spec) = self.lambda_max_b.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if let Some(spec) = self
+            .lambda_max_b
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
             let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
             let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
             put(row, "lambda_max_b", stats.mean);
             row.set("lambda_max_b_max", stats.max);
         }
-        if let Some(spec) = self.hessian_trace.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
-            put(row, "hessian_trace", landscape.hessian_trace(&spec.config(seed(9)))?);
+        if let Some(spec) = self
+            .hessian_trace
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
+            put(
+                row,
+                "hessian_trace",
+                landscape.hessian_trace(&spec.config(seed(9)))?,
+            );
         }
-        if let Some(spec) = self.batch_sharpness_gn.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
-            put(row, "batch_sharpness_gn", landscape.batch_sharpness_gn(b, &spec.config(seed(10)))?);
+        if let Some(spec) = self
+            .batch_sharpness_gn
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
+            put(
+                row,
+                "batch_sharpness_gn",
+                landscape.batch_sharpness_gn(b, &spec.config(seed(10)))?,
+            );
         }
-        if let Some(spec) = self.smc.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
-            let batches = BatchSet::Random { batch_size: b, count: spec.batches, seed: seed(11) };
+        if let Some(spec) = self
+            .smc
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
+            let batches = BatchSet::Random {
+                batch_size: b,
+                count: spec.batches,
+                seed: seed(11),
+            };
             let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(12));
-            let smc = landscape.second_moment_contraction(point.lr, &batches, &cfg, Start::Random)?;
+            let smc =
+                landscape.second_moment_contraction(point.lr, &batches, &cfg, Start::Random)?;
             for (name, value) in [("smc_eq37", smc.eq37), ("smc_eq39", smc.eq39)] {
                 row.set(name, value);
                 row.set(&format!("{name}_stderr"), f64::NAN);
                 row.set(&format!("{name}_samples"), smc.batches as f64);
             }
         }
-        if let Some(spec) = self.grad_norm_sq.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+        if self
+            .grad_norm_sq
+            .as_ref()
+            .is_some_and(|s| is_due(s.every, &s.double_after))
+        {
             row.set("grad_norm_sq", landscape.grad_norm_sq()?);
         }
         if let Some(live) = point.live_batch {
-            if let Some(spec) = self.step_sharpness.as_ref().filter(|s| is_due(s.every, &s.double_after)) {
+            if self
+                .step_sharpness
+                .as_ref()
+                .is_some_and(|s| is_due(s.every, &s.double_after))
+            {
                 row.set("step_sharpness", landscape.step_sharpness(live)?);
             }
-            if let Some(spec) =
-                self.step_lambda_max_b.as_ref().filter(|s| is_due(s.every, &s.double_after))
+            if self
+                .step_lambda_max_b
+                .as_ref()
+                .is_some_and(|s| is_due(s.every, &s.double_after))
             {
                 let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(13));
-                row.set("step_lambda_max_b", landscape.step_lambda_max(live, &cfg, Start::Random)?.lambda_max());
+                row.set(
+                    "step_lambda_max_b",
+                    landscape
+                        .step_lambda_max(live, &cfg, Start::Random)?
+                        .lambda_max(),
+                );
             }
         }
         Ok(())
@@ -334,9 +437,4 @@ impl MeasureConfig {
 /// Converts a curvature error into a stage error naming the step.
 pub fn at_step(step: u64) -> impl Fn(CurvatureError) -> crate::stages::StageError {
     move |e| crate::stages::StageError::Failed(format!("measurement at step {step}: {e}"))
-}
-
-/// The precision-independent f64 value of a scalar tensor.
-pub fn scalar(t: &candle_core::Tensor) -> candle_core::Result<f64> {
-    t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }

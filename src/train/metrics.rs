@@ -2,8 +2,7 @@
 //! every run so pandas reads all runs alike, and empty cells where a quantity was not measured.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::stages::StageError;
@@ -36,8 +35,11 @@ pub const CURVATURE_COLUMNS: &[(&str, bool)] = &[
 
 /// The full header, in file order.
 pub fn header() -> Vec<String> {
-    let mut columns: Vec<String> =
-        STEP_COLUMNS.iter().chain(EVAL_COLUMNS).map(|c| c.to_string()).collect();
+    let mut columns: Vec<String> = STEP_COLUMNS
+        .iter()
+        .chain(EVAL_COLUMNS)
+        .map(|c| c.to_string())
+        .collect();
     for (name, monte_carlo) in CURVATURE_COLUMNS {
         columns.push(name.to_string());
         if *monte_carlo {
@@ -64,7 +66,10 @@ impl Row {
 
     /// Sets a column (the name must be in [`header`]).
     pub fn set(&mut self, column: &str, value: f64) {
-        debug_assert!(header().iter().any(|c| c == column), "unknown column {column}");
+        debug_assert!(
+            header().iter().any(|c| c == column),
+            "unknown column {column}"
+        );
         self.values.insert(column.to_string(), value);
     }
 
@@ -92,9 +97,15 @@ impl MetricsLog {
     pub fn create(path: &Path, rows: &[Row]) -> Result<Self, StageError> {
         let columns = header();
         let file = File::create(path).map_err(|e| StageError::io(path, e))?;
-        let mut log = Self { path: path.to_path_buf(), columns, writer: csv::Writer::from_writer(file) };
+        let mut log = Self {
+            path: path.to_path_buf(),
+            columns,
+            writer: csv::Writer::from_writer(file),
+        };
         let header = log.columns.clone();
-        log.writer.write_record(&header).map_err(|e| log.csv_error(e))?;
+        log.writer
+            .write_record(&header)
+            .map_err(|e| log.csv_error(e))?;
         for row in rows {
             log.append(row)?;
         }
@@ -109,12 +120,16 @@ impl MetricsLog {
             .iter()
             .map(|c| row.get(c).map(format_value).unwrap_or_default())
             .collect();
-        self.writer.write_record(&cells).map_err(|e| self.csv_error(e))
+        self.writer
+            .write_record(&cells)
+            .map_err(|e| self.csv_error(e))
     }
 
     /// Writes buffered rows to disk.
     pub fn flush(&mut self) -> Result<(), StageError> {
-        self.writer.flush().map_err(|e| StageError::io(&self.path, e))
+        self.writer
+            .flush()
+            .map_err(|e| StageError::io(&self.path, e))
     }
 
     fn csv_error(&self, e: csv::Error) -> StageError {
@@ -127,7 +142,11 @@ fn format_value(v: f64) -> String {
     if v.is_nan() {
         "nan".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "inf".into() } else { "-inf".into() }
+        if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         format!("{v}")
     }
@@ -145,8 +164,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>, StageError> {
         .collect();
     let mut rows = Vec::new();
     for (line, record) in reader.records().enumerate() {
-        let record =
-            record.map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+        let record = record.map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
         let mut row = Row::default();
         for (column, cell) in columns.iter().zip(record.iter()) {
             if cell.is_empty() {
@@ -197,6 +215,10 @@ mod tests {
         assert!(rows[1].get("loss").unwrap().is_nan());
         assert_eq!(rows[1].get("full_loss"), None);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.lines().nth(1).unwrap().starts_with("0,,,,0.30000000000000004,"));
+        assert!(text
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("0,,,,0.30000000000000004,"));
     }
 }

@@ -231,7 +231,9 @@ pub fn train(
         )));
     }
     let train_set = DeviceData::new(train_data, dtype, &device)?;
-    let test_set = test_data.map(|d| DeviceData::new(d, dtype, &device)).transpose()?;
+    let test_set = test_data
+        .map(|d| DeviceData::new(d, dtype, &device))
+        .transpose()?;
     let [_, c, h, w] = train_data.shape;
     let model = config.model.build(
         [c, h, w],
@@ -309,8 +311,17 @@ pub fn train(
 
         if step > first_step && step % config.checkpoint_every == 0 {
             log.flush()?;
-            let state = TrainState { step, sampler: sampler.state() };
-            checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer, &measure_state)?;
+            let state = TrainState {
+                step,
+                sampler: sampler.state(),
+            };
+            checkpoint::save(
+                &checkpoints,
+                &state,
+                model.as_ref(),
+                &optimizer,
+                &measure_state,
+            )?;
         }
 
         let live = if config.dynamics.uses_batches() {
@@ -319,15 +330,30 @@ pub fn train(
         } else {
             None
         };
-        let point = MeasurePoint { step, lr, batch_size, live_batch: live.as_ref() };
+        let point = MeasurePoint {
+            step,
+            lr,
+            batch_size,
+            live_batch: live.as_ref(),
+        };
         config
             .measure
-            .measure(model.as_ref(), config.loss, &full_set, &point, &mut measure_state, &mut row)
+            .measure(
+                model.as_ref(),
+                config.loss,
+                &full_set,
+                &point,
+                &mut measure_state,
+                &mut row,
+            )
             .map_err(at_step(step))?;
         let (loss_value, gradient) = if let Some(live) = &live {
             let loss = per_sample_loss(config.loss, &model.forward(&live.inputs)?, &live.targets)?
                 .mean_all()?;
-            (loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, Some(loss.backward()?))
+            (
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                Some(loss.backward()?),
+            )
         } else {
             let full = FullBatch {
                 images: &train_set.images,
@@ -335,9 +361,20 @@ pub fn train(
                 loss: config.loss,
                 chunk: config.eval_chunk,
             };
-            let (loss, direction) =
-                noise.step(&config.dynamics, model.as_ref(), &full, step, lr, batch_size)?;
-            (loss, direction.map(|d| to_grad_store(model.as_ref(), d)).transpose()?)
+            let (loss, direction) = noise.step(
+                &config.dynamics,
+                model.as_ref(),
+                &full,
+                step,
+                lr,
+                batch_size,
+            )?;
+            (
+                loss,
+                direction
+                    .map(|d| to_grad_store(model.as_ref(), d))
+                    .transpose()?,
+            )
         };
         row.set("loss", loss_value);
         log.append(&row)?;
@@ -355,7 +392,16 @@ pub fn train(
         reporter.set_position(step);
     }
     log.flush()?;
-    let state = TrainState { step: outcome.steps_run, sampler: sampler.state() };
-    checkpoint::save(&checkpoints, &state, model.as_ref(), &optimizer, &measure_state)?;
+    let state = TrainState {
+        step: outcome.steps_run,
+        sampler: sampler.state(),
+    };
+    checkpoint::save(
+        &checkpoints,
+        &state,
+        model.as_ref(),
+        &optimizer,
+        &measure_state,
+    )?;
     Ok(outcome)
 }

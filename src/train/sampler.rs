@@ -43,7 +43,13 @@ pub struct BatchSampler {
 impl BatchSampler {
     /// A sampler over `n` samples, at `state` (use `SamplerState::default()` to start).
     pub fn new(n: usize, seed: u64, sampling: Sampling, state: SamplerState) -> Self {
-        let mut sampler = Self { n, seed, sampling, state, permutation: Vec::new() };
+        let mut sampler = Self {
+            n,
+            seed,
+            sampling,
+            state,
+            permutation: Vec::new(),
+        };
         if sampling == Sampling::Reshuffle {
             sampler.permutation = sampler.epoch_permutation(state.epoch);
         }
@@ -66,14 +72,19 @@ impl BatchSampler {
     /// Fractional epochs completed, for the metrics (`epoch` column).
     pub fn epochs_done(&self) -> f64 {
         match self.sampling {
-            Sampling::Reshuffle => self.state.epoch as f64 + self.state.cursor as f64 / self.n as f64,
+            Sampling::Reshuffle => {
+                self.state.epoch as f64 + self.state.cursor as f64 / self.n as f64
+            }
             Sampling::Replacement => self.state.cursor as f64 / self.n as f64,
         }
     }
 
     /// The next batch of `batch_size` distinct indices (`batch_size` ≤ n).
     pub fn next_batch(&mut self, batch_size: usize) -> Vec<usize> {
-        assert!(batch_size >= 1 && batch_size <= self.n, "batch size checked at resolve time");
+        assert!(
+            batch_size >= 1 && batch_size <= self.n,
+            "batch size checked at resolve time"
+        );
         match self.sampling {
             Sampling::Reshuffle => {
                 if self.state.cursor as usize + batch_size > self.n {
@@ -109,7 +120,13 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 9, "no sample repeats within an epoch");
         sampler.next_batch(3); // 9 + 3 > 10: a new epoch starts
-        assert_eq!(sampler.state(), SamplerState { epoch: 1, cursor: 3 });
+        assert_eq!(
+            sampler.state(),
+            SamplerState {
+                epoch: 1,
+                cursor: 3
+            }
+        );
     }
 
     #[test]

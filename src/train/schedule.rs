@@ -18,7 +18,10 @@ pub struct Cadence {
 impl Cadence {
     /// Every `every` steps, never doubling.
     pub fn every(every: u64) -> Self {
-        Self { every, double_after: Vec::new() }
+        Self {
+            every,
+            double_after: Vec::new(),
+        }
     }
 
     /// The interval in force at `step`.
@@ -29,7 +32,7 @@ impl Cadence {
 
     /// Whether `step` is a measurement step.
     pub fn is_due(&self, step: u64) -> bool {
-        step % self.interval_at(step) == 0
+        step.is_multiple_of(self.interval_at(step))
     }
 }
 
@@ -59,7 +62,11 @@ impl HyperSchedule {
     /// Initial values and changes (in any order).
     pub fn new(lr: f64, batch_size: usize, mut changes: Vec<Change>) -> Self {
         changes.sort_by_key(|c| c.step);
-        Self { lr, batch_size, changes }
+        Self {
+            lr,
+            batch_size,
+            changes,
+        }
     }
 
     /// (step size, batch size) in force at `step`.
@@ -74,7 +81,10 @@ impl HyperSchedule {
 
     /// The largest batch size ever used (to validate against the dataset size).
     pub fn max_batch_size(&self) -> usize {
-        self.changes.iter().filter_map(|c| c.batch_size).fold(self.batch_size, usize::max)
+        self.changes
+            .iter()
+            .filter_map(|c| c.batch_size)
+            .fold(self.batch_size, usize::max)
     }
 }
 
@@ -84,7 +94,10 @@ mod tests {
 
     #[test]
     fn cadence_doubles_after_each_threshold() {
-        let cadence = Cadence { every: 128, double_after: vec![10_000, 50_000] };
+        let cadence = Cadence {
+            every: 128,
+            double_after: vec![10_000, 50_000],
+        };
         assert!(cadence.is_due(0));
         assert!(cadence.is_due(128));
         assert!(!cadence.is_due(129));
@@ -101,8 +114,16 @@ mod tests {
             0.01,
             16,
             vec![
-                Change { step: 200, lr: None, batch_size: Some(64) },
-                Change { step: 100, lr: Some(0.02), batch_size: None },
+                Change {
+                    step: 200,
+                    lr: None,
+                    batch_size: Some(64),
+                },
+                Change {
+                    step: 100,
+                    lr: Some(0.02),
+                    batch_size: None,
+                },
             ],
         );
         assert_eq!(schedule.at(99), (0.01, 16));
