@@ -16,3 +16,5 @@ pub mod schedule;
 mod run;
 
 pub use run::{train, Outcome, StartPoint, Status, TrainConfig};
+#[cfg(test)]
+mod tests;
