@@ -105,7 +105,7 @@ fn default_chunk() -> usize {
 }
 
 /// Everything a run measures. Absent quantities are not measured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeasureConfig {
     /// Seed of every measurement RNG.
@@ -156,6 +156,13 @@ pub struct MeasureConfig {
     /// ‖∇L‖² of the full-batch loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_norm_sq: Option<EverySpec>,
+}
+
+impl Default for MeasureConfig {
+    /// Nothing measured, default settings (the same as an empty `measure:` mapping).
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every field has a default")
+    }
 }
 
 fn due(every: u64, double_after: &[u64], step: u64) -> bool {

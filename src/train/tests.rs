@@ -58,7 +58,12 @@ fn config(steps: u64) -> TrainConfig {
 
 fn with_measurements(mut config: TrainConfig) -> TrainConfig {
     config.measure = MeasureConfig {
-        lambda_max: Some(EigenSpec { every: 10, double_after: vec![], rel_tol: 1e-3, max_iter: 20 }),
+        lambda_max: Some(EigenSpec {
+            every: 10,
+            double_after: vec![],
+            rel_tol: 1e-3,
+            max_iter: 20,
+        }),
         batch_sharpness: Some(MonteCarloSpec {
             every: 15,
             double_after: vec![],
@@ -66,7 +71,10 @@ fn with_measurements(mut config: TrainConfig) -> TrainConfig {
             max_samples: 8,
             rel_tol: 0.01,
         }),
-        step_sharpness: Some(EverySpec { every: 5, double_after: vec![] }),
+        step_sharpness: Some(EverySpec {
+            every: 5,
+            double_after: vec![],
+        }),
         ..MeasureConfig::default()
     };
     config
@@ -91,13 +99,22 @@ fn the_same_config_gives_bit_identical_checkpoints_and_metrics() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     run(&config, &data, &StartPoint::Fresh, a.path());
     run(&config, &data, &StartPoint::Fresh, b.path());
-    assert_eq!(final_checkpoint(a.path(), 40), final_checkpoint(b.path(), 40));
-    assert_eq!(read(&a.path().join("metrics.csv")), read(&b.path().join("metrics.csv")));
+    assert_eq!(
+        final_checkpoint(a.path(), 40),
+        final_checkpoint(b.path(), 40)
+    );
+    assert_eq!(
+        read(&a.path().join("metrics.csv")),
+        read(&b.path().join("metrics.csv"))
+    );
     let mut other = config.clone();
     other.init_seed = 1;
     let c = tempfile::tempdir().unwrap();
     run(&other, &data, &StartPoint::Fresh, c.path());
-    assert_ne!(final_checkpoint(a.path(), 40), final_checkpoint(c.path(), 40));
+    assert_ne!(
+        final_checkpoint(a.path(), 40),
+        final_checkpoint(c.path(), 40)
+    );
 }
 
 #[test]
@@ -116,12 +133,21 @@ fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() 
         }
     }
     let resume = StartPoint::Checkpoint {
-        path: killed.path().join("checkpoints").join(checkpoint::file_name(20)),
+        path: killed
+            .path()
+            .join("checkpoints")
+            .join(checkpoint::file_name(20)),
         metrics: killed.path().join("metrics.csv"),
     };
     run(&config, &data, &resume, killed.path());
-    assert_eq!(final_checkpoint(whole.path(), 60), final_checkpoint(killed.path(), 60));
-    assert_eq!(read(&whole.path().join("metrics.csv")), read(&killed.path().join("metrics.csv")));
+    assert_eq!(
+        final_checkpoint(whole.path(), 60),
+        final_checkpoint(killed.path(), 60)
+    );
+    assert_eq!(
+        read(&whole.path().join("metrics.csv")),
+        read(&killed.path().join("metrics.csv"))
+    );
 }
 
 #[test]
@@ -132,16 +158,29 @@ fn a_branch_that_changes_nothing_equals_the_uninterrupted_run() {
     run(&config, &data, &StartPoint::Fresh, base.path());
     let branch = tempfile::tempdir().unwrap();
     let start = StartPoint::Checkpoint {
-        path: base.path().join("checkpoints").join(checkpoint::file_name(40)),
+        path: base
+            .path()
+            .join("checkpoints")
+            .join(checkpoint::file_name(40)),
         metrics: base.path().join("metrics.csv"),
     };
     run(&config, &data, &start, branch.path());
-    assert_eq!(final_checkpoint(base.path(), 60), final_checkpoint(branch.path(), 60));
-    assert_eq!(read(&base.path().join("metrics.csv")), read(&branch.path().join("metrics.csv")));
+    assert_eq!(
+        final_checkpoint(base.path(), 60),
+        final_checkpoint(branch.path(), 60)
+    );
+    assert_eq!(
+        read(&base.path().join("metrics.csv")),
+        read(&branch.path().join("metrics.csv"))
+    );
 
     // A branch that doubles η from step 40 on differs only from there.
     let mut doubled = config.clone();
-    doubled.schedule = vec![Change { step: 40, lr: Some(0.1), batch_size: None }];
+    doubled.schedule = vec![Change {
+        step: 40,
+        lr: Some(0.1),
+        batch_size: None,
+    }];
     let changed = tempfile::tempdir().unwrap();
     run(&doubled, &data, &start, changed.path());
     let rows = metrics::read_rows(&changed.path().join("metrics.csv")).unwrap();
@@ -180,7 +219,11 @@ fn stop_loss_ends_the_run_at_the_first_evaluation_below_it() {
 fn batch_size_changes_follow_the_schedule_and_epochs_count_samples() {
     let data = tiny_data(24, 6);
     let mut config = config(30);
-    config.schedule = vec![Change { step: 12, lr: None, batch_size: Some(8) }];
+    config.schedule = vec![Change {
+        step: 12,
+        lr: None,
+        batch_size: Some(8),
+    }];
     config.eval = Cadence::every(1000);
     let dir = tempfile::tempdir().unwrap();
     run(&config, &data, &StartPoint::Fresh, dir.path());
@@ -197,49 +240,97 @@ fn per_sample_gradients(model: &dyn crate::nn::Model, full: &FullBatch) -> Vec<V
     let n = full.targets.labels.dims1().unwrap();
     (0..n)
         .map(|i| {
-            let out = model.forward(&full.images.narrow(0, i, 1).unwrap()).unwrap();
+            let out = model
+                .forward(&full.images.narrow(0, i, 1).unwrap())
+                .unwrap();
             let loss = per_sample_loss(full.loss, &out, &full.targets.narrow(i, 1).unwrap())
                 .unwrap()
                 .sum_all()
                 .unwrap();
             let grads = loss.backward().unwrap();
-            flatten(model.params().iter().map(|p| grads.get(p.var.as_tensor()).unwrap().clone()))
+            flatten(
+                model
+                    .params()
+                    .iter()
+                    .map(|p| grads.get(p.var.as_tensor()).unwrap().clone()),
+            )
         })
         .collect()
 }
 
 fn flatten(parts: impl Iterator<Item = candle_core::Tensor>) -> Vec<f64> {
     parts
-        .flat_map(|t| t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap())
+        .flat_map(|t| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
         .collect()
 }
 
 /// Empirical mean and covariance of the directions of `draws` noisy steps.
-fn direction_moments(dynamics: &Dynamics, b: usize, draws: u64) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+fn direction_moments(
+    dynamics: &Dynamics,
+    b: usize,
+    draws: u64,
+) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let data = tiny_data(12, 7);
     let device = candle_core::Device::Cpu;
-    let spec = ModelSpec::Mlp { depth: 1, width: 2, activation: Default::default() };
-    let model = spec.build([1, 2, 3], 3, 1.0, 0, candle_core::DType::F64, &device).unwrap();
+    let spec = ModelSpec::Mlp {
+        depth: 1,
+        width: 2,
+        activation: Default::default(),
+    };
+    let model = spec
+        .build([1, 2, 3], 3, 1.0, 0, candle_core::DType::F64, &device)
+        .unwrap();
     let rows: Vec<usize> = (0..12).collect();
-    let images = data.images_tensor(&rows, &device).unwrap().to_dtype(candle_core::DType::F64).unwrap();
+    let images = data
+        .images_tensor(&rows, &device)
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap();
     let targets = Targets::from_dataset(&data, &rows, candle_core::DType::F64, &device).unwrap();
-    let full = FullBatch { images: &images, targets: &targets, loss: LossKind::Mse, chunk: 5 };
+    let full = FullBatch {
+        images: &images,
+        targets: &targets,
+        loss: LossKind::Mse,
+        chunk: 5,
+    };
     let per_sample = per_sample_gradients(model.as_ref(), &full);
     let mut noise = NoiseState::new(3);
     let samples: Vec<Vec<f64>> = (0..draws)
         .map(|step| {
-            let (_, d) = noise.step(dynamics, model.as_ref(), &full, step, 0.1, b).unwrap();
+            let (_, d) = noise
+                .step(dynamics, model.as_ref(), &full, step, 0.1, b)
+                .unwrap();
             flatten(d.unwrap().into_iter())
         })
         .collect();
     let dim = samples[0].len();
-    let mean: Vec<f64> = (0..dim).map(|j| samples.iter().map(|s| s[j]).sum::<f64>() / draws as f64).collect();
+    let mean: Vec<f64> = (0..dim)
+        .map(|j| samples.iter().map(|s| s[j]).sum::<f64>() / draws as f64)
+        .collect();
     let cov = |xs: &[Vec<f64>], m: &[f64], denom: f64| -> Vec<Vec<f64>> {
         (0..dim)
-            .map(|j| (0..dim).map(|k| xs.iter().map(|s| (s[j] - m[j]) * (s[k] - m[k])).sum::<f64>() / denom).collect())
+            .map(|j| {
+                (0..dim)
+                    .map(|k| {
+                        xs.iter()
+                            .map(|s| (s[j] - m[j]) * (s[k] - m[k]))
+                            .sum::<f64>()
+                            / denom
+                    })
+                    .collect()
+            })
             .collect()
     };
-    let g_mean: Vec<f64> = (0..dim).map(|j| per_sample.iter().map(|g| g[j]).sum::<f64>() / 12.0).collect();
+    let g_mean: Vec<f64> = (0..dim)
+        .map(|j| per_sample.iter().map(|g| g[j]).sum::<f64>() / 12.0)
+        .collect();
     let sigma = cov(&per_sample, &g_mean, 12.0);
     let empirical = cov(&samples, &mean, (draws - 1) as f64);
     (g_mean, sigma, empirical)
@@ -256,7 +347,11 @@ fn resampling_noise_has_covariance_sigma_over_b() {
     let scale = max_abs(&sigma) / b as f64;
     for (row_s, row_e) in sigma.iter().zip(&empirical) {
         for (s, e) in row_s.iter().zip(row_e) {
-            assert!((s / b as f64 - e).abs() < 0.1 * scale, "Σ/b {} vs empirical {e}", s / b as f64);
+            assert!(
+                (s / b as f64 - e).abs() < 0.1 * scale,
+                "Σ/b {} vs empirical {e}",
+                s / b as f64
+            );
         }
     }
 }
@@ -264,21 +359,43 @@ fn resampling_noise_has_covariance_sigma_over_b() {
 #[test]
 fn diagonal_and_isotropic_noise_have_the_intended_variances() {
     let b = 4;
-    let (_, sigma, diagonal) = direction_moments(&Dynamics::DiagonalNoise { refresh_every: 1_000_000 }, b, 4000);
+    let (_, sigma, diagonal) = direction_moments(
+        &Dynamics::DiagonalNoise {
+            refresh_every: 1_000_000,
+        },
+        b,
+        4000,
+    );
     let dim = sigma.len();
     let scale = max_abs(&sigma) / b as f64;
     for j in 0..dim {
-        assert!((sigma[j][j] / b as f64 - diagonal[j][j]).abs() < 0.1 * scale, "coordinate {j}");
+        assert!(
+            (sigma[j][j] / b as f64 - diagonal[j][j]).abs() < 0.1 * scale,
+            "coordinate {j}"
+        );
         for k in 0..dim {
             if j != k {
-                assert!(diagonal[j][k].abs() < 0.1 * scale, "off-diagonal ({j}, {k})");
+                assert!(
+                    diagonal[j][k].abs() < 0.1 * scale,
+                    "off-diagonal ({j}, {k})"
+                );
             }
         }
     }
-    let (_, _, isotropic) = direction_moments(&Dynamics::IsotropicNoise { refresh_every: 1_000_000 }, b, 4000);
+    let (_, _, isotropic) = direction_moments(
+        &Dynamics::IsotropicNoise {
+            refresh_every: 1_000_000,
+        },
+        b,
+        4000,
+    );
     let level = (0..dim).map(|j| sigma[j][j]).sum::<f64>() / dim as f64 / b as f64;
     for j in 0..dim {
-        assert!((isotropic[j][j] - level).abs() < 0.1 * level.max(1e-12), "coordinate {j}: {} vs {level}", isotropic[j][j]);
+        assert!(
+            (isotropic[j][j] - level).abs() < 0.1 * level.max(1e-12),
+            "coordinate {j}: {} vs {level}",
+            isotropic[j][j]
+        );
     }
 }
 
