@@ -373,13 +373,8 @@ fn diagonal_and_isotropic_noise_have_the_intended_variances() {
             (sigma[j][j] / b as f64 - diagonal[j][j]).abs() < 0.1 * scale,
             "coordinate {j}"
         );
-        for k in 0..dim {
-            if j != k {
-                assert!(
-                    diagonal[j][k].abs() < 0.1 * scale,
-                    "off-diagonal ({j}, {k})"
-                );
-            }
+        for (k, value) in diagonal[j].iter().enumerate().filter(|(k, _)| *k != j) {
+            assert!(value.abs() < 0.1 * scale, "off-diagonal ({j}, {k})");
         }
     }
     let (_, _, isotropic) = direction_moments(
@@ -390,11 +385,11 @@ fn diagonal_and_isotropic_noise_have_the_intended_variances() {
         4000,
     );
     let level = (0..dim).map(|j| sigma[j][j]).sum::<f64>() / dim as f64 / b as f64;
-    for j in 0..dim {
+    for (j, row) in isotropic.iter().enumerate() {
         assert!(
-            (isotropic[j][j] - level).abs() < 0.1 * level.max(1e-12),
+            (row[j] - level).abs() < 0.1 * level.max(1e-12),
             "coordinate {j}: {} vs {level}",
-            isotropic[j][j]
+            row[j]
         );
     }
 }
