@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod dataset;
+pub mod measure;
 pub mod plot;
 pub mod quadratic;
 pub mod train;
@@ -172,6 +173,7 @@ impl Registry {
         Registry::new(vec![
             std::sync::Arc::new(dataset::DatasetStage),
             std::sync::Arc::new(train::TrainStage),
+            std::sync::Arc::new(measure::MeasureStage),
             std::sync::Arc::new(analysis::AnalysisStage),
             std::sync::Arc::new(plot::PlotStage),
             std::sync::Arc::new(quadratic::QuadraticStage),

@@ -14,6 +14,7 @@ pub mod sampler;
 pub mod schedule;
 
 mod run;
+pub(crate) use run::DeviceData;
 
 pub use run::{train, Outcome, StartPoint, Status, TrainConfig};
 #[cfg(test)]

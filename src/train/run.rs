@@ -12,7 +12,7 @@ use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
 use super::schedule::{Cadence, Change, HyperSchedule};
 use crate::curvature::Batch;
-use crate::data::Dataset;
+use crate::data::{Dataset, LabelEncoding};
 use crate::device::DeviceClass;
 use crate::nn::loss::{correct_count, per_sample_loss, LossKind, Targets};
 use crate::nn::optim::Sgd;
@@ -165,21 +165,51 @@ pub struct Outcome {
     pub final_full_accuracy: Option<f64>,
 }
 
+impl TrainConfig {
+    /// The initial network for `data` (inputs C×H×W, one output per class or one for ±1 targets).
+    pub fn build_model(
+        &self,
+        data: &Dataset,
+        device: &Device,
+    ) -> Result<Box<dyn Model>, StageError> {
+        let [_, c, h, w] = data.shape;
+        let outputs = match data.encoding {
+            LabelEncoding::OneHot => data.num_classes,
+            LabelEncoding::PlusMinusOne => 1,
+        };
+        Ok(self.model.build(
+            [c, h, w],
+            outputs,
+            self.init_scale,
+            self.init_seed,
+            self.precision.dtype(),
+            device,
+        )?)
+    }
+}
+
 /// A dataset moved to the device once, with its targets.
-struct DeviceData {
+pub(crate) struct DeviceData {
     images: Tensor,
     targets: Targets,
     n: usize,
 }
 
 impl DeviceData {
-    fn new(data: &Dataset, dtype: DType, device: &Device) -> Result<Self, StageError> {
+    /// Copies `data` to `device` in `dtype`.
+    pub(crate) fn new(data: &Dataset, dtype: DType, device: &Device) -> Result<Self, StageError> {
         let all: Vec<usize> = (0..data.shape[0]).collect();
         Ok(Self {
             images: data.images_tensor(&all, device)?.to_dtype(dtype)?,
             targets: Targets::from_dataset(data, &all, dtype, device)?,
             n: data.shape[0],
         })
+    }
+
+    /// The whole set as one curvature batch.
+    pub(crate) fn batch(&self) -> Result<Batch, StageError> {
+        Batch::new(self.images.clone(), self.targets.clone())
+            .map_err(|e| StageError::Failed(format!("training set: {e}")))
     }
 
     /// (mean loss, accuracy) over the whole set, in chunks.
@@ -234,15 +264,7 @@ pub fn train(
     let test_set = test_data
         .map(|d| DeviceData::new(d, dtype, &device))
         .transpose()?;
-    let [_, c, h, w] = train_data.shape;
-    let model = config.model.build(
-        [c, h, w],
-        train_set.targets.values.dim(1)?,
-        config.init_scale,
-        config.init_seed,
-        dtype,
-        &device,
-    )?;
+    let model = config.build_model(train_data, &device)?;
     let mut optimizer = Sgd::new(model.params(), config.lr, config.momentum)?;
 
     let mut measure_state = MeasureState::default();
@@ -263,8 +285,7 @@ pub fn train(
     let mut log = MetricsLog::create(&metrics_path, &kept_rows)?;
     let mut sampler = BatchSampler::new(n, config.data_seed, config.sampling, sampler_state);
     let mut noise = NoiseState::new(config.noise_seed);
-    let full_set = Batch::new(train_set.images.clone(), train_set.targets.clone())
-        .map_err(|e| StageError::Failed(format!("training set: {e}")))?;
+    let full_set = train_set.batch()?;
 
     reporter.set_length(config.steps);
     reporter.set_position(first_step);

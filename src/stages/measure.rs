@@ -1,0 +1,159 @@
+//! The `measure` stage kind: curvature quantities computed afterwards on the checkpoints of a cached
+//! `train` artifact, so adding a quantity to a figure never retrains.
+//!
+//! Inputs: `run` (a `train` artifact) and `data` (the dataset it was trained on). Params: `measure`
+//! (the same settings as a run's inline `measure:`; a quantity is computed at a checkpoint whose step
+//! its cadence selects) and optionally `steps` (only these checkpoints). Output: `metrics.csv` with
+//! the same header as a run's, one row per measured checkpoint (step, lr and batch size in force).
+
+use serde::{Deserialize, Serialize};
+
+use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use crate::data::Dataset;
+use crate::device::DeviceClass;
+use crate::nn::checkpoint as weights;
+use crate::train::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
+use crate::train::metrics::{MetricsLog, Row};
+use crate::train::schedule::HyperSchedule;
+use crate::train::{checkpoint, DeviceData, TrainConfig};
+
+/// The `measure` kind.
+pub struct MeasureStage;
+
+/// Params of the `measure` kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeasureParams {
+    /// What to measure and at which checkpoint steps (cadences select among the checkpoints).
+    measure: MeasureConfig,
+    /// Only these checkpoint steps (default: every checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    steps: Option<Vec<u64>>,
+    /// Where to compute (default: the CPU).
+    #[serde(default)]
+    device: DeviceClass,
+}
+
+const INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "run",
+        required: true,
+        sweep: false,
+    },
+    InputSlot {
+        name: "data",
+        required: true,
+        sweep: false,
+    },
+];
+
+fn input_error(input: &str, message: impl Into<String>) -> StageError {
+    StageError::Input {
+        input: input.into(),
+        message: message.into(),
+    }
+}
+
+impl Stage for MeasureStage {
+    fn kind(&self) -> &'static str {
+        "measure"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {
+        let (typed, canonical): (MeasureParams, _) = resolve_typed(params)?;
+        Ok(Resolved {
+            params: canonical,
+            external_files: Vec::new(),
+            device: typed.device,
+        })
+    }
+
+    fn inputs(&self) -> &'static [InputSlot] {
+        INPUTS
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
+        let params: MeasureParams = serde_json::from_value(ctx.params.clone())
+            .map_err(|e| StageError::Failed(format!("params: {e}")))?;
+        let run = ctx
+            .inputs
+            .get("run")
+            .and_then(|r| r.first())
+            .ok_or_else(|| input_error("run", "missing"))?;
+        let data = ctx
+            .inputs
+            .get("data")
+            .and_then(|d| d.first())
+            .ok_or_else(|| input_error("data", "missing"))?;
+        let config: TrainConfig = serde_json::from_value(run.params.clone()).map_err(|e| {
+            input_error(
+                "run",
+                format!("`{}` is not a train artifact: {e}", run.stage),
+            )
+        })?;
+        let dataset = Dataset::load(data.dir.join("dataset.safetensors"))
+            .map_err(|e| input_error("data", e.to_string()))?;
+
+        let device = params.device.candle_device()?;
+        let train_set = DeviceData::new(&dataset, config.precision.dtype(), &device)?;
+        let full = train_set.batch()?;
+        let model = config.build_model(&dataset, &device)?;
+        let schedule = HyperSchedule::new(config.lr, config.batch_size, config.schedule.clone());
+
+        let mut checkpoints = checkpoint::list(&run.dir.join("checkpoints"))?;
+        if let Some(steps) = &params.steps {
+            if let Some(missing) = steps
+                .iter()
+                .find(|s| !checkpoints.iter().any(|(c, _)| c == *s))
+            {
+                return Err(input_error(
+                    "run",
+                    format!(
+                        "`{}` has no checkpoint at step {missing}; it has {:?}",
+                        run.stage,
+                        checkpoints.iter().map(|(s, _)| s).collect::<Vec<_>>()
+                    ),
+                ));
+            }
+            checkpoints.retain(|(s, _)| steps.contains(s));
+        }
+        checkpoints.retain(|(step, _)| params.measure.any_due(*step));
+
+        let mut log = MetricsLog::create(&ctx.work_dir.join("metrics.csv"), &[])?;
+        let mut state = MeasureState::default();
+        ctx.reporter.set_length(checkpoints.len() as u64);
+        for (done, (step, path)) in checkpoints.iter().enumerate() {
+            weights::load(path, model.as_ref(), None)
+                .map_err(|e| input_error("run", e.to_string()))?;
+            let (lr, batch_size) = schedule.at(*step);
+            let mut row = Row::new(*step);
+            row.set("lr", lr);
+            row.set("batch_size", batch_size as f64);
+            let point = MeasurePoint {
+                step: *step,
+                lr,
+                batch_size,
+                live_batch: None,
+            };
+            params
+                .measure
+                .measure(
+                    model.as_ref(),
+                    config.loss,
+                    &full,
+                    &point,
+                    &mut state,
+                    &mut row,
+                )
+                .map_err(at_step(*step))?;
+            log.append(&row)?;
+            ctx.reporter.log(&format!("measured checkpoint {step}"));
+            ctx.reporter.set_position(done as u64 + 1);
+        }
+        log.flush()
+    }
+}
