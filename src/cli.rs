@@ -82,6 +82,9 @@ pub enum Command {
         /// Writes `{"stages":[{"name","kind","key","status","seconds"}]}` to this file.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Copies the figures of every `plot` stage (PNG, SVG and CSV) into this directory.
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
     },
     /// Shows what would run and why, computing nothing.
     Plan {
@@ -149,6 +152,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             variant,
             jobs,
             report: report_path,
+            export,
         } => {
             let plan = load_plan(&pipeline, &variant.overrides(), &registry, &store)?;
             let reporter = report::HumanReporter::stderr(std::io::stderr().is_terminal());
@@ -162,6 +166,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
                 let text = serde_json::to_string_pretty(&report::run_report(&plan, &outcomes))
                     .unwrap_or_default();
                 std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })?;
+            }
+            if let Some(dir) = export {
+                export_figures(&plan, &outcomes, &store, &dir)?;
             }
             let failed = outcomes
                 .iter()
@@ -469,6 +476,48 @@ fn status(store: &Store, pipelines: &[PathBuf], registry: &Registry) -> Result<S
         ));
     }
     Ok(out)
+}
+
+/// `eoss run --export DIR`: copies the figure files of every plot stage that is now in the store.
+fn export_figures(
+    plan: &crate::graph::Plan,
+    outcomes: &[crate::exec::Outcome],
+    store: &Store,
+    dir: &Path,
+) -> Result<(), Error> {
+    use crate::exec::Status;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (stage, outcome) in plan.stages.iter().zip(outcomes) {
+        if stage.kind_name != "plot" || !matches!(outcome.status, Status::Computed | Status::Cached)
+        {
+            continue;
+        }
+        let artifact = store.artifact_dir(&stage.kind_name, &stage.key);
+        for entry in std::fs::read_dir(&artifact).map_err(io(&artifact))? {
+            let source = entry.map_err(io(&artifact))?.path();
+            let figure = matches!(
+                source.extension().and_then(|e| e.to_str()),
+                Some("png" | "svg" | "csv")
+            );
+            if let (true, Some(name)) = (figure, source.file_name()) {
+                let target = dir.join(name);
+                // Published files are read-only: replace rather than overwrite in place.
+                let _ = std::fs::remove_file(&target);
+                std::fs::copy(&source, &target).map_err(io(&target))?;
+                let mut permissions = std::fs::metadata(&target)
+                    .map_err(io(&target))?
+                    .permissions();
+                #[allow(clippy::permissions_set_readonly_false)]
+                permissions.set_readonly(false);
+                std::fs::set_permissions(&target, permissions).map_err(io(&target))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `eoss verify`: returns the report and the number of corrupt artifacts.
