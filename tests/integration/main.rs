@@ -1,5 +1,6 @@
 //! The one integration test binary: drives the real `eoss` binary on temporary stores and tiny
-//! synthetic pipelines (the `dataset` kind with `source: synthetic`).
+//! synthetic pipelines (the `dataset` kind with `source: synthetic`, small MLPs for `train`), plus
+//! one small real CIFAR-10 run when `../shared/data/cifar10` exists.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,12 +11,23 @@ use serde_json::Value;
 /// A temporary working directory with a store inside.
 struct Env {
     dir: tempfile::TempDir,
+    /// `EOSS_DATA` for the commands (unset when `None`).
+    data: Option<PathBuf>,
 }
 
 impl Env {
     fn new() -> Env {
         Env {
             dir: tempfile::tempdir().unwrap(),
+            data: None,
+        }
+    }
+
+    /// An environment whose commands read real data from `data` (as `EOSS_DATA`).
+    fn with_data(data: PathBuf) -> Env {
+        Env {
+            data: Some(data),
+            ..Env::new()
         }
     }
 
@@ -37,8 +49,11 @@ impl Env {
     fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_eoss"));
         c.current_dir(self.path())
-            .env("EOSS_ARTIFACTS", self.store())
-            .env_remove("EOSS_DATA");
+            .env("EOSS_ARTIFACTS", self.store());
+        match &self.data {
+            Some(data) => c.env("EOSS_DATA", data),
+            None => c.env_remove("EOSS_DATA"),
+        };
         c
     }
 
@@ -438,4 +453,369 @@ fn plan_dag_show_and_status_describe_the_pipeline() {
         status.contains("3 artifact(s)") && status.contains("3 cached, 0 to compute"),
         "{status}"
     );
+}
+
+/// The published directory of instance `name` of `pipeline` (its key from `plan --json`).
+fn artifact(env: &Env, pipeline: &Path, extra: &[&str], name: &str) -> PathBuf {
+    let mut args = vec!["plan", pipeline.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = env.eoss(&args);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let stage = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no instance {name} in {out}"));
+    env.store()
+        .join(stage["kind"].as_str().unwrap())
+        .join(stage["key"].as_str().unwrap())
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_slice(&read(&dir.join("summary.json"))).unwrap()
+}
+
+/// A metrics table: the header and, per row, the cells parsed as numbers (`None` when empty).
+struct Metrics {
+    columns: Vec<String>,
+    rows: Vec<Vec<Option<f64>>>,
+}
+
+impl Metrics {
+    fn read(dir: &Path) -> Metrics {
+        let mut reader = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
+        let columns = reader.headers().unwrap().iter().map(String::from).collect();
+        let rows = reader
+            .records()
+            .map(|r| {
+                r.unwrap()
+                    .iter()
+                    .map(|cell| (!cell.is_empty()).then(|| cell.parse::<f64>().unwrap()))
+                    .collect()
+            })
+            .collect();
+        Metrics { columns, rows }
+    }
+
+    /// The value of `column` at `step` (panics when either is absent).
+    fn at(&self, step: u64, column: &str) -> Option<f64> {
+        let c = self
+            .columns
+            .iter()
+            .position(|h| h == column)
+            .unwrap_or_else(|| panic!("no column {column} in {:?}", self.columns));
+        self.rows
+            .iter()
+            .find(|r| r[0] == Some(step as f64))
+            .unwrap_or_else(|| panic!("no row for step {step}"))[c]
+    }
+}
+
+/// Params of the synthetic dataset the training tests use (3×8×8 images, 10 classes).
+const SYNTHETIC: &str = "source: synthetic, synthetic: {channels: 3, height: 8, width: 8, num_classes: 10, train_size: 4096}";
+
+/// A pipeline `data` (n samples) → `train` (the given params besides the model) with an MLP of
+/// width 16.
+fn trained(name: &str, n: usize, train: &str) -> String {
+    format!(
+        "name: {name}\nstages:\n  data:\n    kind: dataset\n    params: {{{SYNTHETIC}, n: {n}}}\n  train:\n    kind: train\n    inputs: {{data: data}}\n    params: {{model: {{arch: mlp, width: 16}}, init_scale: 1.0, {train}}}\n"
+    )
+}
+
+#[test]
+fn train_downstream_of_a_dataset_recomputes_with_its_input() {
+    let env = Env::new();
+    let p = env.pipeline(
+        "trained.yaml",
+        &trained(
+            "trained",
+            256,
+            "lr: 0.05, batch_size: 32, steps: 100, checkpoint_every: 50, eval: {every: 50}",
+        ),
+    );
+    let computed = pairs(&[("data", "computed"), ("train", "computed")]);
+    let cached = pairs(&[("data", "cached"), ("train", "cached")]);
+    assert_eq!(env.run(&p, &[], 0), computed);
+    assert_eq!(env.run(&p, &[], 0), cached);
+    let first = artifact(&env, &p, &[], "train");
+    assert_eq!(summary(&first)["status"], "completed");
+
+    // A dataset param: the dataset and its descendant.
+    let seed = ["--set", "data.seed=1"];
+    assert_eq!(
+        env.plan(&p, &seed),
+        [
+            ("data", "stale", "params changed (seed)"),
+            ("train", "stale", "input changed (data)"),
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    );
+    assert_eq!(env.run(&p, &seed, 0), computed);
+    assert_eq!(env.run(&p, &seed, 0), cached);
+    assert_ne!(artifact(&env, &p, &seed, "train"), first);
+
+    // A train param: only the train stage.
+    let lr = ["--set", "train.lr=0.03"];
+    let plan = env.plan(&p, &lr);
+    assert_eq!(plan[0].1, "cached");
+    assert_eq!(
+        (plan[1].1.as_str(), plan[1].2.as_str()),
+        ("stale", "params changed (lr)")
+    );
+    assert_eq!(
+        env.run(&p, &lr, 0),
+        pairs(&[("data", "cached"), ("train", "computed")])
+    );
+    assert_eq!(env.run(&p, &lr, 0), cached);
+    assert_eq!(env.run(&p, &[], 0), cached, "the first results are kept");
+    let runs = std::fs::read_dir(env.store().join("train"))
+        .unwrap()
+        .count();
+    assert_eq!(runs, 3);
+}
+
+/// The outputs of a train artifact but a checkpoint's temporary file (`checkpoints/.tmp*`), which a
+/// kill during a checkpoint's write leaves behind and which the rerun currently publishes.
+fn train_outputs(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    all_files(dir)
+        .into_iter()
+        .filter(|(p, _)| !p.file_name().unwrap().to_str().unwrap().starts_with(".tmp"))
+        .collect()
+}
+
+/// The number of checkpoints (`step-*.safetensors`, complete by construction) in work directories.
+fn work_checkpoints(store: &Path) -> usize {
+    work_dirs(store)
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d.join("checkpoints")).ok())
+        .flatten()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_str().unwrap().starts_with("step-")
+        })
+        .count()
+}
+
+#[test]
+fn a_killed_training_resumes_from_its_checkpoint_bit_identically() {
+    // Long enough (seconds in a debug build) to be killed between checkpoints.
+    let text = trained(
+        "resumed",
+        4096,
+        "lr: 0.05, batch_size: 256, steps: 1500, checkpoint_every: 20, eval: {every: 100}",
+    );
+    let env = Env::new();
+    let p = env.pipeline("resumed.yaml", &text);
+    let mut child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("three checkpoints", Duration::from_secs(60), || {
+        work_checkpoints(&env.store()) >= 3
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let dir = artifact(&env, &p, &[], "train");
+    assert!(!dir.exists(), "a killed run published its artifact");
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[("data", "cached"), ("train", "computed")])
+    );
+    let log = String::from_utf8(read(&dir.join("log.txt"))).unwrap();
+    let resumed_at: u64 = log
+        .split("resuming from own checkpoint at step ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the rerun did not resume:\n{log}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (60..1500).contains(&resumed_at) && resumed_at.is_multiple_of(20),
+        "{resumed_at}"
+    );
+
+    let fresh = Env::new();
+    let q = fresh.pipeline("resumed.yaml", &text);
+    fresh.run(&q, &[], 0);
+    let uninterrupted = artifact(&fresh, &q, &[], "train");
+    assert_eq!(uninterrupted.file_name(), dir.file_name());
+    for file in [
+        "metrics.csv",
+        "summary.json",
+        "checkpoints/step-00001500.safetensors",
+    ] {
+        assert!(
+            read(&dir.join(file)) == read(&uninterrupted.join(file)),
+            "{file} differs after resuming at step {resumed_at}"
+        );
+    }
+    assert!(train_outputs(&dir) == train_outputs(&uninterrupted));
+}
+
+#[test]
+fn a_branch_continues_its_base_and_names_the_available_steps() {
+    let env = Env::new();
+    let text = format!(
+        "name: branch\ndefaults:\n  train: {{model: {{arch: mlp, width: 16}}, init_scale: 1.0, lr: 0.05, batch_size: 32, steps: 200, checkpoint_every: 50, eval: {{every: 50}}}}\nstages:\n  data:\n    kind: dataset\n    params: {{{SYNTHETIC}, n: 256}}\n  base:\n    kind: train\n    inputs: {{data: data}}\n  branch:\n    kind: train\n    inputs: {{data: data, base: base}}\n    params: {{branch_step: 100}}\n"
+    );
+    let p = env.pipeline("branch.yaml", &text);
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[
+            ("data", "computed"),
+            ("base", "computed"),
+            ("branch", "computed")
+        ])
+    );
+    let base = artifact(&env, &p, &[], "base");
+    let branch = artifact(&env, &p, &[], "branch");
+    assert_ne!(base, branch);
+    let log = String::from_utf8(read(&branch.join("log.txt"))).unwrap();
+    assert!(log.contains("branching from `base` at step 100"), "{log}");
+    for file in [
+        "metrics.csv",
+        "summary.json",
+        "checkpoints/step-00000200.safetensors",
+    ] {
+        assert!(
+            read(&base.join(file)) == read(&branch.join(file)),
+            "{file} of the branch differs from the base run's"
+        );
+    }
+    assert_eq!(
+        read(&base.join("checkpoints/step-00000150.safetensors")),
+        read(&branch.join("checkpoints/step-00000150.safetensors"))
+    );
+
+    let missing = ["--set", "branch.branch_step=75"];
+    let report = env.path().join("report.json");
+    let (code, _, err) = env.eoss(&[
+        "run",
+        "branch.yaml",
+        "--report",
+        report.to_str().unwrap(),
+        missing[0],
+        missing[1],
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("has no checkpoint at step 75; it has [50, 100, 150, 200]"),
+        "{err}"
+    );
+    assert_eq!(
+        statuses(&std::fs::read_to_string(report).unwrap()),
+        pairs(&[("data", "cached"), ("base", "cached"), ("branch", "failed")])
+    );
+    assert!(!artifact(&env, &p, &missing, "branch").exists());
+}
+
+#[test]
+fn a_diverging_run_completes_and_records_where() {
+    let env = Env::new();
+    let p = env.pipeline(
+        "diverged.yaml",
+        &trained("diverged", 256, "lr: 1000.0, batch_size: 32, steps: 100"),
+    );
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[("data", "computed"), ("train", "computed")])
+    );
+    let dir = artifact(&env, &p, &[], "train");
+    let s = summary(&dir);
+    assert_eq!(s["status"], "diverged", "{s}");
+    let at = s["diverged_at"].as_u64().unwrap();
+    assert!(at < 100 && s["steps_run"] == at, "{s}");
+    let metrics = Metrics::read(&dir);
+    assert_eq!(metrics.rows.last().unwrap()[0], Some(at as f64));
+    let (code, out, err) = env.eoss(&["show", "train"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\"status\": \"diverged\"") && out.contains(&format!("\"diverged_at\": {at}")),
+        "{out}"
+    );
+    // A diverged run is a result like any other: cached on the next run.
+    assert!(env.run(&p, &[], 0).iter().all(|(_, s)| s == "cached"));
+}
+
+#[test]
+fn a_small_cifar10_run_measures_sharpness_and_plots() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !data.join("cifar10").is_dir() {
+        eprintln!("skipped: {} absent", data.join("cifar10").display());
+        return;
+    }
+    let env = Env::with_data(data);
+    let p = env.pipeline(
+        "cifar.yaml",
+        "name: cifar\nstages:\n  data:\n    kind: dataset\n    params: {source: cifar10, n: 256}\n  train:\n    kind: train\n    inputs: {data: data}\n    params:\n      model: {arch: mlp, width: 32}\n      init_scale: 0.3\n      lr: 0.005\n      batch_size: 32\n      steps: 100\n      eval: {every: 50}\n      measure: {lambda_max: {every: 50}, batch_sharpness: {every: 50, min_samples: 5, max_samples: 20, rel_tol: 0.05}, step_sharpness: {every: 10}}\n  figure:\n    kind: plot\n    inputs: {runs: train}\n",
+    );
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[
+            ("data", "computed"),
+            ("train", "computed"),
+            ("figure", "computed")
+        ])
+    );
+    let dir = artifact(&env, &p, &[], "train");
+    assert_eq!(summary(&dir)["status"], "completed");
+    let m = Metrics::read(&dir);
+    assert_eq!(m.rows.len(), 101);
+    let positive = |step: u64, column: &str| {
+        let v = m
+            .at(step, column)
+            .unwrap_or_else(|| panic!("{column} not measured at step {step}"));
+        assert!(v.is_finite() && v > 0.0, "{column} at {step}: {v}");
+    };
+    for step in [0, 50] {
+        positive(step, "lambda_max");
+        positive(step, "batch_sharpness");
+        positive(step, "batch_sharpness_stderr");
+        let samples = m.at(step, "batch_sharpness_samples").unwrap();
+        assert!((5.0..=20.0).contains(&samples), "{samples}");
+    }
+    for step in (0..100).step_by(10) {
+        positive(step, "step_sharpness");
+    }
+    for step in [1, 25, 99] {
+        assert_eq!(m.at(step, "lambda_max"), None);
+        assert_eq!(m.at(step, "batch_sharpness"), None);
+    }
+    assert_eq!(m.at(15, "step_sharpness"), None);
+    let (start, end) = (
+        m.at(0, "full_loss").unwrap(),
+        m.at(100, "full_loss").unwrap(),
+    );
+    assert!(end < start, "the full loss went from {start} to {end}");
+
+    let figure = artifact(&env, &p, &[], "figure");
+    let png = image::open(figure.join("figure.png")).unwrap();
+    assert!(png.width() > 100 && png.height() > 100);
+    let svg = String::from_utf8(read(&figure.join("figure.svg"))).unwrap();
+    assert!(svg.contains("<svg"), "{svg}");
+    // Tidy data: the 2/η line (two points), 10 step sharpness, 2 batch sharpness and 2 λmax points.
+    let mut table = csv::Reader::from_path(figure.join("figure.csv")).unwrap();
+    assert_eq!(
+        table.headers().unwrap(),
+        vec!["panel", "series", "axis", "x", "y"]
+    );
+    let ys: Vec<f64> = table
+        .records()
+        .map(|r| r.unwrap()[4].parse().unwrap())
+        .collect();
+    assert_eq!(ys.len(), 16, "{ys:?}");
+    for step in [0, 50] {
+        let lambda = m.at(step, "lambda_max").unwrap();
+        assert!(ys.contains(&lambda), "λmax {lambda} not drawn: {ys:?}");
+    }
 }
