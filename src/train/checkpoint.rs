@@ -74,6 +74,21 @@ fn failed(path: &Path, e: impl std::fmt::Display) -> StageError {
     StageError::Failed(format!("{}: {e}", path.display()))
 }
 
+/// Removes what a run killed while writing a checkpoint left behind (hidden temporary files).
+pub fn remove_partial(dir: &Path) -> Result<(), StageError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| StageError::io(dir, e))? {
+        let path = entry.map_err(|e| StageError::io(dir, e))?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
+            std::fs::remove_file(&path).map_err(|e| StageError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes the checkpoint of `state.step` into `dir` (atomically: the file appears complete or not
 /// at all), with the measurements' warm-start vectors so that a resumed run measures identically.
 pub fn save(
@@ -157,5 +172,15 @@ mod tests {
             .collect();
         assert_eq!(steps, vec![10, 200]);
         assert!(list(&dir.path().join("absent")).unwrap().is_empty());
+        remove_partial(dir.path()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left.len(),
+            2,
+            "only the complete checkpoints remain: {left:?}"
+        );
     }
 }

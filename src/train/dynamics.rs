@@ -25,9 +25,10 @@ use serde::{Deserialize, Serialize};
 use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::Model;
 
-/// The update rule of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// The update rule of a run (a plain name, so that it can be swept in a matrix; its settings are
+/// [`NoiseSettings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
 pub enum Dynamics {
     /// Mini-batch SGD (batches from the sampler).
     #[default]
@@ -37,25 +38,26 @@ pub enum Dynamics {
     /// Full-batch gradient with Gaussian-resampling noise of batch size b.
     ResamplingNoise,
     /// Full-batch gradient with diagonal noise diag(Σ)/b.
-    DiagonalNoise {
-        /// Steps between refreshes of the per-coordinate variances.
-        refresh_every: u64,
-    },
+    DiagonalNoise,
     /// Full-batch gradient with isotropic noise (tr Σ / d)/b · I.
-    IsotropicNoise {
-        /// Steps between refreshes of tr Σ.
-        refresh_every: u64,
-    },
+    IsotropicNoise,
     /// Full-batch gradient with N(0, σ² I) noise.
-    ConstantNoise {
-        /// Standard deviation σ of each coordinate.
-        sigma: f64,
-    },
-    /// The SDE of SGD with batch size b, `substeps` Euler–Maruyama substeps per step.
-    Sde {
-        /// Substeps per step of time η (h = η / substeps).
-        substeps: u32,
-    },
+    ConstantNoise,
+    /// The SDE of SGD with batch size b, by Euler–Maruyama substeps.
+    Sde,
+}
+
+/// Settings of the noisy dynamics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoiseSettings {
+    /// Seed of the noise (the noise of step t comes from stream t of a ChaCha RNG with this seed).
+    pub seed: u64,
+    /// Steps between refreshes of the diagonal / isotropic variances.
+    pub refresh_every: u64,
+    /// σ of the constant noise.
+    pub sigma: f64,
+    /// Euler–Maruyama substeps per step of time η (h = η / substeps).
+    pub substeps: u32,
 }
 
 impl Dynamics {
@@ -160,7 +162,7 @@ impl FullBatch<'_> {
 
 /// Noise and state carried between steps by the noisy dynamics.
 pub struct NoiseState {
-    seed: u64,
+    settings: NoiseSettings,
     variances: Option<Vec<Tensor>>,
     refreshed_at: Option<u64>,
 }
@@ -192,18 +194,18 @@ fn gaussian_like(
 }
 
 impl NoiseState {
-    /// Fresh state; the noise of step t comes from stream t of a ChaCha RNG seeded with `seed`, so a
-    /// resumed run draws the same noise.
-    pub fn new(seed: u64) -> Self {
+    /// Fresh state. The noise of a step depends only on the seed and the step, so a resumed run
+    /// draws the same noise.
+    pub fn new(settings: NoiseSettings) -> Self {
         Self {
-            seed,
+            settings,
             variances: None,
             refreshed_at: None,
         }
     }
 
     fn rng(&self, step: u64) -> ChaCha8Rng {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed);
         rng.set_stream(step);
         rng
     }
@@ -234,13 +236,13 @@ impl NoiseState {
                     resampling_weights(&mut rng, n, 1.0 / n as f64, 1.0 / (n as f64 * b).sqrt());
                 data.weighted_gradient(model, &w).map(|(g, l)| (l, Some(g)))
             }
-            Dynamics::DiagonalNoise { refresh_every }
-            | Dynamics::IsotropicNoise { refresh_every } => {
+            Dynamics::DiagonalNoise | Dynamics::IsotropicNoise => {
+                let refresh_every = self.settings.refresh_every.max(1);
                 // Variances for steps [kR, (k+1)R) come from θ at step kR.
-                let due = step - step % refresh_every.max(&1);
+                let due = step - step % refresh_every;
                 if self.refreshed_at != Some(due) {
                     let variances = data.gradient_variances(model)?;
-                    self.variances = Some(if matches!(dynamics, Dynamics::IsotropicNoise { .. }) {
+                    self.variances = Some(if *dynamics == Dynamics::IsotropicNoise {
                         let d: usize = variances.iter().map(Tensor::elem_count).sum();
                         let mut trace = 0f64;
                         for v in &variances {
@@ -266,18 +268,20 @@ impl NoiseState {
                     .collect::<Result<_>>()?;
                 Ok((loss, Some(noisy)))
             }
-            Dynamics::ConstantNoise { sigma } => {
+            Dynamics::ConstantNoise => {
+                let sigma = self.settings.sigma;
                 let (gradient, loss) = data.weighted_gradient(model, &mean)?;
                 let noisy = gradient
                     .iter()
-                    .map(|g| g + gaussian_like(&mut rng, g, None, *sigma)?)
+                    .map(|g| g + gaussian_like(&mut rng, g, None, sigma)?)
                     .collect::<Result<_>>()?;
                 Ok((loss, Some(noisy)))
             }
-            Dynamics::Sde { substeps } => {
-                let h = lr / *substeps as f64;
+            Dynamics::Sde => {
+                let substeps = self.settings.substeps.max(1);
+                let h = lr / substeps as f64;
                 let mut first_loss = None;
-                for _ in 0..*substeps {
+                for _ in 0..substeps {
                     let w = resampling_weights(
                         &mut rng,
                         n,

@@ -152,9 +152,18 @@ fn format_value(v: f64) -> String {
     }
 }
 
-/// Reads the rows of a metrics file written by [`MetricsLog`] (for resuming and branching).
+/// Reads the rows of a metrics file written by [`MetricsLog`].
 pub fn read_rows(path: &Path) -> Result<Vec<Row>, StageError> {
-    let mut reader = csv::Reader::from_path(path)
+    read_rows_before(path, u64::MAX, false)
+}
+
+/// Reads the rows with step < `before` (for resuming and branching). With `tolerant`, reading stops
+/// quietly at the first record that is cut short or out of order: what a killed run left after its
+/// last flush.
+pub fn read_rows_before(path: &Path, before: u64, tolerant: bool) -> Result<Vec<Row>, StageError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(tolerant)
+        .from_path(path)
         .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
     let columns: Vec<String> = reader
         .headers()
@@ -162,22 +171,35 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>, StageError> {
         .iter()
         .map(str::to_string)
         .collect();
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for (line, record) in reader.records().enumerate() {
-        let record = record.map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+        let record = match record {
+            Ok(record) if tolerant && record.len() != columns.len() => break,
+            Ok(record) => record,
+            Err(_) if tolerant => break,
+            Err(e) => return Err(StageError::Failed(format!("{}: {e}", path.display()))),
+        };
         let mut row = Row::default();
         for (column, cell) in columns.iter().zip(record.iter()) {
             if cell.is_empty() {
                 continue;
             }
-            let value: f64 = cell.parse().map_err(|_| {
-                StageError::Failed(format!(
-                    "{}:{}: column {column}: `{cell}` is not a number",
-                    path.display(),
-                    line + 2
-                ))
-            })?;
+            let value: f64 = match cell.parse() {
+                Ok(value) => value,
+                Err(_) if tolerant => return Ok(rows),
+                Err(_) => {
+                    return Err(StageError::Failed(format!(
+                        "{}:{}: column {column}: `{cell}` is not a number",
+                        path.display(),
+                        line + 2
+                    )))
+                }
+            };
             row.values.insert(column.clone(), value);
+        }
+        let in_order = rows.last().is_none_or(|last| last.step() < row.step());
+        if row.step() >= before || (tolerant && !in_order) {
+            break;
         }
         rows.push(row);
     }

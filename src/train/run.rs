@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
-use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseState};
+use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseSettings, NoiseState};
 use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
 use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
@@ -102,6 +102,16 @@ pub struct TrainConfig {
     /// Seed of the injected noise (noisy GD, SDE).
     #[serde(default)]
     pub noise_seed: u64,
+    /// Steps between refreshes of the per-coordinate gradient variances (diagonal and isotropic
+    /// noise; the paper: 30).
+    #[serde(default = "default_refresh_every")]
+    pub noise_refresh_every: u64,
+    /// σ of `constant_noise`.
+    #[serde(default)]
+    pub noise_sigma: f64,
+    /// Euler–Maruyama substeps per step for `sde` (h = η / substeps; the paper: 20).
+    #[serde(default = "default_substeps")]
+    pub sde_substeps: u32,
     /// For the `train` stage: start from the `base` run's checkpoint at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch_step: Option<u64>,
@@ -115,6 +125,12 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_eval() -> Cadence {
     Cadence::every(100)
+}
+fn default_refresh_every() -> u64 {
+    30
+}
+fn default_substeps() -> u32 {
+    20
 }
 fn default_eval_chunk() -> usize {
     1024
@@ -270,21 +286,24 @@ pub fn train(
     let mut measure_state = MeasureState::default();
     let checkpoints = out_dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| StageError::io(&checkpoints, e))?;
+    checkpoint::remove_partial(&checkpoints)?;
     let (first_step, sampler_state, kept_rows) = match start {
         StartPoint::Fresh => (0, Default::default(), Vec::new()),
         StartPoint::Checkpoint { path, metrics } => {
             let state = checkpoint::load(path, model.as_ref(), &optimizer, &mut measure_state)?;
-            let rows = super::metrics::read_rows(metrics)?
-                .into_iter()
-                .filter(|row| row.step() < state.step)
-                .collect();
+            let rows = super::metrics::read_rows_before(metrics, state.step, true)?;
             (state.step, state.sampler, rows)
         }
     };
     let metrics_path = out_dir.join("metrics.csv");
     let mut log = MetricsLog::create(&metrics_path, &kept_rows)?;
     let mut sampler = BatchSampler::new(n, config.data_seed, config.sampling, sampler_state);
-    let mut noise = NoiseState::new(config.noise_seed);
+    let mut noise = NoiseState::new(NoiseSettings {
+        seed: config.noise_seed,
+        refresh_every: config.noise_refresh_every,
+        sigma: config.noise_sigma,
+        substeps: config.sde_substeps,
+    });
     let full_set = train_set.batch()?;
 
     reporter.set_length(config.steps);

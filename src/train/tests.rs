@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use super::dynamics::{Dynamics, FullBatch, NoiseState};
+use super::dynamics::{Dynamics, FullBatch, NoiseSettings, NoiseState};
 use super::measure::{EigenSpec, EverySpec, MeasureConfig, MonteCarloSpec};
 use super::schedule::{Cadence, Change};
 use super::*;
@@ -301,7 +301,12 @@ fn direction_moments(
         chunk: 5,
     };
     let per_sample = per_sample_gradients(model.as_ref(), &full);
-    let mut noise = NoiseState::new(3);
+    let mut noise = NoiseState::new(NoiseSettings {
+        seed: 3,
+        refresh_every: 1_000_000,
+        sigma: 0.0,
+        substeps: 1,
+    });
     let samples: Vec<Vec<f64>> = (0..draws)
         .map(|step| {
             let (_, d) = noise
@@ -359,13 +364,7 @@ fn resampling_noise_has_covariance_sigma_over_b() {
 #[test]
 fn diagonal_and_isotropic_noise_have_the_intended_variances() {
     let b = 4;
-    let (_, sigma, diagonal) = direction_moments(
-        &Dynamics::DiagonalNoise {
-            refresh_every: 1_000_000,
-        },
-        b,
-        4000,
-    );
+    let (_, sigma, diagonal) = direction_moments(&Dynamics::DiagonalNoise, b, 4000);
     let dim = sigma.len();
     let scale = max_abs(&sigma) / b as f64;
     for j in 0..dim {
@@ -377,13 +376,7 @@ fn diagonal_and_isotropic_noise_have_the_intended_variances() {
             assert!(value.abs() < 0.1 * scale, "off-diagonal ({j}, {k})");
         }
     }
-    let (_, _, isotropic) = direction_moments(
-        &Dynamics::IsotropicNoise {
-            refresh_every: 1_000_000,
-        },
-        b,
-        4000,
-    );
+    let (_, _, isotropic) = direction_moments(&Dynamics::IsotropicNoise, b, 4000);
     let level = (0..dim).map(|j| sigma[j][j]).sum::<f64>() / dim as f64 / b as f64;
     for (j, row) in isotropic.iter().enumerate() {
         assert!(
@@ -399,7 +392,8 @@ fn sde_paths_differ_only_by_their_seed() {
     let data = tiny_data(24, 8);
     let mut config = config(10);
     config.momentum = 0.0;
-    config.dynamics = Dynamics::Sde { substeps: 4 };
+    config.dynamics = Dynamics::Sde;
+    config.sde_substeps = 4;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     run(&config, &data, &StartPoint::Fresh, dirs[0].path());
     run(&config, &data, &StartPoint::Fresh, dirs[1].path());
