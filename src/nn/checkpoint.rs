@@ -307,6 +307,28 @@ mod tests {
         );
         assert_eq!(stored["fc1.weight"].dims(), &[512, 128]);
         assert_eq!(stored["fc2.bias"].dims(), &[3]);
+        // ResNet-14: akamaster names without BatchNorm, bias-free convolutions.
+        let resnet = ModelSpec::Resnet { depth: 14 }
+            .build([3, 8, 8], 10, 1.0, 0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let names: Vec<&str> = resnet.params().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names.len(), 1 + 3 * 2 * 2 + 2);
+        assert_eq!(
+            &names[..3],
+            &[
+                "conv1.weight",
+                "layer1.0.conv1.weight",
+                "layer1.0.conv2.weight"
+            ]
+        );
+        assert_eq!(&names[names.len() - 2..], &["linear.weight", "linear.bias"]);
+        let path = dir.path().join("resnet.safetensors");
+        save(&path, resnet.as_ref(), None, &Extras::default()).unwrap();
+        let stored = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(stored.len(), names.len());
+        assert_eq!(stored["layer2.0.conv1.weight"].dims(), &[32, 16, 3, 3]);
+        assert_eq!(stored["layer3.1.conv2.weight"].dims(), &[64, 64, 3, 3]);
+        assert_eq!(stored["linear.weight"].dims(), &[10, 64]);
     }
 
     #[test]
