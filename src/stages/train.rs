@@ -67,6 +67,29 @@ impl Stage for TrainStage {
         if config.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));
         }
+        config.model.validate().map_err(|e| match e {
+            crate::nn::SpecError::Invalid { field, message } => {
+                invalid(&format!("model.{field}"), &message)
+            }
+        })?;
+        use crate::train::dynamics::Dynamics;
+        if config.dynamics != Dynamics::Sgd && config.momentum != 0.0 {
+            return Err(invalid(
+                "momentum",
+                "noisy GD and the SDE take plain steps: momentum must be 0",
+            ));
+        }
+        if matches!(
+            config.dynamics,
+            Dynamics::DiagonalNoise | Dynamics::IsotropicNoise
+        ) && (config.noise_refresh_every == 0
+            || config.checkpoint_every % config.noise_refresh_every != 0)
+        {
+            return Err(invalid(
+                "noise_refresh_every",
+                "must divide checkpoint_every, so that a resumed run refreshes the noise where an uninterrupted one does",
+            ));
+        }
         if config.checkpoint_every == 0 || config.eval.every == 0 {
             return Err(invalid("checkpoint_every", "intervals must be at least 1"));
         }
