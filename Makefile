@@ -1,7 +1,17 @@
-# eoss: `make test` is the CI command (.ci/run); `make quickstart` runs the quickstart pipeline.
+# eoss: `make test` is the CI command (.ci/run); `make quickstart` runs the quickstart pipeline;
+# `make figNN` (or `make figN`) reproduces figure NN into figures/figNN.{png,svg,csv}.
 CARGO ?= cargo
+PROFILE ?= smoke
+DEVICE ?= cpu
+JOBS ?= 2
+EOSS_DATA ?= $(CURDIR)/../shared/data
+export EOSS_DATA
 
-.PHONY: test lint quickstart bench
+FEATURES := $(if $(filter cuda,$(DEVICE)),--features cuda,)
+EOSS := $(CARGO) run --release $(FEATURES) --
+FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
+
+.PHONY: test lint quickstart bench figures $(FIGURES)
 
 test: lint
 	$(CARGO) test
@@ -11,7 +21,17 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 quickstart:
-	$(CARGO) run --release -- run pipelines/quickstart.yaml
+	$(EOSS) run pipelines/quickstart.yaml --jobs $(JOBS) --export figures
 
 bench:
 	$(CARGO) bench --bench engine
+	$(CARGO) bench --bench train_step
+
+figures: $(FIGURES)
+
+$(FIGURES): fig%:
+	$(EOSS) run pipelines/fig$*.yaml --profile $(PROFILE) --jobs $(JOBS) --export figures \
+	  $(if $(filter cuda,$(DEVICE)),$(if $(shell grep -l '^  train:' pipelines/fig$*.yaml),--set train.device=cuda))
+
+# `make fig1` is `make fig01`.
+fig1 fig2 fig3 fig4 fig5 fig6 fig7 fig8 fig9: fig%: fig0%
