@@ -13,8 +13,9 @@ FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
 
 .PHONY: test lint quickstart bench figures $(FIGURES)
 
+# Everything, including the minutes-long figure checks (tests/figures.rs); `cargo test` alone skips those.
 test: lint
-	$(CARGO) test
+	$(CARGO) test -- --include-ignored
 
 lint:
 	$(CARGO) fmt --check
