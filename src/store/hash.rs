@@ -1,28 +1,18 @@
 //! Content hashes of files: blake3 of whole files, and the memo that keeps large external inputs from
 //! being re-hashed on every run (keyed by path, size and modification time, stored in the store).
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// blake3 and size of a file, read in 1 MiB blocks.
+/// blake3 and size of a file: memory-mapped and hashed on all cores (as `b3sum` does), falling back
+/// to buffered reads for files that cannot be mapped.
 pub fn hash_file(path: &Path) -> io::Result<(blake3::Hash, u64)> {
-    let mut file = File::open(path)?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hasher.finalize(), total))
+    hasher.update_mmap_rayon(path)?;
+    Ok((hasher.finalize(), hasher.count()))
 }
 
 /// One memo entry.
