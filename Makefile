@@ -13,9 +13,11 @@ FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
 
 .PHONY: test lint quickstart bench figures $(FIGURES)
 
-# Everything, including the minutes-long figure checks (tests/figures.rs); `cargo test` alone skips those.
+# Everything, including the minutes-long figure checks (tests/figures.rs, one at a time: each runs
+# its pipeline with --jobs 2); `cargo test` alone skips those.
 test: lint
-	$(CARGO) test -- --include-ignored
+	$(CARGO) test
+	$(CARGO) test --test figures -- --ignored --test-threads 1
 
 lint:
 	$(CARGO) fmt --check

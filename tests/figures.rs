@@ -1,8 +1,10 @@
 //! The smoke profiles of figures 1, 2, 3 and 8 show the effect their figure is about. Each test runs
-//! the real pipeline (`eoss run pipelines/figNN.yaml --profile smoke`) on a temporary store and reads
-//! the metrics of its runs. They take minutes, so they are `#[ignore]`d for a plain `cargo test` and
-//! run by `make test` (and CI) with `--include-ignored`. They need the real CIFAR-10 files in
-//! `../shared/data` (figure 3 needs no data); without them they say so and pass.
+//! the real pipeline (`eoss run pipelines/figNN.yaml --profile smoke`) and reads the metrics of its
+//! runs. They take minutes, so they are `#[ignore]`d for a plain `cargo test`; `make test` (and CI)
+//! runs them one at a time with `--ignored`. They share one store under cargo's target tmp dir, so
+//! figure 2 reuses the runs it has in common with figure 1 (and a second `make test` reuses them all,
+//! as any pipeline would). They need the real CIFAR-10 files in `../shared/data` (figure 3 needs no
+//! data); without them they say so and pass.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,9 @@ struct Run {
 
 impl Run {
     fn param(&self, name: &str) -> f64 {
-        self.params[name].as_f64().unwrap_or_else(|| panic!("{}: no param {name}", self.name))
+        self.params[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: no param {name}", self.name))
     }
 
     /// (step, value) of the cells of `column` that hold a number.
@@ -40,7 +44,11 @@ impl Run {
     fn mean_over_last(&self, column: &str, fraction: f64) -> f64 {
         let series = self.series(column);
         let last = series.last().map(|p| p.0).unwrap_or(0.0);
-        let tail: Vec<f64> = series.iter().filter(|p| p.0 >= (1.0 - fraction) * last).map(|p| p.1).collect();
+        let tail: Vec<f64> = series
+            .iter()
+            .filter(|p| p.0 >= (1.0 - fraction) * last)
+            .map(|p| p.1)
+            .collect();
         assert!(!tail.is_empty(), "{}: no {column} values", self.name);
         tail.iter().sum::<f64>() / tail.len() as f64
     }
@@ -48,34 +56,51 @@ impl Run {
 
 /// Runs `pipelines/<figure>.yaml` with the smoke profile and returns its runs of kind `kind`.
 fn run_figure(figure: &str, kind: &str, data: Option<&Path>) -> Vec<Run> {
-    let store = tempfile::tempdir().unwrap();
-    let report = store.path().join("report.json");
+    let store = Path::new(env!("CARGO_TARGET_TMPDIR")).join("figure-store");
+    let report = store.join(format!("{figure}-report.json"));
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_eoss"));
     command
         .current_dir(manifest_dir)
-        .args(["run", &format!("pipelines/{figure}.yaml"), "--profile", "smoke", "--jobs", "2"])
+        .args([
+            "run",
+            &format!("pipelines/{figure}.yaml"),
+            "--profile",
+            "smoke",
+            "--jobs",
+            "2",
+        ])
         .arg("--artifacts")
-        .arg(store.path())
+        .arg(&store)
         .arg("--report")
         .arg(&report);
     if let Some(data) = data {
         command.env("EOSS_DATA", data);
     }
     let output = command.output().unwrap();
-    assert!(output.status.success(), "{figure}: {}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        output.status.success(),
+        "{figure}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     report["stages"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|s| s["kind"] == kind)
         .map(|s| {
-            let dir = store.path().join(kind).join(s["key"].as_str().unwrap());
+            let dir = store.join(kind).join(s["key"].as_str().unwrap());
             let manifest: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
             let mut reader = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
-            let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+            let header: Vec<String> = reader
+                .headers()
+                .unwrap()
+                .iter()
+                .map(str::to_string)
+                .collect();
             let mut columns: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
             for record in reader.records() {
                 let record = record.unwrap();
@@ -97,7 +122,7 @@ fn run_figure(figure: &str, kind: &str, data: Option<&Path>) -> Vec<Run> {
 }
 
 #[test]
-#[ignore = "minutes: run by `make test`"]
+#[ignore = "minutes: `make test` runs it"]
 fn figure_1_batch_sharpness_plateaus_at_two_over_eta() {
     let Some(data) = data_root() else { return };
     let runs = run_figure("fig01", "train", Some(&data));
@@ -105,19 +130,26 @@ fn figure_1_batch_sharpness_plateaus_at_two_over_eta() {
     for run in &runs {
         let threshold = 2.0 / run.param("lr");
         let plateau = run.mean_over_last("batch_sharpness", 1.0 / 3.0);
-        eprintln!("{}: batch sharpness {plateau:.1} over the last third, 2/η = {threshold}", run.name);
+        eprintln!(
+            "{}: batch sharpness {plateau:.1} over the last third, 2/η = {threshold}",
+            run.name
+        );
         assert!(
             (plateau / threshold - 1.0).abs() <= 0.2,
             "{}: batch sharpness {plateau} is not within 20% of 2/η = {threshold}",
             run.name
         );
         let lambda = run.mean_over_last("lambda_max", 1.0 / 3.0);
-        assert!(lambda < 1.1 * threshold, "{}: λmax {lambda} above 2/η = {threshold}", run.name);
+        assert!(
+            lambda < 1.1 * threshold,
+            "{}: λmax {lambda} above 2/η = {threshold}",
+            run.name
+        );
     }
 }
 
 #[test]
-#[ignore = "minutes: run by `make test`"]
+#[ignore = "minutes: `make test` runs it"]
 fn figure_2_lambda_max_settles_below_two_over_eta_and_grows_with_b() {
     let Some(data) = data_root() else { return };
     let mut runs = run_figure("fig02", "train", Some(&data));
@@ -133,11 +165,14 @@ fn figure_2_lambda_max_settles_below_two_over_eta_and_grows_with_b() {
         }
     }
     let (smallest, largest) = (finals[0].1, finals[finals.len() - 1].1);
-    assert!(smallest < 0.6 * largest, "λmax does not grow with b: {finals:?}");
+    assert!(
+        smallest < 0.6 * largest,
+        "λmax does not grow with b: {finals:?}"
+    );
 }
 
 #[test]
-#[ignore = "minutes: run by `make test`"]
+#[ignore = "minutes: `make test` runs it"]
 fn figure_3_sgd_on_a_quadratic_diverges_only_above_eta_two() {
     let runs = run_figure("fig03", "quadratic", None);
     assert_eq!(runs.len(), 5);
@@ -149,13 +184,17 @@ fn figure_3_sgd_on_a_quadratic_diverges_only_above_eta_two() {
             // SGD keeps oscillating (Type-1): the loss never settles at its minimum.
             let loss = run.mean_over_last("full_loss", 0.5);
             let min_loss = run.summary["min_loss"].as_f64().unwrap();
-            assert!(loss > min_loss * (1.0 + 1e-6), "{}: the loss settled at its minimum", run.name);
+            assert!(
+                loss > min_loss * (1.0 + 1e-6),
+                "{}: the loss settled at its minimum",
+                run.name
+            );
         }
     }
 }
 
 #[test]
-#[ignore = "minutes: run by `make test`"]
+#[ignore = "minutes: `make test` runs it"]
 fn figure_8_only_sgd_like_noise_keeps_lambda_max_below_two_over_eta() {
     let Some(data) = data_root() else { return };
     let runs = run_figure("fig08", "train", Some(&data));
@@ -165,7 +204,9 @@ fn figure_8_only_sgd_like_noise_keeps_lambda_max_below_two_over_eta() {
         let lambda = run.mean_over_last("lambda_max", 0.2);
         eprintln!("{dynamics}: final λmax {lambda:.1} (2/η = {threshold})");
         match dynamics {
-            "sgd" | "resampling_noise" => assert!(lambda < 0.85 * threshold, "{dynamics}: λmax {lambda}"),
+            "sgd" | "resampling_noise" => {
+                assert!(lambda < 0.85 * threshold, "{dynamics}: λmax {lambda}")
+            }
             _ => assert!(lambda > 0.9 * threshold, "{dynamics}: λmax {lambda}"),
         }
     }
