@@ -11,12 +11,15 @@ FEATURES := $(if $(filter cuda,$(DEVICE)),--features cuda,)
 EOSS := $(CARGO) run --release $(FEATURES) --
 FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
 
-.PHONY: test lint quickstart bench figures $(FIGURES)
+.PHONY: test lint check-figures quickstart bench figures $(FIGURES)
 
-# Everything, including the minutes-long figure checks (tests/figures.rs, one at a time: each runs
-# its pipeline with --jobs 2); `cargo test` alone skips those.
+# fmt, clippy, every test, and the figure-8 check (about 15 minutes); `cargo test` alone skips that.
 test: lint
 	$(CARGO) test
+	$(CARGO) test --test figures -- --ignored --test-threads 1 figure_8
+
+# The minutes-long checks that the smoke figures 1, 2 and 8 show their effect (tests/figures.rs).
+check-figures:
 	$(CARGO) test --test figures -- --ignored --test-threads 1
 
 lint:
