@@ -52,7 +52,8 @@ impl Stage for TrainStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the `epoch` column of full-batch dynamics counts steps.
+        2
     }
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {

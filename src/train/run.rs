@@ -319,7 +319,13 @@ pub fn train(
     while step <= config.steps {
         let mut row = Row::new(step);
         let (lr, batch_size) = schedule.at(step);
-        row.set("epoch", sampler.epochs_done());
+        // Full-batch dynamics see every sample once per step.
+        let epoch = if config.dynamics.uses_batches() {
+            sampler.epochs_done()
+        } else {
+            step as f64
+        };
+        row.set("epoch", epoch);
         row.set("lr", lr);
         row.set("batch_size", batch_size as f64);
 
