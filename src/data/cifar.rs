@@ -110,14 +110,7 @@ impl SplitReader for Cifar10Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::test_support::real_data_dir;
-
-    /// The label histogram of `labels`.
-    fn histogram(labels: &[u8]) -> [usize; 10] {
-        let mut h = [0; 10];
-        labels.iter().for_each(|&l| h[usize::from(l)] += 1);
-        h
-    }
+    use crate::data::test_support::{histogram, real_data_dir};
 
     #[test]
     fn train_labels_match_the_readme() {

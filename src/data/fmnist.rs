@@ -168,15 +168,9 @@ impl SplitReader for FashionMnistReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::test_support::real_data_dir;
+    use crate::data::test_support::{histogram, real_data_dir};
     use flate2::{write::GzEncoder, Compression};
     use std::io::Write;
-
-    fn histogram(labels: &[u8]) -> [usize; 10] {
-        let mut h = [0; 10];
-        labels.iter().for_each(|&l| h[usize::from(l)] += 1);
-        h
-    }
 
     #[test]
     fn real_files_match_the_readme() {

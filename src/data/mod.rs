@@ -362,4 +362,11 @@ pub(crate) mod test_support {
             None
         }
     }
+
+    /// How many of `labels` fall in each of 10 classes.
+    pub(crate) fn histogram(labels: &[u8]) -> [usize; 10] {
+        let mut h = [0; 10];
+        labels.iter().for_each(|&l| h[usize::from(l)] += 1);
+        h
+    }
 }
