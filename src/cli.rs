@@ -137,6 +137,18 @@ pub enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Downloads a collection's official files (`cifar10`, `fashion-mnist`, `svhn`), checking their
+    /// published MD5s, into `--root` (default: `$EOSS_DATA/<source>`, else `../shared/data/<source>`).
+    Fetch {
+        /// The collection: `cifar10`, `fashion-mnist` or `svhn`.
+        source: String,
+        /// The folder to put the files in.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Base URL of a mirror to download from instead of the official address.
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+    },
 }
 
 /// Parses arguments and runs the command.
@@ -254,6 +266,26 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
         }
         Command::Gc { keep, delete } => {
             write(out, &gc(&store, &keep, delete, &registry)?);
+        }
+        Command::Fetch {
+            source,
+            root,
+            mirror,
+        } => {
+            use crate::data::source::SourceKind;
+            let kind: SourceKind = serde_json::from_value(serde_json::Value::String(
+                source.clone(),
+            ))
+            .map_err(|_| {
+                Error::Usage(format!(
+                    "unknown collection `{source}`: expected cifar10, fashion-mnist or svhn"
+                ))
+            })?;
+            let eoss_data = std::env::var_os("EOSS_DATA").map(PathBuf::from);
+            let dir = root.unwrap_or_else(|| kind.default_root(eoss_data.as_deref()));
+            for file in crate::data::fetch::fetch(kind, &dir, mirror.as_deref())? {
+                write(out, &format!("{}\n", file.display()));
+            }
         }
     }
     Ok(())

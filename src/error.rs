@@ -151,6 +151,9 @@ pub enum Error {
     /// A command-line request that cannot be satisfied (unknown artifact, glob matching nothing).
     #[error("{0}")]
     Usage(String),
+    /// `eoss fetch` could not download or check a file.
+    #[error(transparent)]
+    Fetch(#[from] crate::data::DataError),
 }
 
 impl Error {
@@ -161,7 +164,8 @@ impl Error {
             Error::Store(_)
             | Error::Io { .. }
             | Error::StagesFailed { .. }
-            | Error::Corrupt { .. } => EXIT_STAGE_FAILED,
+            | Error::Corrupt { .. }
+            | Error::Fetch(_) => EXIT_STAGE_FAILED,
         }
     }
 }

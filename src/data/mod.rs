@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod cifar;
+pub mod fetch;
 pub mod fmnist;
 mod safetensors_file;
 pub mod source;
@@ -73,8 +74,9 @@ pub struct Dataset {
 pub enum DataError {
     /// A data file is absent.
     #[error(
-        "{}: not found; expected {expected}. Get it from {url} and put it in {} \
-         (or point the `root` param or the EOSS_DATA variable at the folder holding it)",
+        "{}: not found; expected {expected}. Get it from {url} and put it in {} (`eoss fetch` \
+         does both, checking the published MD5s), or point the `root` param or the EOSS_DATA variable \
+         at the folder holding it",
         file.display(),
         dir.display()
     )]
