@@ -193,26 +193,29 @@ pub fn dense_gauss_newton(model: &dyn Model, kind: LossKind, batch: &Batch) -> D
     g
 }
 
+/// The dense matrix of a linear operator on parameter space, column by column from unit vectors.
+pub fn dense_of(apply: impl Fn(&ParamVec) -> ParamVec, template: &ParamVec) -> Dense {
+    let d = template.dim();
+    let mut m = vec![vec![0.0; d]; d];
+    for j in 0..d {
+        let mut e = vec![0.0; d];
+        e[j] = 1.0;
+        let col = apply(&template.from_f64_like(&e).unwrap())
+            .to_f64_vec()
+            .unwrap();
+        for i in 0..d {
+            m[i][j] = col[i];
+        }
+    }
+    m
+}
+
 /// The dense Hessian of the mean loss on `batch`, column by column from HVPs on unit vectors.
 pub fn dense_hessian_hvp(model: &dyn Model, kind: LossKind, batch: &Batch) -> Dense {
     let op =
         HessianOperator::new(model, kind, batch, &Objective::Mean, &HvpConfig::default()).unwrap();
     let template = ParamVec::zeros_for(model.params()).unwrap();
-    let d = template.dim();
-    let mut h = vec![vec![0.0; d]; d];
-    for j in 0..d {
-        let mut e = vec![0.0; d];
-        e[j] = 1.0;
-        let col = op
-            .apply(&template.from_f64_like(&e).unwrap())
-            .unwrap()
-            .to_f64_vec()
-            .unwrap();
-        for i in 0..d {
-            h[i][j] = col[i];
-        }
-    }
-    h
+    dense_of(|v| op.apply(v).unwrap(), &template)
 }
 
 /// The gradient of the mean loss on `batch` at the model's current parameters (first order only).

@@ -5,8 +5,8 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 use crate::curvature::testing::{
-    data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, normals, rel_max_diff, Dense,
-    Linear, TanhMlp, TinyConv,
+    data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, dense_of, normals, rel_max_diff,
+    Dense, Linear, TanhMlp, TinyConv,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -152,24 +152,6 @@ fn weighted_objective_is_the_weighted_sum_of_per_sample_hessians() {
     assert!(max_abs_diff(&op.apply(&v).unwrap(), &expected) < 1e-13);
 }
 
-fn dense_from_operator(op: &GaussNewtonOperator, template: &ParamVec) -> Dense {
-    let d = template.dim();
-    let mut m = vec![vec![0.0; d]; d];
-    for j in 0..d {
-        let mut e = vec![0.0; d];
-        e[j] = 1.0;
-        let col = op
-            .apply(&template.from_f64_like(&e).unwrap())
-            .unwrap()
-            .to_f64_vec()
-            .unwrap();
-        for i in 0..d {
-            m[i][j] = col[i];
-        }
-    }
-    m
-}
-
 #[test]
 fn gauss_newton_product_equals_dense_jt_hz_j() {
     let model = TanhMlp::new(3, 3, 2, 15);
@@ -184,7 +166,7 @@ fn gauss_newton_product_equals_dense_jt_hz_j() {
             &HvpConfig::default(),
         )
         .unwrap();
-        let got = dense_from_operator(&op, &template);
+        let got = dense_of(|v| op.apply(v).unwrap(), &template);
         let expected = dense_gauss_newton(&model, kind, &batch);
         let err = rel_max_diff(&got, &expected);
         assert!(err < 1e-12, "{kind:?}: {err:e}");
@@ -214,7 +196,7 @@ fn gauss_newton_of_a_linear_model_is_its_hessian() {
     )
     .unwrap();
     let h = dense_hessian_hvp(&model, LossKind::Mse, &batch);
-    assert!(rel_max_diff(&dense_from_operator(&op, &template), &h) < 1e-14);
+    assert!(rel_max_diff(&dense_of(|v| op.apply(v).unwrap(), &template), &h) < 1e-14);
 }
 
 #[test]
