@@ -29,9 +29,11 @@ lint:
 quickstart:
 	$(EOSS) run pipelines/quickstart.yaml --jobs $(JOBS) --export figures
 
+# The engine's criterion bench, then SGD steps and curvature next to PyTorch (TORCH=python with torch).
+TORCH ?= python3
 bench:
 	$(CARGO) bench --bench engine
-	$(CARGO) bench --bench train_step
+	$(EOSS) bench --device $(DEVICE) --torch $(TORCH)
 
 figures: $(FIGURES)
 

@@ -149,6 +149,28 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         mirror: Option<String>,
     },
+    /// Times the SGD step, HVPs, λmax solves and batch sharpness of the paper's MLP and CNN, next to
+    /// PyTorch when `--torch` names a Python that has it (the ratio column is eoss / PyTorch).
+    Bench {
+        /// Device to time on.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::device::DeviceClass,
+        /// Which cases.
+        #[arg(long, value_enum, default_value = "all")]
+        suite: crate::bench::Suite,
+        /// Only cases whose name (`op/model/size`) contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// A Python interpreter with PyTorch: times the same cases there, in the same run.
+        #[arg(long, value_name = "PYTHON")]
+        torch: Option<PathBuf>,
+        /// Seconds of repetitions per case (at least 3 repetitions after one warm-up).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Also writes the timings as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Parses arguments and runs the command.
@@ -285,6 +307,27 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             let dir = root.unwrap_or_else(|| kind.default_root(eoss_data.as_deref()));
             for file in crate::data::fetch::fetch(kind, &dir, mirror.as_deref())? {
                 write(out, &format!("{}\n", file.display()));
+            }
+        }
+        Command::Bench {
+            device,
+            suite,
+            filter,
+            torch,
+            seconds,
+            json,
+        } => {
+            let opts = crate::bench::BenchOptions {
+                device,
+                suite,
+                filter,
+                torch,
+                seconds,
+            };
+            let timings = crate::bench::run(&opts)?;
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&timings).expect("timings serialise");
+                std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
             }
         }
     }

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a stage computes: the CPU everywhere, CUDA when built with the `cuda` feature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceClass {
     /// The CPU (bit-reproducible).

@@ -154,6 +154,9 @@ pub enum Error {
     /// `eoss fetch` could not download or check a file.
     #[error(transparent)]
     Fetch(#[from] crate::data::DataError),
+    /// `eoss bench` failed (a case, or the PyTorch reference).
+    #[error(transparent)]
+    Bench(#[from] Box<crate::bench::BenchError>),
 }
 
 impl Error {
@@ -165,7 +168,8 @@ impl Error {
             | Error::Io { .. }
             | Error::StagesFailed { .. }
             | Error::Corrupt { .. }
-            | Error::Fetch(_) => EXIT_STAGE_FAILED,
+            | Error::Fetch(_)
+            | Error::Bench(_) => EXIT_STAGE_FAILED,
         }
     }
 }

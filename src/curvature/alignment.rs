@@ -68,6 +68,7 @@ impl Histogram {
 
 /// Bin edges of the three alignment histograms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlignmentBins {
     /// Edges for pairwise dot products ⟨∇f_i, ∇f_j⟩, i < j.
     pub dots: Vec<f64>,
@@ -123,16 +124,25 @@ impl AlignmentReport {
     }
 }
 
+fn default_max_floats() -> usize {
+    1 << 28
+}
+
 /// How [`model_gradient_alignment`] samples and bins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlignmentConfig {
     /// Number of samples m (drawn uniformly without replacement).
     pub samples: usize,
-    /// Seed of that draw.
+    /// Seed of that draw (default 0).
+    #[serde(default)]
     pub seed: u64,
-    /// Which model output f_k to differentiate (0 for the paper's one-output ±1 setup).
+    /// Which model output f_k to differentiate (default 0, the paper's one-output ±1 setup).
+    #[serde(default)]
     pub output: usize,
-    /// Most gradient floats held at once (≥ the parameter count); bounds memory.
+    /// Most gradient floats held at once (≥ the parameter count); bounds memory (default 2²⁸,
+    /// 1 GiB of f32).
+    #[serde(default = "default_max_floats")]
     pub max_floats: usize,
     /// Histogram bins.
     pub bins: AlignmentBins,

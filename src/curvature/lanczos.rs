@@ -14,13 +14,14 @@
 //! An eigenvalue of exactly zero among the wanted ones has an infinite relative residual unless its
 //! residual is exactly zero, so such a run ends at `max_iter` with `converged = false`.
 
+use candle_core::{DType, Shape, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::tridiagonal::tridiagonal_eigen;
 use super::vector::Probe;
-use super::{CurvatureError, ParamVec, Result};
+use super::{CandleContext, CurvatureError, ParamVec, Result};
 
 /// Settings of one Lanczos run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -117,15 +118,107 @@ fn relative(residual: f64, value: f64) -> f64 {
     }
 }
 
-/// Removes from `w` its components along `basis` (two passes of classical Gram–Schmidt).
-fn orthogonalise(mut w: ParamVec, basis: &[ParamVec]) -> Result<ParamVec> {
-    for _pass in 0..2 {
-        for q in basis {
-            let c = q.dot(&w)?;
-            w = w.axpy(-c, q)?;
+/// The Krylov vectors, stored per parameter as the rows of one (capacity × numel) matrix, so that
+/// projecting a vector on all j of them costs two matrix products per parameter rather than 2j dot
+/// products and axpys (on a GPU each of those is several kernel launches and a device sync).
+struct KrylovBasis {
+    rows: Vec<Tensor>,
+    shapes: Vec<Shape>,
+    len: usize,
+}
+
+impl KrylovBasis {
+    fn new(template: &ParamVec) -> Self {
+        Self {
+            rows: Vec::new(),
+            shapes: template.parts().iter().map(|t| t.shape().clone()).collect(),
+            len: 0,
         }
     }
-    Ok(w)
+
+    /// Appends `v` (growing the storage by doubling).
+    fn push(&mut self, v: &ParamVec) -> Result<()> {
+        let full = self
+            .rows
+            .first()
+            .is_none_or(|r| r.dim(0).ok() == Some(self.len));
+        if full {
+            let capacity = (2 * self.len).max(8);
+            let mut grown = Vec::with_capacity(v.parts().len());
+            for (p, t) in v.parts().iter().enumerate() {
+                let rows = Tensor::zeros((capacity, t.elem_count()), t.dtype(), t.device())
+                    .ctx("Krylov basis")?;
+                if self.len > 0 {
+                    let old = self.rows[p].narrow(0, 0, self.len).ctx("Krylov basis")?;
+                    rows.slice_set(&old, 0, 0).ctx("Krylov basis")?;
+                }
+                grown.push(rows);
+            }
+            self.rows = grown;
+        }
+        for (rows, t) in self.rows.iter().zip(v.parts()) {
+            let row = t
+                .flatten_all()
+                .and_then(|r| r.unsqueeze(0))
+                .and_then(|r| r.contiguous())
+                .ctx("Krylov basis")?;
+            rows.slice_set(&row, 0, self.len).ctx("Krylov basis")?;
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The stored vectors as (len × numel) matrices, one per parameter.
+    fn matrices(&self) -> Result<Vec<Tensor>> {
+        self.rows
+            .iter()
+            .map(|r| r.narrow(0, 0, self.len))
+            .collect::<candle_core::Result<_>>()
+            .ctx("Krylov basis")
+    }
+
+    /// Σ_i c_i q_i.
+    fn combination(&self, coefficients: &[f64]) -> Result<ParamVec> {
+        let mut parts = Vec::with_capacity(self.rows.len());
+        for (q, shape) in self.matrices()?.iter().zip(&self.shapes) {
+            let part = Tensor::from_slice(coefficients, (1, self.len), q.device())
+                .and_then(|c| c.to_dtype(q.dtype()))
+                .and_then(|c| c.matmul(q))
+                .and_then(|y| y.reshape(shape))
+                .ctx("Krylov combination")?;
+            parts.push(part);
+        }
+        Ok(ParamVec::new(parts))
+    }
+
+    /// Removes from `w` its components along the basis (two passes of classical Gram–Schmidt).
+    fn orthogonalise(&self, mut w: ParamVec) -> Result<ParamVec> {
+        if self.len == 0 {
+            return Ok(w);
+        }
+        for _pass in 0..2 {
+            let mut total: Option<Tensor> = None;
+            for (q, part) in self.matrices()?.iter().zip(w.parts()) {
+                let c = part
+                    .flatten_all()
+                    .and_then(|x| x.unsqueeze(1))
+                    .and_then(|x| q.matmul(&x))
+                    .and_then(|c| c.squeeze(1))
+                    .and_then(|c| c.to_dtype(DType::F64))
+                    .ctx("Krylov projection")?;
+                total = Some(match total {
+                    None => c,
+                    Some(t) => (t + c).ctx("Krylov projection")?,
+                });
+            }
+            let coefficients = match total {
+                Some(t) => t.to_vec1::<f64>().ctx("Krylov projection")?,
+                None => return Ok(w),
+            };
+            w = w.axpy(-1.0, &self.combination(&coefficients)?)?;
+        }
+        Ok(w)
+    }
 }
 
 /// Top-k eigenpairs of the symmetric operator `op`, on vectors laid out like `template`.
@@ -177,21 +270,25 @@ where
         let n = r.norm()?;
         r.scale(1.0 / n)?
     };
-    let mut basis: Vec<ParamVec> = vec![first];
+    let mut basis = KrylovBasis::new(template);
+    basis.push(&first)?;
+    let (mut previous, mut current): (Option<ParamVec>, ParamVec) = (None, first);
     let mut alpha: Vec<f64> = Vec::new();
     let mut beta: Vec<f64> = Vec::new();
     let mut converged = false;
     let mut last = None;
     for j in 0..max_iter {
-        let q = &basis[j];
+        let q = &current;
         let mut w = op(q)?;
         let a = q.dot(&w)?;
         alpha.push(a);
         w = w.axpy(-a, q)?;
         if j > 0 {
-            w = w.axpy(-beta[j - 1], &basis[j - 1])?;
+            if let Some(p) = &previous {
+                w = w.axpy(-beta[j - 1], p)?;
+            }
         }
-        w = orthogonalise(w, &basis)?;
+        w = basis.orthogonalise(w)?;
         let b = w.norm()?;
         let r = ritz(&alpha, &beta, b, cfg.top_k);
         let scale = r
@@ -216,23 +313,20 @@ where
         let next = if b <= 1e-12 * scale {
             // Invariant subspace: continue the basis with a random orthogonal direction.
             beta.push(0.0);
-            let r = orthogonalise(template.random_like(Probe::Gaussian, &mut rng)?, &basis)?;
+            let r = basis.orthogonalise(template.random_like(Probe::Gaussian, &mut rng)?)?;
             let n = r.norm()?;
             r.scale(1.0 / n)?
         } else {
             beta.push(b);
             w.scale(1.0 / b)?
         };
-        basis.push(next);
+        basis.push(&next)?;
+        previous = Some(std::mem::replace(&mut current, next));
     }
     let r = last.expect("at least one Lanczos iteration ran");
     let mut vectors = Vec::with_capacity(r.values.len());
     for coeffs in &r.coefficients {
-        let mut y = template.zeros_like()?;
-        for (c, q) in coeffs.iter().zip(&basis) {
-            y = y.axpy(*c, q)?;
-        }
-        vectors.push(y);
+        vectors.push(basis.combination(coeffs)?);
     }
     Ok(Eigenpairs {
         rel_residuals: r

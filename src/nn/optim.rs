@@ -98,8 +98,13 @@ fn scale_add(dst: &Var, beta: f64, alpha: f64, src: &Tensor) -> Result<()> {
     if dst.device().is_cpu() && matches!(dst.dtype(), DType::F32 | DType::F64) {
         dst.as_tensor().inplace_op2(src, &ScaleAdd { beta, alpha })
     } else {
-        let value = ((dst.as_tensor().detach() * beta)? + (src * alpha)?)?;
-        dst.set(&value)
+        // Plain SGD (beta = 1) skips a scaling pass: fewer kernel launches per step on a GPU.
+        let kept = if beta == 1.0 {
+            dst.as_tensor().detach()
+        } else {
+            dst.as_tensor().affine(beta, 0.0)?
+        };
+        dst.set(&(kept + src.affine(alpha, 0.0)?)?)
     }
 }
 

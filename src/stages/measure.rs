@@ -5,10 +5,16 @@
 //! (the same settings as a run's inline `measure:`; a quantity is computed at a checkpoint whose step
 //! its cadence selects) and optionally `steps` (only these checkpoints). Output: `metrics.csv` with
 //! the same header as a run's, one row per measured checkpoint (step, lr and batch size in force).
+//!
+//! With `alignment:` (figures 23–24) it also histograms the per-sample model-gradient alignment at
+//! each selected checkpoint into `alignment.csv`: columns `step,statistic,bin_lo,bin_hi,count`, with
+//! `statistic` one of `dots`, `cosines`, `sq_norms`, and the values outside the edges counted in the
+//! open bins (−inf, first edge) and (last edge, inf).
 
 use serde::{Deserialize, Serialize};
 
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use crate::curvature::{model_gradient_alignment, AlignmentConfig, AlignmentReport};
 use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::checkpoint as weights;
@@ -25,7 +31,11 @@ pub struct MeasureStage;
 #[serde(deny_unknown_fields)]
 struct MeasureParams {
     /// What to measure and at which checkpoint steps (cadences select among the checkpoints).
+    #[serde(default)]
     measure: MeasureConfig,
+    /// Per-sample model-gradient alignment histograms at every selected checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alignment: Option<AlignmentConfig>,
     /// Only these checkpoint steps (default: every checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     steps: Option<Vec<u64>>,
@@ -121,9 +131,16 @@ impl Stage for MeasureStage {
             }
             checkpoints.retain(|(s, _)| steps.contains(s));
         }
-        checkpoints.retain(|(step, _)| params.measure.any_due(*step));
+        if params.alignment.is_none() {
+            checkpoints.retain(|(step, _)| params.measure.any_due(*step));
+        }
 
         let mut log = MetricsLog::create(&ctx.work_dir.join("metrics.csv"), &[])?;
+        let alignment_path = ctx.work_dir.join("alignment.csv");
+        let mut alignment_csv = match &params.alignment {
+            Some(_) => Some(alignment_writer(&alignment_path)?),
+            None => None,
+        };
         let mut state = MeasureState::default();
         ctx.reporter.set_length(checkpoints.len() as u64);
         for (done, (step, path)) in checkpoints.iter().enumerate() {
@@ -151,9 +168,64 @@ impl Stage for MeasureStage {
                 )
                 .map_err(at_step(*step))?;
             log.append(&row)?;
+            if let (Some(cfg), Some(csv)) = (&params.alignment, alignment_csv.as_mut()) {
+                let report =
+                    model_gradient_alignment(model.as_ref(), &full, cfg).map_err(at_step(*step))?;
+                write_alignment(csv, *step, &report)
+                    .map_err(|e| StageError::io(&alignment_path, e))?;
+            }
             ctx.reporter.log(&format!("measured checkpoint {step}"));
             ctx.reporter.set_position(done as u64 + 1);
         }
+        for (name, t) in &state.time {
+            ctx.reporter.log(&t.describe(name));
+        }
+        if let Some(mut csv) = alignment_csv {
+            csv.flush()
+                .map_err(|e| StageError::io(&alignment_path, e))?;
+        }
         log.flush()
     }
+}
+
+fn alignment_writer(path: &std::path::Path) -> Result<csv::Writer<std::fs::File>, StageError> {
+    let mut w =
+        csv::Writer::from_path(path).map_err(|e| StageError::io(path, std::io::Error::other(e)))?;
+    w.write_record(["step", "statistic", "bin_lo", "bin_hi", "count"])
+        .map_err(|e| StageError::io(path, std::io::Error::other(e)))?;
+    Ok(w)
+}
+
+/// One row per bin of each histogram of `report`, the out-of-range counts as open bins.
+fn write_alignment(
+    csv: &mut csv::Writer<std::fs::File>,
+    step: u64,
+    report: &AlignmentReport,
+) -> std::io::Result<()> {
+    for (name, h) in [
+        ("dots", &report.dots),
+        ("cosines", &report.cosines),
+        ("sq_norms", &report.sq_norms),
+    ] {
+        let (first, last) = (h.edges[0], h.edges[h.edges.len() - 1]);
+        let mut rows = vec![(f64::NEG_INFINITY, first, h.below)];
+        rows.extend(
+            h.edges
+                .windows(2)
+                .zip(&h.counts)
+                .map(|(e, c)| (e[0], e[1], *c)),
+        );
+        rows.push((last, f64::INFINITY, h.above));
+        for (lo, hi, count) in rows {
+            csv.write_record([
+                step.to_string(),
+                name.to_string(),
+                lo.to_string(),
+                hi.to_string(),
+                count.to_string(),
+            ])
+            .map_err(std::io::Error::other)?;
+        }
+    }
+    Ok(())
 }

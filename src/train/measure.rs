@@ -3,6 +3,9 @@
 //! quantity), so values are reproducible and a resumed run measures exactly what an uninterrupted one
 //! would. The same code serves measurements inline in `train` and the `measure` stage on checkpoints.
 
+use std::collections::BTreeMap;
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Row;
@@ -205,13 +208,55 @@ fn lanczos_config(rel_tol: f64, max_iter: usize, seed: u64) -> LanczosConfig {
     }
 }
 
-/// State carried between measurements: the last top eigenvectors, for warm starts.
+/// State carried between measurements: the last top eigenvectors, for warm starts, and the time
+/// spent on each quantity so far (this process only; not checkpointed).
 #[derive(Default)]
 pub struct MeasureState {
     /// Last top eigenvector of the full-batch Hessian.
     pub lambda_max_vector: Option<ParamVec>,
     /// Last top eigenvector of the full-batch Gauss–Newton matrix.
     pub lambda_max_gn_vector: Option<ParamVec>,
+    /// Time per quantity (metrics column name → totals).
+    pub time: BTreeMap<String, QuantityTime>,
+}
+
+/// Time spent measuring one quantity over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuantityTime {
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Number of measurements.
+    pub measurements: u64,
+    /// Lanczos iterations (operator products) in total, for eigenvalue quantities.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lanczos_iterations: u64,
+}
+
+impl QuantityTime {
+    /// `measured NAME k time(s) in S s[, N Lanczos iterations]`, for logs.
+    pub fn describe(&self, name: &str) -> String {
+        let iterations = match self.lanczos_iterations {
+            0 => String::new(),
+            n => format!(", {n} Lanczos iterations"),
+        };
+        format!(
+            "measured {name} {} time(s) in {:.2} s{iterations}",
+            self.measurements, self.seconds
+        )
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl MeasureState {
+    fn record(&mut self, quantity: &str, since: Instant, lanczos_iterations: usize) {
+        let t = self.time.entry(quantity.to_string()).or_default();
+        t.seconds += since.elapsed().as_secs_f64();
+        t.measurements += 1;
+        t.lanczos_iterations += lanczos_iterations as u64;
+    }
 }
 
 /// What is measured at one step.
@@ -298,6 +343,7 @@ impl MeasureConfig {
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
             let start = state
                 .lambda_max_vector
@@ -305,6 +351,7 @@ impl MeasureConfig {
                 .map_or(Start::Random, Start::Warm);
             let eig = landscape.lambda_max(&cfg, start)?;
             row.set("lambda_max", eig.lambda_max());
+            state.record("lambda_max", since, eig.iterations);
             state.lambda_max_vector = eig.vectors.into_iter().next();
         }
         if let Some(spec) = self
@@ -312,6 +359,7 @@ impl MeasureConfig {
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
             let start = state
                 .lambda_max_gn_vector
@@ -319,6 +367,7 @@ impl MeasureConfig {
                 .map_or(Start::Random, Start::Warm);
             let eig = landscape.lambda_max_gn(&cfg, start)?;
             row.set("lambda_max_gn", eig.lambda_max());
+            state.record("lambda_max_gn", since, eig.iterations);
             state.lambda_max_gn_vector = eig.vectors.into_iter().next();
         }
         if let Some(spec) = self
@@ -326,74 +375,89 @@ impl MeasureConfig {
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(
                 row,
                 "batch_sharpness",
                 landscape.batch_sharpness(b, &spec.config(seed(3)))?,
             );
+            state.record("batch_sharpness", since, 0);
         }
         if let Some(spec) = self
             .gni
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(row, "gni", landscape.gni(b, &spec.config(seed(4)))?);
+            state.record("gni", since, 0);
         }
         if let Some(spec) = self
             .ias
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(row, "ias", landscape.ias(b, &spec.config(seed(5)))?);
+            state.record("ias", since, 0);
         }
         if let Some(spec) = self
             .batch_sharpness_modified
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(
                 row,
                 "batch_sharpness_modified",
                 landscape.modified_batch_sharpness(b, &spec.config(seed(6)))?,
             );
+            state.record("batch_sharpness_modified", since, 0);
         }
         if let Some(spec) = self
             .lambda_max_b
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
             let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
             put(row, "lambda_max_b", stats.mean);
             row.set("lambda_max_b_max", stats.max);
+            state.record("lambda_max_b", since, 0);
         }
         if let Some(spec) = self
             .hessian_trace
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(
                 row,
                 "hessian_trace",
                 landscape.hessian_trace(&spec.config(seed(9)))?,
             );
+            state.record("hessian_trace", since, 0);
         }
         if let Some(spec) = self
             .batch_sharpness_gn
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             put(
                 row,
                 "batch_sharpness_gn",
                 landscape.batch_sharpness_gn(b, &spec.config(seed(10)))?,
             );
+            state.record("batch_sharpness_gn", since, 0);
         }
         if let Some(spec) = self
             .smc
             .as_ref()
             .filter(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             let batches = BatchSet::Random {
                 batch_size: b,
                 count: spec.batches,
@@ -407,13 +471,16 @@ impl MeasureConfig {
                 row.set(&format!("{name}_stderr"), f64::NAN);
                 row.set(&format!("{name}_samples"), smc.batches as f64);
             }
+            state.record("smc", since, smc.eigen.iterations);
         }
         if self
             .grad_norm_sq
             .as_ref()
             .is_some_and(|s| is_due(s.every, &s.double_after))
         {
+            let since = Instant::now();
             row.set("grad_norm_sq", landscape.grad_norm_sq()?);
+            state.record("grad_norm_sq", since, 0);
         }
         if let Some(live) = point.live_batch {
             if self
@@ -421,20 +488,20 @@ impl MeasureConfig {
                 .as_ref()
                 .is_some_and(|s| is_due(s.every, &s.double_after))
             {
+                let since = Instant::now();
                 row.set("step_sharpness", landscape.step_sharpness(live)?);
+                state.record("step_sharpness", since, 0);
             }
             if self
                 .step_lambda_max_b
                 .as_ref()
                 .is_some_and(|s| is_due(s.every, &s.double_after))
             {
+                let since = Instant::now();
                 let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(13));
-                row.set(
-                    "step_lambda_max_b",
-                    landscape
-                        .step_lambda_max(live, &cfg, Start::Random)?
-                        .lambda_max(),
-                );
+                let eig = landscape.step_lambda_max(live, &cfg, Start::Random)?;
+                row.set("step_lambda_max_b", eig.lambda_max());
+                state.record("step_lambda_max_b", since, eig.iterations);
             }
         }
         Ok(())

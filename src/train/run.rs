@@ -1,5 +1,6 @@
 //! The training loop.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -7,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseSettings, NoiseState};
-use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
+use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState, QuantityTime};
 use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
 use super::schedule::{Cadence, Change, HyperSchedule};
@@ -179,6 +180,9 @@ pub struct Outcome {
     /// Last evaluated full training accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_full_accuracy: Option<f64>,
+    /// Time spent measuring each curvature quantity (by this process, when resumed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub measure_time: BTreeMap<String, QuantityTime>,
 }
 
 impl TrainConfig {
@@ -298,6 +302,14 @@ pub fn train(
     let metrics_path = out_dir.join("metrics.csv");
     let mut log = MetricsLog::create(&metrics_path, &kept_rows)?;
     let mut sampler = BatchSampler::new(n, config.data_seed, config.sampling, sampler_state);
+    let save_checkpoint =
+        |step: u64, sampler: &BatchSampler, optimizer: &Sgd, measure: &MeasureState| {
+            let state = TrainState {
+                step,
+                sampler: sampler.state(),
+            };
+            checkpoint::save(&checkpoints, &state, model.as_ref(), optimizer, measure)
+        };
     let mut noise = NoiseState::new(NoiseSettings {
         seed: config.noise_seed,
         refresh_every: config.noise_refresh_every,
@@ -314,6 +326,7 @@ pub fn train(
         diverged_at: None,
         final_full_loss: None,
         final_full_accuracy: None,
+        measure_time: BTreeMap::new(),
     };
     let mut step = first_step;
     while step <= config.steps {
@@ -357,17 +370,7 @@ pub fn train(
 
         if step > first_step && step % config.checkpoint_every == 0 {
             log.flush()?;
-            let state = TrainState {
-                step,
-                sampler: sampler.state(),
-            };
-            checkpoint::save(
-                &checkpoints,
-                &state,
-                model.as_ref(),
-                &optimizer,
-                &measure_state,
-            )?;
+            save_checkpoint(step, &sampler, &optimizer, &measure_state)?;
         }
 
         let live = if config.dynamics.uses_batches() {
@@ -438,16 +441,7 @@ pub fn train(
         reporter.set_position(step);
     }
     log.flush()?;
-    let state = TrainState {
-        step: outcome.steps_run,
-        sampler: sampler.state(),
-    };
-    checkpoint::save(
-        &checkpoints,
-        &state,
-        model.as_ref(),
-        &optimizer,
-        &measure_state,
-    )?;
+    save_checkpoint(outcome.steps_run, &sampler, &optimizer, &measure_state)?;
+    outcome.measure_time = measure_state.time;
     Ok(outcome)
 }
