@@ -66,16 +66,51 @@ impl Histogram {
     }
 }
 
-/// Bin edges of the three alignment histograms.
+/// Bin edges of the three alignment histograms. In YAML each is a list of edges or
+/// `{from, to, bins}` for `bins` equal bins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlignmentBins {
     /// Edges for pairwise dot products ⟨∇f_i, ∇f_j⟩, i < j.
+    #[serde(deserialize_with = "edges")]
     pub dots: Vec<f64>,
     /// Edges for pairwise cosines, i < j.
+    #[serde(deserialize_with = "edges")]
     pub cosines: Vec<f64>,
     /// Edges for squared norms ‖∇f_i‖².
+    #[serde(deserialize_with = "edges")]
     pub sq_norms: Vec<f64>,
+}
+
+/// Bin edges as written: explicit, or an equal-width range.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EdgesSpec {
+    List(Vec<f64>),
+    Range { from: f64, to: f64, bins: usize },
+}
+
+fn edges<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    match EdgesSpec::deserialize(d)? {
+        EdgesSpec::List(edges) => Ok(edges),
+        EdgesSpec::Range { from, to, bins } => {
+            if bins == 0 || from.partial_cmp(&to) != Some(std::cmp::Ordering::Less) {
+                return Err(serde::de::Error::custom(format!(
+                    "{{from: {from}, to: {to}, bins: {bins}}} needs from < to and bins ≥ 1"
+                )));
+            }
+            let width = (to - from) / bins as f64;
+            Ok((0..=bins)
+                .map(|i| {
+                    if i == bins {
+                        to
+                    } else {
+                        from + width * i as f64
+                    }
+                })
+                .collect())
+        }
+    }
 }
 
 /// Alignment of per-sample model gradients.
@@ -255,6 +290,23 @@ mod tests {
     use super::*;
     use crate::curvature::testing::{data, dot, TanhMlp};
     use crate::curvature::ParamVec;
+
+    #[test]
+    fn bin_edges_are_a_list_or_an_equal_width_range() {
+        let bins: AlignmentBins = serde_json::from_value(serde_json::json!({
+            "dots": [0.0, 1.0, 3.0],
+            "cosines": {"from": -1.0, "to": 1.0, "bins": 4},
+            "sq_norms": {"from": 0.0, "to": 2.0, "bins": 1},
+        }))
+        .unwrap();
+        assert_eq!(bins.dots, vec![0.0, 1.0, 3.0]);
+        assert_eq!(bins.cosines, vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(bins.sq_norms, vec![0.0, 2.0]);
+        let bad = serde_json::from_value::<AlignmentBins>(serde_json::json!({
+            "dots": {"from": 1.0, "to": 0.0, "bins": 3}, "cosines": [0.0, 1.0], "sq_norms": [0.0, 1.0],
+        }));
+        assert!(bad.unwrap_err().to_string().contains("from < to"));
+    }
 
     #[test]
     fn histogram_bins_are_half_open_with_a_closed_last_bin() {

@@ -7,6 +7,9 @@
 //! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b with 2/η and, with ≥ 4 batch
 //! sizes, the two-segment fit whose knee is the critical batch size; (b) the gap 2/η − λ on log-log
 //! axes with its least-squares power law. One curve per value of `series_by` (e.g. `lr`).
+//! `mode: alignment` (figures 23–24): the inputs are `measure` artifacts with `alignment.csv`; one
+//! panel per input and statistic (pairwise dot products, cosines, squared norms), one histogram
+//! (fraction of values per bin, drawn as a staircase) per checkpoint step.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +34,8 @@ pub enum PlotMode {
     TimeSeries,
     /// Final λ against batch size, and the log-log gap.
     LambdaVsBatch,
+    /// Histograms of per-sample model-gradient alignment from `measure` artifacts.
+    Alignment,
 }
 
 fn default_stem() -> String {
@@ -364,6 +369,93 @@ fn lambda_vs_batch(
     Ok((panels, json!({ "curves": fits })))
 }
 
+/// One row of a `measure` artifact's `alignment.csv`.
+#[derive(Debug, Deserialize)]
+struct AlignmentRow {
+    step: u64,
+    statistic: String,
+    bin_lo: f64,
+    bin_hi: f64,
+    count: u64,
+}
+
+/// The alignment panels: per input and statistic, one staircase histogram per step.
+fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
+    let inputs = ctx
+        .inputs
+        .get(RUNS)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| StageError::Input {
+            input: RUNS.into(),
+            message: "no input artifacts given".into(),
+        })?;
+    let mut panels = Vec::new();
+    for input in inputs {
+        let path = input.dir.join("alignment.csv");
+        let bad = |message: String| StageError::Input {
+            input: RUNS.into(),
+            message: format!("{}: {message}", path.display()),
+        };
+        let mut reader = csv::Reader::from_path(&path).map_err(|e| {
+            bad(format!(
+                "{e} (is `{}` a measure stage with `alignment:`?)",
+                input.stage
+            ))
+        })?;
+        let rows: Vec<AlignmentRow> = reader
+            .deserialize()
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        for (statistic, label) in [
+            ("dots", "⟨∇f_i, ∇f_j⟩, i ≠ j"),
+            ("cosines", "cos(∇f_i, ∇f_j), i ≠ j"),
+            ("sq_norms", "‖∇f_i‖²"),
+        ] {
+            let mut by_step: BTreeMap<u64, Vec<&AlignmentRow>> = BTreeMap::new();
+            for r in rows.iter().filter(|r| r.statistic == statistic) {
+                by_step.entry(r.step).or_default().push(r);
+            }
+            let series = by_step
+                .iter()
+                .enumerate()
+                .map(|(i, (step, bins))| {
+                    let total = bins.iter().map(|b| b.count).sum::<u64>().max(1) as f64;
+                    let points = bins
+                        .iter()
+                        .filter(|b| b.bin_lo.is_finite() && b.bin_hi.is_finite())
+                        .flat_map(|b| {
+                            let y = b.count as f64 / total;
+                            [(b.bin_lo, y), (b.bin_hi, y)]
+                        })
+                        .collect();
+                    Series {
+                        name: format!("step {step}"),
+                        style: Style {
+                            color: CYCLE[i % CYCLE.len()],
+                            mark: Mark::Line,
+                        },
+                        axis: Axis::Left,
+                        points,
+                    }
+                })
+                .collect();
+            let title = if inputs.len() > 1 {
+                format!("{label} ({})", input.stage)
+            } else {
+                label.to_string()
+            };
+            panels.push(Panel {
+                title,
+                x: AxisSpec::linear(label),
+                y: AxisSpec::linear("fraction"),
+                y2: None,
+                series,
+            });
+        }
+    }
+    Ok(panels)
+}
+
 impl Stage for PlotStage {
     fn kind(&self) -> &'static str {
         "plot"
@@ -414,10 +506,10 @@ impl Stage for PlotStage {
         let params: PlotParams = resolve_typed(ctx.params)
             .map_err(|e| StageError::Failed(format!("params: {e}")))?
             .0;
-        let runs = load_runs(ctx, RUNS)?;
         let (panels, extra) = match params.mode {
-            PlotMode::TimeSeries => (time_series(&params, &runs)?, json!({})),
-            PlotMode::LambdaVsBatch => lambda_vs_batch(&params, &runs)?,
+            PlotMode::TimeSeries => (time_series(&params, &load_runs(ctx, RUNS)?)?, json!({})),
+            PlotMode::LambdaVsBatch => lambda_vs_batch(&params, &load_runs(ctx, RUNS)?)?,
+            PlotMode::Alignment => (alignment(ctx)?, json!({})),
         };
         let figure = Figure {
             title: params.title.clone(),

@@ -82,6 +82,9 @@ pub struct TrainConfig {
     /// Checkpoint every this many steps (and always at the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Further checkpoint steps, e.g. `[0]` for the initial weights (default none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_at: Vec<u64>,
     /// Cadence of the full training-loss and test evaluation.
     #[serde(default = "default_eval")]
     pub eval: Cadence,
@@ -368,7 +371,12 @@ pub fn train(
             break;
         }
 
-        if step > first_step && step % config.checkpoint_every == 0 {
+        let listed = config.checkpoint_at.contains(&step);
+        let periodic = step % config.checkpoint_every == 0;
+        // The step a run resumes at already has its checkpoint; a fresh run saves step 0 if listed.
+        if (step > first_step && (periodic || listed))
+            || (step == 0 && listed && matches!(start, StartPoint::Fresh))
+        {
             log.flush()?;
             save_checkpoint(step, &sampler, &optimizer, &measure_state)?;
         }

@@ -2,6 +2,7 @@
 //! synthetic pipelines (the `dataset` kind with `source: synthetic`, small MLPs for `train`), plus
 //! one small real CIFAR-10 run when `../shared/data/cifar10` exists.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -818,4 +819,84 @@ fn a_small_cifar10_run_measures_sharpness_and_plots() {
         let lambda = m.at(step, "lambda_max").unwrap();
         assert!(ys.contains(&lambda), "λmax {lambda} not drawn: {ys:?}");
     }
+}
+
+#[test]
+fn alignment_histograms_at_listed_checkpoints_are_measured_and_plotted() {
+    let env = Env::new();
+    let base = trained(
+        "aligned",
+        64,
+        "lr: 0.05, batch_size: 8, steps: 20, checkpoint_every: 10, checkpoint_at: [0]",
+    );
+    let text = format!(
+        "{base}  alignment:\n    kind: measure\n    inputs: {{run: train, data: data}}\n    params:\n      steps: [0, 20]\n      alignment: {{samples: 12, bins: {{dots: {{from: -1, to: 1, bins: 10}}, cosines: {{from: -1, to: 1, bins: 8}}, sq_norms: [0, 0.5, 1, 2]}}}}\n  figure:\n    kind: plot\n    inputs: {{runs: alignment}}\n    params: {{mode: alignment, stem: align}}\n"
+    );
+    let p = env.pipeline("aligned.yaml", &text);
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[
+            ("data", "computed"),
+            ("train", "computed"),
+            ("alignment", "computed"),
+            ("figure", "computed")
+        ])
+    );
+    // The listed step-0 checkpoint is saved and does not change the run.
+    let with = artifact(&env, &p, &[], "train");
+    let steps: Vec<String> = std::fs::read_dir(with.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        steps.contains(&"step-00000000.safetensors".to_string()),
+        "{steps:?}"
+    );
+    let plain = env.pipeline(
+        "plain.yaml",
+        &trained(
+            "plain",
+            64,
+            "lr: 0.05, batch_size: 8, steps: 20, checkpoint_every: 10",
+        ),
+    );
+    env.run(&plain, &[], 0);
+    let without = artifact(&env, &plain, &[], "train");
+    assert_eq!(
+        read(&with.join("metrics.csv")),
+        read(&without.join("metrics.csv"))
+    );
+
+    // Every pair (66 of 12 samples) and every sample is counted once per step, out-of-range
+    // values in the open end bins.
+    let dir = artifact(&env, &p, &[], "alignment");
+    let mut totals: BTreeMap<(u64, String), (u64, usize)> = BTreeMap::new();
+    for r in csv::Reader::from_path(dir.join("alignment.csv"))
+        .unwrap()
+        .records()
+    {
+        let r = r.unwrap();
+        let e = totals
+            .entry((r[0].parse().unwrap(), r[1].to_string()))
+            .or_default();
+        e.0 += r[4].parse::<u64>().unwrap();
+        e.1 += 1;
+    }
+    for step in [0, 20] {
+        let at = |s: &str| totals[&(step, s.to_string())];
+        assert_eq!(at("dots"), (66, 12));
+        assert_eq!(at("cosines"), (66, 10));
+        assert_eq!(at("sq_norms"), (12, 5));
+    }
+    let figure = artifact(&env, &p, &[], "figure");
+    let drawn: std::collections::BTreeSet<(String, String)> =
+        csv::Reader::from_path(figure.join("align.csv"))
+            .unwrap()
+            .records()
+            .map(|r| {
+                let r = r.unwrap();
+                (r[0].to_string(), r[1].to_string())
+            })
+            .collect();
+    assert_eq!(drawn.len(), 6, "3 panels × 2 steps: {drawn:?}");
 }
