@@ -129,34 +129,80 @@ pub struct AlignmentReport {
 }
 
 impl AlignmentReport {
-    /// Summarises a Gram matrix into the three histograms.
+    /// Summarises a Gram matrix into the three histograms, with the given edges or, without,
+    /// [`AUTO_BINS`] equal bins over each statistic's own range (cosines over [−1, 1]).
     pub fn from_gram(
         samples: Vec<usize>,
         gram: Vec<Vec<f64>>,
-        bins: &AlignmentBins,
+        bins: Option<&AlignmentBins>,
     ) -> Result<Self> {
-        let mut dots = Histogram::new(&bins.dots, "bins.dots")?;
-        let mut cosines = Histogram::new(&bins.cosines, "bins.cosines")?;
-        let mut sq_norms = Histogram::new(&bins.sq_norms, "bins.sq_norms")?;
         let m = gram.len();
+        let mut pair_dots = Vec::with_capacity(m * m.saturating_sub(1) / 2);
+        let mut pair_cosines = Vec::with_capacity(pair_dots.capacity());
+        let norms: Vec<f64> = (0..m).map(|i| gram[i][i]).collect();
         for i in 0..m {
-            sq_norms.add(gram[i][i]);
             for j in i + 1..m {
-                dots.add(gram[i][j]);
+                pair_dots.push(gram[i][j]);
                 let denom = (gram[i][i] * gram[j][j]).sqrt();
                 if denom > 0.0 {
-                    cosines.add(gram[i][j] / denom);
+                    pair_cosines.push(gram[i][j] / denom);
                 }
             }
         }
+        let histogram = |values: &[f64], given: Option<&Vec<f64>>, field| {
+            let edges = match given {
+                Some(edges) => edges.clone(),
+                None if field == "bins.cosines" => equal_edges(-1.0, 1.0, AUTO_BINS),
+                None => spread(values),
+            };
+            let mut h = Histogram::new(&edges, field)?;
+            values.iter().for_each(|v| h.add(*v));
+            Ok::<_, CurvatureError>(h)
+        };
         Ok(Self {
+            dots: histogram(&pair_dots, bins.map(|b| &b.dots), "bins.dots")?,
+            cosines: histogram(&pair_cosines, bins.map(|b| &b.cosines), "bins.cosines")?,
+            sq_norms: histogram(&norms, bins.map(|b| &b.sq_norms), "bins.sq_norms")?,
             samples,
             gram,
-            dots,
-            cosines,
-            sq_norms,
         })
     }
+}
+
+/// Bins per histogram when no edges are given.
+pub const AUTO_BINS: usize = 40;
+
+/// `bins` equal bins from `from` to `to` (the last edge exactly `to`).
+fn equal_edges(from: f64, to: f64, bins: usize) -> Vec<f64> {
+    let width = (to - from) / bins as f64;
+    (0..=bins)
+        .map(|i| {
+            if i == bins {
+                to
+            } else {
+                from + width * i as f64
+            }
+        })
+        .collect()
+}
+
+/// [`AUTO_BINS`] equal bins from the smallest to the largest finite value.
+fn spread(values: &[f64]) -> Vec<f64> {
+    let (lo, hi) = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+            (l.min(*v), h.max(*v))
+        });
+    if !lo.is_finite() {
+        return equal_edges(0.0, 1.0, AUTO_BINS);
+    }
+    let (lo, hi) = if hi > lo {
+        (lo, hi)
+    } else {
+        (lo - 0.5, hi + 0.5)
+    };
+    equal_edges(lo, hi, AUTO_BINS)
 }
 
 fn default_max_floats() -> usize {
@@ -179,8 +225,9 @@ pub struct AlignmentConfig {
     /// 1 GiB of f32).
     #[serde(default = "default_max_floats")]
     pub max_floats: usize,
-    /// Histogram bins.
-    pub bins: AlignmentBins,
+    /// Histogram edges (default: [`AUTO_BINS`] equal bins over each statistic's range).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bins: Option<AlignmentBins>,
 }
 
 /// The gradients of output `output` of each sample in `rows`, as rows of a (len × d) tensor.
@@ -282,7 +329,7 @@ pub fn model_gradient_alignment(
     // Two blocks are alive at once.
     let block = (cfg.max_floats / d / 2).max(1);
     let gram = model_gradient_gram(model, data, &rows, cfg.output, block)?;
-    AlignmentReport::from_gram(rows, gram, &cfg.bins)
+    AlignmentReport::from_gram(rows, gram, cfg.bins.as_ref())
 }
 
 #[cfg(test)]
@@ -306,6 +353,25 @@ mod tests {
             "dots": {"from": 1.0, "to": 0.0, "bins": 3}, "cosines": [0.0, 1.0], "sq_norms": [0.0, 1.0],
         }));
         assert!(bad.unwrap_err().to_string().contains("from < to"));
+    }
+
+    #[test]
+    fn automatic_bins_cover_every_value() {
+        let gram = vec![
+            vec![4.0, -1.0, 2.0],
+            vec![-1.0, 1.0, 0.5],
+            vec![2.0, 0.5, 9.0],
+        ];
+        let r = AlignmentReport::from_gram(vec![0, 1, 2], gram, None).unwrap();
+        for h in [&r.dots, &r.cosines, &r.sq_norms] {
+            assert_eq!((h.below, h.above, h.counts.len()), (0, 0, AUTO_BINS));
+        }
+        assert_eq!(r.dots.edges[0], -1.0);
+        assert_eq!(*r.dots.edges.last().unwrap(), 2.0);
+        assert_eq!(r.cosines.edges[0], -1.0);
+        assert_eq!(r.sq_norms.counts.iter().sum::<u64>(), 3);
+        // −1/2: the first cosine bin; 1/3 and 2/6.
+        assert_eq!(r.cosines.counts.iter().sum::<u64>(), 3);
     }
 
     #[test]
@@ -379,11 +445,11 @@ mod tests {
             seed: 35,
             output: 0,
             max_floats: 2 * d * 2,
-            bins: AlignmentBins {
+            bins: Some(AlignmentBins {
                 dots: vec![-100.0, 0.0, 100.0],
                 cosines: vec![-1.0, 0.0, 1.0],
                 sq_norms: vec![0.0, 1.0, 1000.0],
-            },
+            }),
         };
         let a = model_gradient_alignment(&model, &batch, &cfg).unwrap();
         assert_eq!(a, model_gradient_alignment(&model, &batch, &cfg).unwrap());

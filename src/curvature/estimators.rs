@@ -152,6 +152,10 @@ impl<'a> Landscape<'a> {
         HessianOperator::new(self.model, self.loss, batch, &Objective::Mean, &self.hvp)
     }
 
+    fn batch_gauss_newton(&self, batch: &Batch) -> Result<GaussNewtonOperator<'a>> {
+        GaussNewtonOperator::new(self.model, self.loss, batch, &Objective::Mean, &self.hvp)
+    }
+
     fn random_batch(&self, rng: &mut ChaCha8Rng, b: usize) -> Result<Batch> {
         self.data.select(&random_subset(rng, self.data.len(), b)?)
     }
@@ -231,13 +235,7 @@ impl<'a> Landscape<'a> {
                         rayleigh_along_gradient(&self.batch_hessian(&batch)?, what)
                     }
                     Curvature::GaussNewton => {
-                        let op = GaussNewtonOperator::new(
-                            self.model,
-                            self.loss,
-                            &batch,
-                            &Objective::Mean,
-                            &self.hvp,
-                        )?;
+                        let op = self.batch_gauss_newton(&batch)?;
                         let g = op.gradient();
                         let gg = g.norm_sq()?;
                         if gg == 0.0 {
@@ -323,13 +321,43 @@ impl<'a> Landscape<'a> {
         mc: &MonteCarloConfig,
         cfg: &LanczosConfig,
     ) -> Result<LambdaMaxB> {
+        self.batch_lambda_max(b, mc, cfg, Curvature::Hessian)
+    }
+
+    /// λmax^b of the Gauss–Newton matrices G_B (figure 34): mean and max of λmax(G_B).
+    pub fn lambda_max_b_gn(
+        &self,
+        b: usize,
+        mc: &MonteCarloConfig,
+        cfg: &LanczosConfig,
+    ) -> Result<LambdaMaxB> {
+        self.batch_lambda_max(b, mc, cfg, Curvature::GaussNewton)
+    }
+
+    fn batch_lambda_max(
+        &self,
+        b: usize,
+        mc: &MonteCarloConfig,
+        cfg: &LanczosConfig,
+        curvature: Curvature,
+    ) -> Result<LambdaMaxB> {
         let template = self.template()?;
         let mut max = f64::NEG_INFINITY;
         let mean = adaptive(
             mc,
             |rng| {
-                let op = self.batch_hessian(&self.random_batch(rng, b)?)?;
-                let top = lanczos(|v| op.apply(v), &template, Start::Random, cfg)?.lambda_max();
+                let batch = self.random_batch(rng, b)?;
+                let top = match curvature {
+                    Curvature::Hessian => {
+                        let op = self.batch_hessian(&batch)?;
+                        lanczos(|v| op.apply(v), &template, Start::Random, cfg)?
+                    }
+                    Curvature::GaussNewton => {
+                        let op = self.batch_gauss_newton(&batch)?;
+                        lanczos(|v| op.apply(v), &template, Start::Random, cfg)?
+                    }
+                }
+                .lambda_max();
                 max = max.max(top);
                 Ok(top)
             },

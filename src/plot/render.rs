@@ -77,7 +77,8 @@ fn tick_label(v: f64, scale: Scale) -> String {
         Scale::Log => 10f64.powf(v),
     };
     let a = value.abs();
-    if a == 0.0 {
+    // Ticks stepped in floating point land a rounding error away from zero (−2e-16).
+    if a < 1e-12 {
         "0".to_string()
     } else if (1e-2..1e4).contains(&a) {
         let s = format!("{value:.3}");

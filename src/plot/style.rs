@@ -41,6 +41,7 @@ pub fn display_name(column: &str) -> String {
         "hessian_trace" => "Hessian trace",
         "lambda_max_gn" => "λmax (Gauss–Newton)",
         "batch_sharpness_gn" => "Batch Sharpness (Gauss–Newton)",
+        "lambda_max_b_gn" => "λmax^b (Gauss–Newton)",
         other => other,
     }
     .to_string()

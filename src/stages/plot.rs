@@ -406,10 +406,10 @@ fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
             .deserialize()
             .collect::<Result<_, _>>()
             .map_err(|e| bad(e.to_string()))?;
-        for (statistic, label) in [
-            ("dots", "⟨∇f_i, ∇f_j⟩, i ≠ j"),
-            ("cosines", "cos(∇f_i, ∇f_j), i ≠ j"),
-            ("sq_norms", "‖∇f_i‖²"),
+        for (statistic, label, axis) in [
+            ("dots", "⟨∇f_i, ∇f_j⟩, i ≠ j", "dot product"),
+            ("cosines", "cos(∇f_i, ∇f_j), i ≠ j", "cosine"),
+            ("sq_norms", "‖∇f_i‖²", "squared norm"),
         ] {
             let mut by_step: BTreeMap<u64, Vec<&AlignmentRow>> = BTreeMap::new();
             for r in rows.iter().filter(|r| r.statistic == statistic) {
@@ -446,7 +446,7 @@ fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
             };
             panels.push(Panel {
                 title,
-                x: AxisSpec::linear(label),
+                x: AxisSpec::linear(axis),
                 y: AxisSpec::linear("fraction"),
                 y2: None,
                 series,

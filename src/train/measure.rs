@@ -156,6 +156,9 @@ pub struct MeasureConfig {
     /// Batch sharpness with Gauss–Newton matrices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_sharpness_gn: Option<MonteCarloSpec>,
+    /// λmax^b with Gauss–Newton matrices: mean and max of λmax(G_B) over random batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_max_b_gn: Option<MonteCarloSpec>,
     /// ‖∇L‖² of the full-batch loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_norm_sq: Option<EverySpec>,
@@ -299,6 +302,7 @@ impl MeasureConfig {
             || m(&self.ias)
             || m(&self.batch_sharpness_modified)
             || m(&self.lambda_max_b)
+            || m(&self.lambda_max_b_gn)
             || m(&self.hessian_trace)
             || m(&self.batch_sharpness_gn)
             || v(&self.step_sharpness)
@@ -425,6 +429,18 @@ impl MeasureConfig {
             put(row, "lambda_max_b", stats.mean);
             row.set("lambda_max_b_max", stats.max);
             state.record("lambda_max_b", since, 0);
+        }
+        if let Some(spec) = self
+            .lambda_max_b_gn
+            .as_ref()
+            .filter(|s| is_due(s.every, &s.double_after))
+        {
+            let since = Instant::now();
+            let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(14));
+            let stats = landscape.lambda_max_b_gn(b, &spec.config(seed(15)), &cfg)?;
+            put(row, "lambda_max_b_gn", stats.mean);
+            row.set("lambda_max_b_gn_max", stats.max);
+            state.record("lambda_max_b_gn", since, 0);
         }
         if let Some(spec) = self
             .hessian_trace

@@ -31,6 +31,8 @@ pub const CURVATURE_COLUMNS: &[(&str, bool)] = &[
     ("lambda_max_gn", false),
     ("batch_sharpness_gn", true),
     ("grad_norm_sq", false),
+    ("lambda_max_b_gn", true),
+    ("lambda_max_b_gn_max", false),
 ];
 
 /// The full header, in file order.

@@ -163,6 +163,25 @@ fn gauss_newton_quantities_match_dense_jt_hz_j() {
         .sum::<f64>()
         / 15.0;
     within(&l.batch_sharpness_gn(B, &mc(6)).unwrap(), exhaustive, 3.0);
+
+    // λmax^b of G_B against the dense G_B of every one of the C(N, B) batches.
+    let tops: Vec<f64> = all_subsets(N, B)
+        .iter()
+        .map(|rows| {
+            let sub = batch.select(rows).unwrap();
+            dense_lambda_max(&dense_gauss_newton(&model, LossKind::Mse, &sub))
+        })
+        .collect();
+    let cfg = MonteCarloConfig {
+        rel_tol: 0.03,
+        max_samples: 100,
+        ..mc(7)
+    };
+    let got = l.lambda_max_b_gn(B, &cfg, &tight_lanczos(d)).unwrap();
+    within(&got.mean, tops.iter().sum::<f64>() / tops.len() as f64, 3.0);
+    assert!(tops
+        .iter()
+        .any(|x| (x - got.max).abs() < 1e-8 * x.abs().max(1.0)));
 }
 
 #[test]
