@@ -13,7 +13,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use super::{
+    resolve_typed, InputArtifact, InputSlot, ParamError, Resolved, Stage, StageContext, StageError,
+};
 use crate::analysis::catapult::detect_catapults;
 use crate::analysis::metrics::MetricsTable;
 use crate::analysis::run::{final_value, plateau, FinalProtocol, Window};
@@ -73,17 +75,24 @@ impl RunMetrics {
     }
 }
 
-/// Reads `metrics.csv` of every artifact of input `name`, in sweep order.
-pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, StageError> {
-    let artifacts = ctx
-        .inputs
+/// The artifacts of input `name`, in sweep order; an error if there are none.
+pub fn input_artifacts<'c>(
+    ctx: &'c StageContext,
+    name: &str,
+) -> Result<&'c [InputArtifact], StageError> {
+    ctx.inputs
         .get(name)
         .filter(|a| !a.is_empty())
+        .map(Vec::as_slice)
         .ok_or_else(|| StageError::Input {
             input: name.to_string(),
             message: "no input artifacts given".to_string(),
-        })?;
-    artifacts
+        })
+}
+
+/// Reads `metrics.csv` of every artifact of input `name`, in sweep order.
+pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, StageError> {
+    input_artifacts(ctx, name)?
         .iter()
         .map(|a| {
             let table =

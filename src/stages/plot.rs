@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::analysis::{input_error, load_runs, write_json, RunMetrics};
+use super::analysis::{input_artifacts, input_error, load_runs, write_json, RunMetrics};
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
@@ -381,14 +381,7 @@ struct AlignmentRow {
 
 /// The alignment panels: per input and statistic, one staircase histogram per step.
 fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
-    let inputs = ctx
-        .inputs
-        .get(RUNS)
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| StageError::Input {
-            input: RUNS.into(),
-            message: "no input artifacts given".into(),
-        })?;
+    let inputs = input_artifacts(ctx, RUNS)?;
     let mut panels = Vec::new();
     for input in inputs {
         let path = input.dir.join("alignment.csv");
