@@ -167,9 +167,7 @@ impl Stage for TrainStage {
             "finished: {:?} after {} steps",
             outcome.status, outcome.steps_run
         ));
-        for (name, t) in &outcome.measure_time {
-            ctx.reporter.log(&t.describe(name));
-        }
+
         let summary = ctx.work_dir.join("summary.json");
         std::fs::write(
             &summary,

@@ -223,15 +223,14 @@ pub struct MeasureState {
     pub time: BTreeMap<String, QuantityTime>,
 }
 
-/// Time spent measuring one quantity over a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// Time spent measuring one quantity over a run (reported in the stage's log).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct QuantityTime {
     /// Wall-clock seconds.
     pub seconds: f64,
     /// Number of measurements.
     pub measurements: u64,
     /// Lanczos iterations (operator products) in total, for eigenvalue quantities.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub lanczos_iterations: u64,
 }
 
@@ -247,10 +246,6 @@ impl QuantityTime {
             self.measurements, self.seconds
         )
     }
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl MeasureState {

@@ -1,6 +1,5 @@
 //! The training loop.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -8,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
 use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseSettings, NoiseState};
-use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState, QuantityTime};
+use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
 use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
 use super::schedule::{Cadence, Change, HyperSchedule};
@@ -183,9 +182,6 @@ pub struct Outcome {
     /// Last evaluated full training accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub final_full_accuracy: Option<f64>,
-    /// Time spent measuring each curvature quantity (by this process, when resumed).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub measure_time: BTreeMap<String, QuantityTime>,
 }
 
 impl TrainConfig {
@@ -329,7 +325,6 @@ pub fn train(
         diverged_at: None,
         final_full_loss: None,
         final_full_accuracy: None,
-        measure_time: BTreeMap::new(),
     };
     let mut step = first_step;
     while step <= config.steps {
@@ -450,6 +445,9 @@ pub fn train(
     }
     log.flush()?;
     save_checkpoint(outcome.steps_run, &sampler, &optimizer, &measure_state)?;
-    outcome.measure_time = measure_state.time;
+    // Timings go to the log only: the artifact's files stay bit-identical across runs.
+    for (name, t) in &measure_state.time {
+        reporter.log(&t.describe(name));
+    }
     Ok(outcome)
 }
