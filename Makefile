@@ -29,11 +29,11 @@ lint:
 quickstart:
 	$(EOSS) run pipelines/quickstart.yaml --jobs $(JOBS) --export figures
 
-# The engine's criterion bench, then SGD steps and curvature next to PyTorch (TORCH=python with torch).
-TORCH ?= python3
+# The engine's criterion bench, then SGD steps and curvature (next to PyTorch with TORCH=python-with-torch).
+TORCH ?=
 bench:
 	$(CARGO) bench --bench engine
-	$(EOSS) bench --device $(DEVICE) --torch $(TORCH)
+	$(EOSS) bench --device $(DEVICE) $(if $(TORCH),--torch $(TORCH))
 
 figures: $(FIGURES)
 
