@@ -471,10 +471,27 @@ fn input_artifacts(
                         key: up.key.to_string(),
                         dir: store.artifact_dir(&up.kind_name, &up.key),
                         params: up.params.clone(),
+                        upstream_params: upstream_params(plan, up),
                     }
                 })
                 .collect();
             (slot.clone(), arts)
+        })
+        .collect()
+}
+
+/// The params of `st`'s inputs by slot: an object for a single input, an array for a sweep slot.
+fn upstream_params(plan: &Plan, st: &PlannedStage) -> BTreeMap<String, Value> {
+    st.inputs
+        .iter()
+        .map(|(slot, ups)| {
+            let mut params = ups.iter().map(|&u| plan.stages[u].params.clone());
+            let value = if st.sweep_slots.contains(slot) {
+                Value::Array(params.collect())
+            } else {
+                params.next().unwrap_or_default()
+            };
+            (slot.clone(), value)
         })
         .collect()
 }

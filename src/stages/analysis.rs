@@ -8,6 +8,7 @@
 //! A run's step size and batch size come from its `lr` / `batch_size` params, else from the last
 //! row of its `lr` / `batch_size` metrics columns.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -30,19 +31,32 @@ pub struct RunMetrics {
     pub stage: String,
     /// Its resolved params.
     pub params: Value,
+    /// The params of its own inputs, by slot (see [`InputArtifact::upstream_params`]).
+    pub upstream: BTreeMap<String, Value>,
     /// Its metrics table.
     pub table: MetricsTable,
 }
 
+/// The value at a dotted path (`model.arch`) inside `root`.
+fn walk_path<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
+    path.split('.').try_fold(root, |v, key| v.get(key))
+}
+
 impl RunMetrics {
-    /// A numeric param by dotted path (`optim.lr`), else the last value of the metrics column of
-    /// the same name (last path segment).
+    /// The param at a dotted path (`model.arch`), else, when the first segment names one of the
+    /// run's input slots, the param of that input (`data.n`: the size of its dataset).
+    fn param(&self, path: &str) -> Option<&Value> {
+        let upstream = || {
+            let (slot, rest) = path.split_once('.')?;
+            walk_path(self.upstream.get(slot)?, rest)
+        };
+        walk_path(&self.params, path).or_else(upstream)
+    }
+
+    /// A numeric param (see [`Self::param`]), else the last value of the metrics column of the
+    /// same name (last path segment).
     pub fn value(&self, name: &str) -> Option<f64> {
-        let from_params = name
-            .split('.')
-            .try_fold(&self.params, |v, key| v.get(key))
-            .and_then(Value::as_f64);
-        from_params.or_else(|| {
+        self.param(name).and_then(Value::as_f64).or_else(|| {
             let column = name.rsplit('.').next()?;
             self.table
                 .column(column)
@@ -55,7 +69,7 @@ impl RunMetrics {
 
     /// A param rendered for labels (strings and numbers alike), falling back to [`Self::value`].
     pub fn label(&self, name: &str) -> Option<String> {
-        match name.split('.').try_fold(&self.params, |v, key| v.get(key)) {
+        match self.param(name) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
             Some(Value::Bool(b)) => Some(b.to_string()),
@@ -100,6 +114,7 @@ pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, Stag
             Ok(RunMetrics {
                 stage: a.stage.clone(),
                 params: a.params.clone(),
+                upstream: a.upstream_params.clone(),
                 table,
             })
         })
@@ -199,6 +214,10 @@ pub enum AnalysisParams {
         /// Significance of the curvature test (default 0.05).
         #[serde(default = "default_significance")]
         significance: f64,
+        /// Param(s) splitting the sweep into one fit per value (e.g. `lr`, `[model.arch, lr]`,
+        /// `data.n`); default one fit for the whole sweep, which must then share one η.
+        #[serde(default, deserialize_with = "one_or_many")]
+        series_by: Vec<String>,
     },
     /// Critical batch size: knee of final λ against ln b.
     CriticalBatch {
@@ -217,6 +236,9 @@ pub enum AnalysisParams {
         /// Bootstrap seed (default 0).
         #[serde(default)]
         seed: u64,
+        /// Param(s) splitting the sweep into one fit per value (as for `gap`).
+        #[serde(default, deserialize_with = "one_or_many")]
+        series_by: Vec<String>,
     },
     /// Loss spikes above a running median baseline.
     Catapults {
@@ -244,7 +266,7 @@ fn f(v: f64) -> String {
 
 /// (b, final value) of every run, checking that all share one step size, which is returned.
 fn final_points(
-    runs: &[RunMetrics],
+    runs: &[&RunMetrics],
     column: &str,
     protocol: FinalProtocol,
 ) -> Result<(Vec<(f64, f64)>, f64), StageError> {
@@ -272,13 +294,127 @@ fn final_points(
     Ok((points, lr.map_or(f64::NAN, |l| l.0)))
 }
 
+/// Result, CSV rows and summary of one fit.
+type Fit = (Value, Vec<Vec<String>>, Value);
+
+/// What an analysis writes: `analysis.json`, the header and rows of `analysis.csv`, `summary.json`.
+type Analysed = (Value, Vec<&'static str>, Vec<Vec<String>>, Value);
+
+/// Runs `fit` on each series of `runs` (split by `series_by`; the whole sweep when empty). Without
+/// `series_by` the result and summary are the fit's own (plus `mode` and `column`); with it they
+/// hold a `series` array of them, each with its `series` label. CSV rows get a leading `series`.
+fn per_series(
+    mode: &str,
+    column: &str,
+    runs: &[RunMetrics],
+    series_by: &[String],
+    header: &[&'static str],
+    fit: impl Fn(&[&RunMetrics]) -> Result<Fit, StageError>,
+) -> Result<Analysed, StageError> {
+    let groups = if series_by.is_empty() {
+        vec![(String::new(), runs.iter().collect())]
+    } else {
+        group_runs(runs, series_by, RUNS)?
+    };
+    let mut results = Vec::new();
+    let mut summaries = Vec::new();
+    let mut all_rows = Vec::new();
+    for (label, members) in &groups {
+        let (mut result, rows, mut summary) = fit(members)?;
+        all_rows.extend(rows.into_iter().map(|row| {
+            let mut full = vec![label.clone()];
+            full.extend(row);
+            full
+        }));
+        if !series_by.is_empty() {
+            result["series"] = json!(label);
+            summary["series"] = json!(label);
+        }
+        results.push(result);
+        summaries.push(summary);
+    }
+    let wrap = |mut items: Vec<Value>| {
+        let mut out = if series_by.is_empty() {
+            items.remove(0)
+        } else {
+            json!({"series": items})
+        };
+        out["mode"] = json!(mode);
+        out["column"] = json!(column);
+        out
+    };
+    let mut full_header = vec!["series"];
+    full_header.extend_from_slice(header);
+    Ok((wrap(results), full_header, all_rows, wrap(summaries)))
+}
+
+/// A param path or a list of them (`series_by: lr` or `series_by: [model.arch, lr]`).
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(ps) => ps,
+    })
+}
+
+/// Groups runs by their labels of `params` (`η = 0.04, n = 1024`), or one group per run when
+/// there are none, keeping first-appearance order; `input` names the slot in errors.
+pub fn group_runs<'a>(
+    runs: &'a [RunMetrics],
+    params: &[String],
+    input: &str,
+) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
+    let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
+    for run in runs {
+        let labels = params
+            .iter()
+            .map(|p| {
+                let label = run.label(p).ok_or_else(|| StageError::Input {
+                    input: input.into(),
+                    message: format!(
+                        "run `{}` has no param or column `{p}` to group by",
+                        run.stage
+                    ),
+                })?;
+                Ok(format!("{} = {label}", short_name(p)))
+            })
+            .collect::<Result<Vec<_>, StageError>>()?;
+        let key = if params.is_empty() {
+            run.stage.clone()
+        } else {
+            labels.join(", ")
+        };
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(run),
+            None => groups.push((key, vec![run])),
+        }
+    }
+    Ok(groups)
+}
+
+/// The label of a param in legends: `η` for `lr`, `b` for `batch_size`, else its last segment.
+pub fn short_name(param: &str) -> String {
+    match param.rsplit('.').next().unwrap_or(param) {
+        "lr" => "η".to_string(),
+        "batch_size" => "b".to_string(),
+        "arch" => "model".to_string(),
+        other => other.to_string(),
+    }
+}
+
 impl Stage for AnalysisStage {
     fn kind(&self) -> &'static str {
         "analysis"
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: `series_by`, and a leading `series` column in analysis.csv.
+        2
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -303,108 +439,119 @@ impl Stage for AnalysisStage {
             .map_err(|e| StageError::Failed(format!("params: {e}")))?
             .0;
         let runs = load_runs(ctx, RUNS)?;
-        let (result, header, rows, summary): (Value, Vec<&str>, Vec<Vec<String>>, Value) =
-            match &params {
-                AnalysisParams::Plateau {
-                    column,
-                    window,
-                    level,
-                } => {
-                    let mut per_run = Vec::new();
-                    let mut rows = Vec::new();
-                    for run in &runs {
-                        let lr = run.require("lr", RUNS)?;
-                        let pts = run
-                            .table
-                            .pairs("step", column)
-                            .map_err(|e| input_error(RUNS, e))?;
-                        let what = format!("`{column}` of run `{}`", run.stage);
-                        let p = plateau(&pts, *window, *level, &what)
-                            .map_err(|e| input_error(RUNS, e))?;
-                        let ratio = p.mean * lr / 2.0;
-                        rows.push(vec![
-                            run.stage.clone(),
-                            f(lr),
-                            run.value("batch_size").map_or(String::new(), f),
-                            f(2.0 / lr),
-                            f(p.mean),
-                            f(p.stderr),
-                            f(p.low),
-                            f(p.high),
-                            p.samples.to_string(),
-                            f(ratio),
-                        ]);
-                        per_run.push(json!({"run": run.stage, "lr": lr, "plateau": p, "ratio_to_threshold": ratio}));
-                    }
-                    let ratios: Vec<f64> = per_run
-                        .iter()
-                        .filter_map(|r| r["ratio_to_threshold"].as_f64())
-                        .collect();
-                    let summary = json!({
-                        "mode": "plateau",
-                        "column": column,
-                        "min_ratio_to_threshold": ratios.iter().copied().fold(f64::INFINITY, f64::min),
-                        "max_ratio_to_threshold": ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                    });
-                    (
-                        json!({"mode": "plateau", "column": column, "runs": per_run}),
-                        vec![
-                            "run",
-                            "lr",
-                            "batch_size",
-                            "threshold",
-                            "mean",
-                            "stderr",
-                            "low",
-                            "high",
-                            "samples",
-                            "ratio_to_threshold",
-                        ],
-                        rows,
-                        summary,
-                    )
+        let (result, header, rows, summary): Analysed = match &params {
+            AnalysisParams::Plateau {
+                column,
+                window,
+                level,
+            } => {
+                let mut per_run = Vec::new();
+                let mut rows = Vec::new();
+                for run in &runs {
+                    let lr = run.require("lr", RUNS)?;
+                    let pts = run
+                        .table
+                        .pairs("step", column)
+                        .map_err(|e| input_error(RUNS, e))?;
+                    let what = format!("`{column}` of run `{}`", run.stage);
+                    let p =
+                        plateau(&pts, *window, *level, &what).map_err(|e| input_error(RUNS, e))?;
+                    let ratio = p.mean * lr / 2.0;
+                    rows.push(vec![
+                        run.stage.clone(),
+                        f(lr),
+                        run.value("batch_size").map_or(String::new(), f),
+                        f(2.0 / lr),
+                        f(p.mean),
+                        f(p.stderr),
+                        f(p.low),
+                        f(p.high),
+                        p.samples.to_string(),
+                        f(ratio),
+                    ]);
+                    per_run.push(json!({"run": run.stage, "lr": lr, "plateau": p, "ratio_to_threshold": ratio}));
                 }
-                AnalysisParams::FinalLambda { column, protocol } => {
-                    let mut per_run = Vec::new();
-                    let mut rows = Vec::new();
-                    for run in &runs {
-                        let v = final_value(&run.table, column, *protocol)
-                            .map_err(|e| input_error(RUNS, e))?;
-                        let lr = run.value("lr");
-                        let b = run.value("batch_size");
-                        rows.push(vec![
-                            run.stage.clone(),
-                            lr.map_or(String::new(), f),
-                            b.map_or(String::new(), f),
-                            f(v.value),
-                            v.samples.to_string(),
-                            f(v.from_step),
-                            f(v.to_step),
-                        ]);
-                        per_run
-                            .push(json!({"run": run.stage, "lr": lr, "batch_size": b, "final": v}));
-                    }
-                    (
-                        json!({"mode": "final_lambda", "column": column, "runs": per_run}),
-                        vec![
-                            "run",
-                            "lr",
-                            "batch_size",
-                            "value",
-                            "samples",
-                            "from_step",
-                            "to_step",
-                        ],
-                        rows,
-                        json!({"mode": "final_lambda", "column": column, "runs": runs.len()}),
-                    )
+                let ratios: Vec<f64> = per_run
+                    .iter()
+                    .filter_map(|r| r["ratio_to_threshold"].as_f64())
+                    .collect();
+                let summary = json!({
+                    "mode": "plateau",
+                    "column": column,
+                    "min_ratio_to_threshold": ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                    "max_ratio_to_threshold": ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                });
+                (
+                    json!({"mode": "plateau", "column": column, "runs": per_run}),
+                    vec![
+                        "run",
+                        "lr",
+                        "batch_size",
+                        "threshold",
+                        "mean",
+                        "stderr",
+                        "low",
+                        "high",
+                        "samples",
+                        "ratio_to_threshold",
+                    ],
+                    rows,
+                    summary,
+                )
+            }
+            AnalysisParams::FinalLambda { column, protocol } => {
+                let mut per_run = Vec::new();
+                let mut rows = Vec::new();
+                for run in &runs {
+                    let v = final_value(&run.table, column, *protocol)
+                        .map_err(|e| input_error(RUNS, e))?;
+                    let lr = run.value("lr");
+                    let b = run.value("batch_size");
+                    rows.push(vec![
+                        run.stage.clone(),
+                        lr.map_or(String::new(), f),
+                        b.map_or(String::new(), f),
+                        f(v.value),
+                        v.samples.to_string(),
+                        f(v.from_step),
+                        f(v.to_step),
+                    ]);
+                    per_run.push(json!({"run": run.stage, "lr": lr, "batch_size": b, "final": v}));
                 }
-                AnalysisParams::Gap {
-                    column,
-                    protocol,
-                    significance,
-                } => {
-                    let (points, lr) = final_points(&runs, column, *protocol)?;
+                (
+                    json!({"mode": "final_lambda", "column": column, "runs": per_run}),
+                    vec![
+                        "run",
+                        "lr",
+                        "batch_size",
+                        "value",
+                        "samples",
+                        "from_step",
+                        "to_step",
+                    ],
+                    rows,
+                    json!({"mode": "final_lambda", "column": column, "runs": runs.len()}),
+                )
+            }
+            AnalysisParams::Gap {
+                column,
+                protocol,
+                significance,
+                series_by,
+            } => per_series(
+                "gap",
+                column,
+                &runs,
+                series_by,
+                &[
+                    "batch_size",
+                    "lambda",
+                    "gap",
+                    "fitted_gap",
+                    "log10_residual",
+                ],
+                |members| {
+                    let (points, lr) = final_points(members, column, *protocol)?;
                     let fit = gap_power_law(&points, lr).map_err(|e| input_error(RUNS, e))?;
                     let rows = points
                         .iter()
@@ -421,33 +568,31 @@ impl Stage for AnalysisStage {
                         .collect();
                     let rejected = fit.rejected(*significance);
                     let summary = json!({
-                        "mode": "gap", "lr": lr, "alpha": fit.alpha, "r_squared": fit.r_squared,
+                        "lr": lr, "alpha": fit.alpha, "r_squared": fit.r_squared,
                         "curvature_p_value": fit.curvature.map(|c| c.p_value),
                         "power_law_rejected": rejected,
                     });
-                    (
-                        json!({"mode": "gap", "column": column, "lr": lr, "threshold": 2.0 / lr,
-                               "points": points, "fit": fit, "significance": significance,
-                               "power_law_rejected": rejected}),
-                        vec![
-                            "batch_size",
-                            "lambda",
-                            "gap",
-                            "fitted_gap",
-                            "log10_residual",
-                        ],
-                        rows,
-                        summary,
-                    )
-                }
-                AnalysisParams::CriticalBatch {
-                    column,
-                    protocol,
-                    bootstrap,
-                    level,
-                    seed,
-                } => {
-                    let (points, lr) = final_points(&runs, column, *protocol)?;
+                    let result = json!({"lr": lr, "threshold": 2.0 / lr, "points": points,
+                            "fit": fit, "significance": significance,
+                            "power_law_rejected": rejected});
+                    Ok((result, rows, summary))
+                },
+            )?,
+            AnalysisParams::CriticalBatch {
+                column,
+                protocol,
+                bootstrap,
+                level,
+                seed,
+                series_by,
+            } => per_series(
+                "critical_batch",
+                column,
+                &runs,
+                series_by,
+                &["batch_size", "lambda", "fitted"],
+                |members| {
+                    let (points, lr) = final_points(members, column, *protocol)?;
                     let knee = critical_batch_size(&points, *bootstrap, *level, *seed)
                         .map_err(|e| input_error(RUNS, e))?;
                     let rows = points
@@ -455,60 +600,57 @@ impl Stage for AnalysisStage {
                         .map(|&(b, lam)| vec![f(b), f(lam), f(knee.predict(b))])
                         .collect();
                     let summary = json!({
-                        "mode": "critical_batch", "lr": lr, "critical_batch": knee.critical_batch,
+                        "lr": lr, "critical_batch": knee.critical_batch,
                         "ci_low": knee.ci_low, "ci_high": knee.ci_high,
                     });
-                    (
-                        json!({"mode": "critical_batch", "column": column, "lr": lr, "threshold": 2.0 / lr,
-                               "points": points, "fit": knee, "level": level}),
-                        vec!["batch_size", "lambda", "fitted"],
-                        rows,
-                        summary,
-                    )
-                }
-                AnalysisParams::Catapults {
-                    column,
-                    window,
-                    factor,
-                } => {
-                    let mut per_run = Vec::new();
-                    let mut rows = Vec::new();
-                    for run in &runs {
-                        let pts = run
-                            .table
-                            .pairs("step", column)
-                            .map_err(|e| input_error(RUNS, e))?;
-                        let events = detect_catapults(&pts, *window, *factor)
-                            .map_err(|e| input_error(RUNS, e))?;
-                        for e in &events {
-                            rows.push(vec![
-                                run.stage.clone(),
-                                f(e.start_step),
-                                f(e.peak_step),
-                                f(e.peak),
-                                f(e.baseline),
-                                f(e.ratio),
-                                e.end_step.map_or(String::new(), f),
-                            ]);
-                        }
-                        per_run.push(json!({"run": run.stage, "catapults": events}));
+                    let result = json!({"lr": lr, "threshold": 2.0 / lr, "points": points,
+                            "fit": knee, "level": level});
+                    Ok((result, rows, summary))
+                },
+            )?,
+            AnalysisParams::Catapults {
+                column,
+                window,
+                factor,
+            } => {
+                let mut per_run = Vec::new();
+                let mut rows = Vec::new();
+                for run in &runs {
+                    let pts = run
+                        .table
+                        .pairs("step", column)
+                        .map_err(|e| input_error(RUNS, e))?;
+                    let events = detect_catapults(&pts, *window, *factor)
+                        .map_err(|e| input_error(RUNS, e))?;
+                    for e in &events {
+                        rows.push(vec![
+                            run.stage.clone(),
+                            f(e.start_step),
+                            f(e.peak_step),
+                            f(e.peak),
+                            f(e.baseline),
+                            f(e.ratio),
+                            e.end_step.map_or(String::new(), f),
+                        ]);
                     }
-                    (
-                        json!({"mode": "catapults", "column": column, "runs": per_run}),
-                        vec![
-                            "run",
-                            "start_step",
-                            "peak_step",
-                            "peak",
-                            "baseline",
-                            "ratio",
-                            "end_step",
-                        ],
-                        rows.clone(),
-                        json!({"mode": "catapults", "column": column, "catapults": rows.len()}),
-                    )
+                    per_run.push(json!({"run": run.stage, "catapults": events}));
                 }
-            };
+                (
+                    json!({"mode": "catapults", "column": column, "runs": per_run}),
+                    vec![
+                        "run",
+                        "start_step",
+                        "peak_step",
+                        "peak",
+                        "baseline",
+                        "ratio",
+                        "end_step",
+                    ],
+                    rows.clone(),
+                    json!({"mode": "catapults", "column": column, "catapults": rows.len()}),
+                )
+            }
+        };
         write_json(&ctx.work_dir.join("analysis.json"), &result)?;
         write_table(&ctx.work_dir.join("analysis.csv"), &header, &rows)?;
         write_json(&ctx.work_dir.join("summary.json"), &summary)
@@ -544,6 +686,7 @@ pub(crate) mod test_support {
                 key: format!("key{b}"),
                 dir: root.join(format!("b{b}")),
                 params: json!({"lr": 0.04, "batch_size": b}),
+                upstream_params: BTreeMap::from([("data".to_string(), json!({"n": 1024}))]),
             })
             .collect();
         BTreeMap::from([("runs".to_string(), runs)])
@@ -658,6 +801,44 @@ mod tests {
         let rows: Vec<&str> = text.lines().skip(1).collect();
         assert_eq!(rows.len(), 1, "{text}");
         assert!(rows[0].starts_with("train[batch_size=8],200,"), "{text}");
+    }
+
+    #[test]
+    fn series_by_fits_each_series_on_its_own() {
+        // The fixture sweep twice: once on "n = 1024", once (same metrics) on "n = 2048".
+        let mut runs = fixture_runs();
+        let copies: Vec<InputArtifact> = runs["runs"]
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a.stage = format!("{}-2048", a.stage);
+                a.upstream_params.insert("data".into(), json!({"n": 2048}));
+                a
+            })
+            .collect();
+        runs.get_mut("runs").unwrap().extend(copies);
+        let (dir, r) = run_stage(&AnalysisStage, json!({"mode": "gap"}), &fixture_runs());
+        r.unwrap();
+        let alone = summary(dir.path())["alpha"].as_f64().unwrap();
+        let params = json!({"mode": "gap", "series_by": "data.n"});
+        let (dir, r) = run_stage(&AnalysisStage, params, &runs);
+        r.unwrap();
+        let s = summary(dir.path());
+        let series = s["series"].as_array().unwrap();
+        let labels: Vec<&str> = series
+            .iter()
+            .map(|x| x["series"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, ["n = 1024", "n = 2048"]);
+        for x in series {
+            assert_eq!(x["alpha"].as_f64().unwrap(), alone, "{s}");
+        }
+        let text = std::fs::read_to_string(dir.path().join("analysis.csv")).unwrap();
+        assert!(text.starts_with("series,batch_size,"), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("n = 2048,")).count(),
+            5
+        );
     }
 
     #[test]

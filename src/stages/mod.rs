@@ -50,6 +50,9 @@ pub struct InputArtifact {
     pub dir: PathBuf,
     /// Its resolved params.
     pub params: serde_json::Value,
+    /// The params of its own inputs, by slot (an object, or an array for a sweep slot), so that
+    /// a plot can group runs by e.g. `data.n`.
+    pub upstream_params: BTreeMap<String, serde_json::Value>,
 }
 
 /// Progress and log sink given to a running stage. Implemented by the engine.

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::analysis::{input_artifacts, input_error, load_runs, write_json, RunMetrics};
+use super::analysis::{
+    group_runs, input_artifacts, input_error, load_runs, one_or_many, write_json, RunMetrics,
+};
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
@@ -87,12 +89,15 @@ pub struct PlotParams {
     /// x column (default `step`).
     #[serde(default = "default_x")]
     pub x: String,
-    /// Param grouping runs into panels (e.g. `batch_size`); default one panel per run.
-    #[serde(default)]
-    pub panel_by: Option<String>,
-    /// Param grouping runs into curves in `lambda_vs_batch` (e.g. `lr`).
-    #[serde(default)]
-    pub series_by: Option<String>,
+    /// Param(s) grouping runs into panels (e.g. `batch_size`); default one panel per run. A
+    /// dotted path reaches into params (`model.arch`) or, through an input slot of the runs, into
+    /// the params of their inputs (`data.n`).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub panel_by: Vec<String>,
+    /// Param(s) grouping runs into curves in `lambda_vs_batch` (e.g. `lr`, or
+    /// `[model.arch, lr]`); default one curve.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub series_by: Vec<String>,
     /// Panels per row (default 3).
     #[serde(default = "default_grid_columns")]
     pub grid_columns: usize,
@@ -116,43 +121,6 @@ pub struct PlotStage;
 
 const RUNS: &str = "runs";
 
-/// Groups runs by the label of `param` (or one group per run), keeping first-appearance order.
-fn group<'a>(
-    runs: &'a [RunMetrics],
-    param: Option<&str>,
-) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
-    let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
-    for run in runs {
-        let key = match param {
-            Some(p) => format!(
-                "{} = {}",
-                short_name(p),
-                run.label(p).ok_or_else(|| StageError::Input {
-                    input: RUNS.into(),
-                    message: format!(
-                        "run `{}` has no param or column `{p}` to group by",
-                        run.stage
-                    ),
-                })?
-            ),
-            None => run.stage.clone(),
-        };
-        match groups.iter_mut().find(|g| g.0 == key) {
-            Some(g) => g.1.push(run),
-            None => groups.push((key, vec![run])),
-        }
-    }
-    Ok(groups)
-}
-
-fn short_name(param: &str) -> String {
-    match param.rsplit('.').next().unwrap_or(param) {
-        "lr" => "η".to_string(),
-        "batch_size" => "b".to_string(),
-        other => other.to_string(),
-    }
-}
-
 /// The 2/η line of a run as a step function over `x`, following its `lr` column.
 fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageError> {
     let pts = run.table.pairs(x, "lr").map_err(|e| input_error(RUNS, e))?;
@@ -174,7 +142,7 @@ fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageE
 
 fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
     let mut panels = Vec::new();
-    for (title, members) in group(runs, params.panel_by.as_deref())? {
+    for (title, members) in group_runs(runs, &params.panel_by, RUNS)? {
         let many = members.len() > 1;
         let mut series = Vec::new();
         for (ri, run) in members.iter().enumerate() {
@@ -256,13 +224,14 @@ fn lambda_vs_batch(
     let mut gap = Vec::new();
     let mut fits = Vec::new();
     // Without `series_by`, the whole sweep is one curve.
-    let curves = match params.series_by.as_deref() {
-        Some(by) => group(runs, Some(by))?,
-        None => vec![(String::new(), runs.iter().collect())],
+    let curves = if params.series_by.is_empty() {
+        vec![(String::new(), runs.iter().collect())]
+    } else {
+        group_runs(runs, &params.series_by, RUNS)?
     };
     for (gi, (label, members)) in curves.into_iter().enumerate() {
         let color = CYCLE[gi % CYCLE.len()];
-        let suffix = if params.series_by.is_some() {
+        let suffix = if !params.series_by.is_empty() {
             format!(" ({label})")
         } else {
             String::new()
@@ -596,6 +565,32 @@ mod tests {
         );
         let img = image::open(dir.path().join("figure.png")).unwrap();
         assert_eq!((img.width(), img.height()), (2 * 520, 380));
+    }
+
+    #[test]
+    fn series_group_by_input_params_and_by_several_params() {
+        // Two "dataset sizes": the b <= 32 runs on n = 2048, the others on n = 1024.
+        let mut runs = fixture_runs();
+        for run in runs.get_mut("runs").unwrap().iter_mut().take(3) {
+            run.upstream_params
+                .insert("data".into(), json!({"n": 2048, "seed": 0}));
+        }
+        let params = json!({"mode": "lambda_vs_batch", "columns": ["lambda_max"],
+                            "series_by": ["data.n", "lr"]});
+        let (dir, r) = run_stage(&PlotStage, params, &runs);
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let finals = |label: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!("\"final λmax ({label})\",")))
+                .count()
+        };
+        assert_eq!(finals("n = 2048, η = 0.04"), 3, "{text}");
+        assert_eq!(finals("n = 1024, η = 0.04"), 2, "{text}");
+        // A path that is neither a param nor an input's param is an error naming it.
+        let params = json!({"mode": "lambda_vs_batch", "series_by": "data.width"});
+        let (_d, r) = run_stage(&PlotStage, params, &runs);
+        assert!(r.unwrap_err().to_string().contains("data.width"));
     }
 
     #[test]
