@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -69,6 +71,81 @@ fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     }
     let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
     (lo - pad)..(hi + pad)
+}
+
+/// Tick positions (drawing coordinates) on `range`: 1-2-5 steps on linear axes; on log axes
+/// 1-2-5 (or 1-2-3-5) multiples of each decade when the range spans few decades, else decades.
+fn ticks(range: &std::ops::Range<f64>, scale: Scale) -> Vec<f64> {
+    let (lo, hi) = (range.start, range.end);
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return vec![lo];
+    }
+    match scale {
+        Scale::Linear => {
+            let raw = span / 6.0;
+            let decade = 10f64.powf(raw.log10().floor());
+            let step = [1.0, 2.0, 5.0, 10.0]
+                .iter()
+                .map(|m| m * decade)
+                .find(|&st| st >= raw)
+                .unwrap_or(10.0 * decade);
+            let first = (lo / step).ceil() as i64;
+            let last = (hi / step).floor() as i64;
+            (first..=last).map(|i| i as f64 * step).collect()
+        }
+        Scale::Log => {
+            let multiples: &[f64] = if span <= 1.2 {
+                &[1.0, 2.0, 3.0, 5.0]
+            } else if span <= 3.0 {
+                &[1.0, 2.0, 5.0]
+            } else {
+                &[1.0]
+            };
+            let stride = (span / 7.0).ceil().max(1.0) as i64;
+            (lo.floor() as i64..=hi.ceil() as i64)
+                .filter(|k| multiples.len() > 1 || k.rem_euclid(stride) == 0)
+                .flat_map(|k| multiples.iter().map(move |m| m.log10() + k as f64))
+                .filter(|v| (lo..=hi).contains(v))
+                .collect()
+        }
+    }
+}
+
+/// A linear f64 coordinate whose ticks are given ([`ticks`]) instead of chosen by plotters.
+struct Ticked {
+    inner: RangedCoordf64,
+    ticks: Vec<f64>,
+}
+
+impl Ticked {
+    fn new(range: &std::ops::Range<f64>, scale: Scale) -> Self {
+        Ticked {
+            inner: range.clone().into(),
+            ticks: ticks(range, scale),
+        }
+    }
+}
+
+impl Ranged for Ticked {
+    type ValueType = f64;
+    type FormatOption = DefaultFormatting;
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.inner.range()
+    }
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.inner.map(value, limit)
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
 }
 
 fn tick_label(v: f64, scale: Scale) -> String {
@@ -152,9 +229,9 @@ fn draw_panel<DB: DrawingBackend>(
         .x_label_area_size(40)
         .y_label_area_size(55)
         .right_y_label_area_size(if panel.y2.is_some() { 60 } else { 0 })
-        .build_cartesian_2d(xr.clone(), yr)
+        .build_cartesian_2d(Ticked::new(&xr, xs), Ticked::new(&yr, ys))
         .map_err(|e| text(&e))?
-        .set_secondary_coord(xr, y2r);
+        .set_secondary_coord(Ticked::new(&xr, xs), Ticked::new(&y2r, y2s));
     chart
         .configure_mesh()
         .light_line_style(TRANSPARENT)
@@ -320,6 +397,28 @@ mod tests {
         assert_eq!(to_coord(100.0, Scale::Log), Some(2.0));
         assert_eq!(tick_label(2.0, Scale::Log), "100");
         assert_eq!(tick_label(-5.0, Scale::Log), "1e-5");
+    }
+
+    #[test]
+    fn ticks_are_round_numbers() {
+        let labels = |r: std::ops::Range<f64>, s: Scale| -> Vec<String> {
+            ticks(&r, s).iter().map(|&v| tick_label(v, s)).collect()
+        };
+        assert_eq!(
+            labels(-3.0..52.0, Scale::Linear),
+            ["0", "10", "20", "30", "40", "50"]
+        );
+        // Batch sizes 8…128 (log): 1-2-5 multiples, not 10^0.2 steps.
+        let b = 8f64.log10()..128f64.log10();
+        assert_eq!(labels(b, Scale::Log), ["10", "20", "50", "100"]);
+        assert_eq!(
+            labels(-6.0..1.0, Scale::Log),
+            ["1e-6", "1e-5", "1e-4", "1e-3", "0.01", "0.1", "1", "10"]
+        );
+        assert_eq!(
+            labels(-9.5..3.5, Scale::Log),
+            ["1e-8", "1e-6", "1e-4", "0.01", "1", "100"]
+        );
         assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
     }
 
