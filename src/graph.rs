@@ -118,6 +118,18 @@ pub fn build(
                 continue;
             }
         };
+        for (slot, field) in &resolved.needs_inputs {
+            if !inst.inputs.contains_key(*slot) {
+                problems.push(param_problem(
+                    p,
+                    overrides,
+                    decl,
+                    &inst.name,
+                    field,
+                    &format!("needs the input `{slot}`"),
+                ));
+            }
+        }
         let mut external_files = Vec::new();
         for f in &resolved.external_files {
             match crate::store::hash::hash_file_memoized(f, &store.memo_dir()) {

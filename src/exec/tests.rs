@@ -81,6 +81,7 @@ impl Stage for Echo {
             params: canonical,
             external_files: vec![],
             device,
+            needs_inputs: Vec::new(),
         })
     }
     fn inputs(&self) -> &'static [InputSlot] {

@@ -423,6 +423,7 @@ impl Stage for AnalysisStage {
             params: canonical,
             external_files: Vec::new(),
             device: DeviceClass::Cpu,
+            needs_inputs: Vec::new(),
         })
     }
 

@@ -188,6 +188,7 @@ impl Stage for DatasetStage {
             params: canonical,
             external_files,
             device: DeviceClass::Cpu,
+            needs_inputs: Vec::new(),
         })
     }
 

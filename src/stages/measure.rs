@@ -79,6 +79,7 @@ impl Stage for MeasureStage {
             params: canonical,
             external_files: Vec::new(),
             device: typed.device,
+            needs_inputs: Vec::new(),
         })
     }
 

@@ -37,6 +37,9 @@ pub struct Resolved {
     pub external_files: Vec<PathBuf>,
     /// The device the stage computes on (enters the key; CUDA stages run one at a time).
     pub device: DeviceClass,
+    /// Optional input slots these params make necessary, each with the param that needs it
+    /// (e.g. `base` for `branch_step`); the planner reports a missing one before anything runs.
+    pub needs_inputs: Vec<(&'static str, &'static str)>,
 }
 
 /// One input artifact handed to a running stage.

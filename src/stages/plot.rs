@@ -454,6 +454,7 @@ impl Stage for PlotStage {
             params: canonical,
             external_files: Vec::new(),
             device: DeviceClass::Cpu,
+            needs_inputs: Vec::new(),
         })
     }
 

@@ -89,6 +89,7 @@ impl Stage for QuadraticStage {
             params: canonical,
             external_files: Vec::new(),
             device: DeviceClass::Cpu,
+            needs_inputs: Vec::new(),
         })
     }
 

@@ -98,6 +98,11 @@ impl Stage for TrainStage {
             params: canonical,
             external_files: Vec::new(),
             device: config.device,
+            needs_inputs: if config.branch_step.is_some() {
+                vec![("base", "branch_step")]
+            } else {
+                Vec::new()
+            },
         })
     }
 

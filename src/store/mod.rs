@@ -465,6 +465,17 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o444);
+        // A group shares the store: every directory is group-writable and setgid, so entries
+        // made by any member keep the store's group.
+        for d in [
+            dir.path().to_path_buf(),
+            art.parent().unwrap().to_path_buf(),
+            art.clone(),
+            art.join("sub"),
+        ] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, DIR_MODE, "{}", d.display());
+        }
         assert!(!store.work_dir("dataset", &key).exists());
         match store.claim("dataset", &key, &mut || {}).unwrap() {
             Lookup::Hit(h) => assert_eq!(*h, m),
