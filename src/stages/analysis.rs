@@ -22,7 +22,6 @@ use crate::analysis::metrics::MetricsTable;
 use crate::analysis::run::{final_value, plateau, FinalProtocol, Window};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
 use crate::analysis::AnalysisError;
-use crate::device::DeviceClass;
 
 /// One run of the input sweep with its metrics.
 #[derive(Debug, Clone)]
@@ -419,12 +418,7 @@ impl Stage for AnalysisStage {
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
         let (_, canonical) = resolve_typed::<AnalysisParams>(params)?;
-        Ok(Resolved {
-            params: canonical,
-            external_files: Vec::new(),
-            device: DeviceClass::Cpu,
-            needs_inputs: Vec::new(),
-        })
+        Ok(Resolved::cpu(canonical))
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
@@ -436,9 +430,7 @@ impl Stage for AnalysisStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let params: AnalysisParams = resolve_typed(ctx.params)
-            .map_err(|e| StageError::Failed(format!("params: {e}")))?
-            .0;
+        let params: AnalysisParams = ctx.typed_params()?;
         let runs = load_runs(ctx, RUNS)?;
         let (result, header, rows, summary): Analysed = match &params {
             AnalysisParams::Plateau {

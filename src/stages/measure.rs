@@ -88,8 +88,7 @@ impl Stage for MeasureStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let params: MeasureParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| StageError::Failed(format!("params: {e}")))?;
+        let params: MeasureParams = ctx.typed_params()?;
         let run = ctx
             .inputs
             .get("run")

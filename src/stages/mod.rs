@@ -42,6 +42,18 @@ pub struct Resolved {
     pub needs_inputs: Vec<(&'static str, &'static str)>,
 }
 
+impl Resolved {
+    /// Params of a kind that computes on the CPU from its inputs alone.
+    pub fn cpu(params: serde_json::Value) -> Self {
+        Resolved {
+            params,
+            external_files: Vec::new(),
+            device: DeviceClass::Cpu,
+            needs_inputs: Vec::new(),
+        }
+    }
+}
+
 /// One input artifact handed to a running stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputArtifact {
@@ -81,6 +93,14 @@ pub struct StageContext<'a> {
     pub work_dir: &'a Path,
     /// Progress and log sink.
     pub reporter: &'a dyn StageReporter,
+}
+
+impl StageContext<'_> {
+    /// The resolved params as the kind's typed params.
+    pub fn typed_params<P: DeserializeOwned>(&self) -> Result<P, StageError> {
+        serde_json::from_value(self.params.clone())
+            .map_err(|e| StageError::Failed(format!("params: {e}")))
+    }
 }
 
 /// Why a stage failed.

@@ -22,7 +22,6 @@ use super::analysis::{
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
-use crate::device::DeviceClass;
 use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Series, Style};
 use crate::plot::render::{write_png, write_svg};
 use crate::plot::style::{column_style, display_name, threshold_style, CYCLE};
@@ -450,12 +449,7 @@ impl Stage for PlotStage {
                 message: "grid_columns must be ≥ 1 and panel_size at least 100 × 100".into(),
             });
         }
-        Ok(Resolved {
-            params: canonical,
-            external_files: Vec::new(),
-            device: DeviceClass::Cpu,
-            needs_inputs: Vec::new(),
-        })
+        Ok(Resolved::cpu(canonical))
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
@@ -467,9 +461,7 @@ impl Stage for PlotStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let params: PlotParams = resolve_typed(ctx.params)
-            .map_err(|e| StageError::Failed(format!("params: {e}")))?
-            .0;
+        let params: PlotParams = ctx.typed_params()?;
         let (panels, extra) = match params.mode {
             PlotMode::TimeSeries => (time_series(&params, &load_runs(ctx, RUNS)?)?, json!({})),
             PlotMode::LambdaVsBatch => lambda_vs_batch(&params, &load_runs(ctx, RUNS)?)?,

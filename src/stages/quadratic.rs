@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 
 use super::analysis::{write_json, write_table};
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
-use crate::device::DeviceClass;
 use crate::toy::quadratic::{run_sgd, QuadraticConfig, Sampling};
 
 fn default_n() -> usize {
@@ -85,12 +84,7 @@ impl Stage for QuadraticStage {
                 message: format!("must be a positive number, got {}", p.lr),
             });
         }
-        Ok(Resolved {
-            params: canonical,
-            external_files: Vec::new(),
-            device: DeviceClass::Cpu,
-            needs_inputs: Vec::new(),
-        })
+        Ok(Resolved::cpu(canonical))
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
@@ -98,9 +92,7 @@ impl Stage for QuadraticStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let p: QuadraticParams = resolve_typed(ctx.params)
-            .map_err(|e| StageError::Failed(format!("params: {e}")))?
-            .0;
+        let p: QuadraticParams = ctx.typed_params()?;
         ctx.reporter.set_length(p.steps as u64);
         let run = run_sgd(&QuadraticConfig {
             n: p.n,

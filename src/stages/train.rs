@@ -115,8 +115,7 @@ impl Stage for TrainStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
-        let config: TrainConfig = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| StageError::Failed(format!("params: {e}")))?;
+        let config: TrainConfig = ctx.typed_params()?;
         let train_data = load_dataset(ctx, "data")?.expect("`data` is a required input");
         let test_data = load_dataset(ctx, "test")?;
 
