@@ -22,7 +22,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use crate::graph::{Plan, PlannedStage};
-use crate::stages::{InputArtifact, StageContext, StageReporter};
+use crate::stages::{InputArtifact, StageContext, StageError, StageReporter};
 use crate::store::{InputKeys, Lookup, Manifest, Store, StoreError, LOG};
 
 /// What happened to one instance, as it happens.
@@ -351,6 +351,7 @@ fn run_one(
     sink.event(plan, Event::Started { index: i });
     let t0 = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| {
+        check_named_outputs(&inputs)?;
         st.kind.run(&StageContext {
             name: &st.name,
             params: &st.params,
@@ -472,12 +473,33 @@ fn input_artifacts(
                         dir: store.artifact_dir(&up.kind_name, &up.key),
                         params: up.params.clone(),
                         upstream_params: upstream_params(plan, up),
+                        output: st.input_outputs.get(slot).cloned(),
                     }
                 })
                 .collect();
             (slot.clone(), arts)
         })
         .collect()
+}
+
+/// Fails when an input names an output (`stage:output`) that its artifact does not have.
+fn check_named_outputs(inputs: &BTreeMap<String, Vec<InputArtifact>>) -> Result<(), StageError> {
+    for (slot, arts) in inputs {
+        for a in arts.iter().filter(|a| a.output.is_some()) {
+            let path = a.file("");
+            if !path.exists() {
+                return Err(StageError::Input {
+                    input: slot.clone(),
+                    message: format!(
+                        "`{}` has no output `{}`",
+                        a.stage,
+                        a.output.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The params of `st`'s inputs by slot: an object for a single input, an array for a sweep slot.

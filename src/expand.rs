@@ -426,8 +426,25 @@ pub fn instance_name(stage: &str, assignment: &Assignment) -> String {
     format!("{stage}[{}]", parts.join(","))
 }
 
-/// Splits `train[lr=0.01,batch=16]` into `train` and its `key=value` pairs (`None` if not of that form).
+/// Splits a reference into the instance part and the one output it names, if any:
+/// `train:metrics.csv` → (`train`, `metrics.csv`), `train[lr=0.01]:x` → (`train[lr=0.01]`, `x`).
+fn split_output(r: &str) -> (&str, Option<&str>) {
+    let tail_from = r.rfind(']').map_or(0, |i| i + 1);
+    match r[tail_from..].find(':') {
+        Some(i) => (&r[..tail_from + i], Some(&r[tail_from + i + 1..])),
+        None => (r, None),
+    }
+}
+
+/// The output file a reference names (`train:metrics.csv` → `metrics.csv`), if any.
+pub fn referenced_output(r: &str) -> Option<&str> {
+    split_output(r).1
+}
+
+/// Splits `train[lr=0.01,batch=16]` into `train` and its `key=value` pairs (`None` if not of that
+/// form), ignoring a `:output` suffix.
 fn parse_reference(r: &str) -> (&str, Option<Vec<(&str, &str)>>) {
+    let r = split_output(r).0;
     match r.strip_suffix(']').and_then(|s| s.split_once('[')) {
         Some((base, body)) => {
             let pairs = body
@@ -640,6 +657,25 @@ mod tests {
                 "t[lr=0.02,b=8]",
                 "t[lr=0.5,b=8]"
             ]
+        );
+    }
+
+    #[test]
+    fn references_may_name_one_output() {
+        assert_eq!(split_output("train"), ("train", None));
+        assert_eq!(
+            split_output("train:metrics.csv"),
+            ("train", Some("metrics.csv"))
+        );
+        assert_eq!(
+            split_output("train[lr=0.01]:checkpoints/step-1.safetensors"),
+            ("train[lr=0.01]", Some("checkpoints/step-1.safetensors"))
+        );
+        assert_eq!(split_output("train[lr=0.01]"), ("train[lr=0.01]", None));
+        assert_eq!(referenced_stage("train[lr=0.01]:metrics.csv"), "train");
+        assert_eq!(
+            parse_reference("train[lr=0.01]:x").1,
+            Some(vec![("lr", "0.01")])
         );
     }
 

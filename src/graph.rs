@@ -36,6 +36,8 @@ pub struct PlannedStage {
     pub device: DeviceClass,
     /// Input slot → indices into [`Plan::stages`] (all earlier in the plan).
     pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Input slot → the one output file of its stage(s) it takes (`stage:output`), where named.
+    pub input_outputs: BTreeMap<String, String>,
     /// Whether each input slot takes a sweep.
     pub sweep_slots: BTreeSet<String>,
     /// External files and their content hashes.
@@ -155,6 +157,11 @@ pub fn build(
         }
         // Instances come upstream first, so every input index is already planned.
         let inputs: BTreeMap<String, Vec<usize>> = inst.inputs.clone();
+        let input_outputs: BTreeMap<String, String> = decl
+            .inputs
+            .iter()
+            .filter_map(|(slot, refs)| Some((slot.clone(), slot_output(refs).ok()??.to_string())))
+            .collect();
         let input_keys = inputs
             .iter()
             .map(|(slot, ups)| (slot.as_str(), ups.iter().map(|&u| &stages[u].key).collect()))
@@ -165,6 +172,10 @@ pub fn build(
             kind_version: kind.version(),
             params: &resolved.params,
             inputs: input_keys,
+            input_outputs: input_outputs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
             external_files: external_files.iter().map(|e| e.blake3.as_str()).collect(),
             device: resolved.device,
         }
@@ -183,6 +194,7 @@ pub fn build(
             params: resolved.params,
             device: resolved.device,
             inputs,
+            input_outputs,
             sweep_slots,
             external_files,
             key,
@@ -252,6 +264,29 @@ fn param_problem(
     Problem::at(&p.source, loc, &field, what)
 }
 
+/// The one output file the references of a slot name (`train:metrics.csv`), if any: every
+/// reference of the slot names the same one, a relative path inside the artifact.
+fn slot_output(refs: &[String]) -> Result<Option<&str>, String> {
+    let outputs: BTreeSet<Option<&str>> =
+        refs.iter().map(|r| expand::referenced_output(r)).collect();
+    if outputs.len() > 1 {
+        return Err("the stages of one input must all name the same output (or none)".into());
+    }
+    let output = outputs.into_iter().next().flatten();
+    if let Some(o) = output {
+        let path = std::path::Path::new(o);
+        let inside = path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if o.is_empty() || !inside {
+            return Err(format!(
+                "`{o}` is not an output file name: give a path inside the artifact, e.g. `metrics.csv`"
+            ));
+        }
+    }
+    Ok(output)
+}
+
 /// Checks kinds, input slots and references, and finds cycles. Returns the declarations in
 /// topological order (file order where free).
 fn check_stages(
@@ -302,6 +337,9 @@ fn check_stages(
                         ),
                     ));
                 }
+            }
+            if let Err(message) = slot_output(refs) {
+                problems.push(Problem::at(src, here, &field, message));
             }
             for r in refs {
                 match index.get(expand::referenced_stage(r)) {

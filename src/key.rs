@@ -58,6 +58,10 @@ pub struct KeyInput<'a> {
     pub params: &'a Value,
     /// Input slot → keys of the bound artifacts, in binding order.
     pub inputs: BTreeMap<&'a str, Vec<&'a Key>>,
+    /// Input slot → the one output file it takes (`stage:output`); left out of the encoding when
+    /// empty, so keys of stages that name no output are those of earlier versions.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_outputs: BTreeMap<&'a str, &'a str>,
     /// Content hashes (blake3 hex) of the external files the kind named, in its order.
     pub external_files: Vec<&'a str>,
     /// Where the stage computes.
@@ -122,6 +126,7 @@ mod tests {
             kind_version: 3,
             params,
             inputs: [("data", vec![input])].into_iter().collect(),
+            input_outputs: BTreeMap::new(),
             external_files: vec!["ab"],
             device: DeviceClass::Cpu,
         }
@@ -178,6 +183,10 @@ mod tests {
             },
             KeyInput {
                 inputs: [("train", vec![&input])].into_iter().collect(),
+                ..base.clone()
+            },
+            KeyInput {
+                input_outputs: [("data", "dataset.safetensors")].into_iter().collect(),
                 ..base.clone()
             },
             KeyInput {

@@ -109,7 +109,7 @@ pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, Stag
         .iter()
         .map(|a| {
             let table =
-                MetricsTable::read(&a.dir.join("metrics.csv")).map_err(|e| input_error(name, e))?;
+                MetricsTable::read(&a.file("metrics.csv")).map_err(|e| input_error(name, e))?;
             Ok(RunMetrics {
                 stage: a.stage.clone(),
                 params: a.params.clone(),
@@ -680,6 +680,7 @@ pub(crate) mod test_support {
                 dir: root.join(format!("b{b}")),
                 params: json!({"lr": 0.04, "batch_size": b}),
                 upstream_params: BTreeMap::from([("data".to_string(), json!({"n": 1024}))]),
+                output: None,
             })
             .collect();
         BTreeMap::from([("runs".to_string(), runs)])

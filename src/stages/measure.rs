@@ -105,7 +105,7 @@ impl Stage for MeasureStage {
                 format!("`{}` is not a train artifact: {e}", run.stage),
             )
         })?;
-        let dataset = Dataset::load(data.dir.join("dataset.safetensors"))
+        let dataset = Dataset::load(data.file("dataset.safetensors"))
             .map_err(|e| input_error("data", e.to_string()))?;
 
         let device = params.device.candle_device()?;
@@ -115,6 +115,21 @@ impl Stage for MeasureStage {
         let schedule = HyperSchedule::new(config.lr, config.batch_size, config.schedule.clone());
 
         let mut checkpoints = checkpoint::list(&run.dir.join("checkpoints"))?;
+        // `run: train:checkpoints/step-500.safetensors` measures that one checkpoint.
+        if run.output.is_some() {
+            let chosen = run.file("");
+            checkpoints.retain(|(_, path)| *path == chosen);
+            if checkpoints.is_empty() {
+                return Err(input_error(
+                    "run",
+                    format!(
+                        "`{}` is not a checkpoint of `{}`",
+                        chosen.display(),
+                        run.stage
+                    ),
+                ));
+            }
+        }
         if let Some(steps) = &params.steps {
             if let Some(missing) = steps
                 .iter()

@@ -68,6 +68,15 @@ pub struct InputArtifact {
     /// The params of its own inputs, by slot (an object, or an array for a sweep slot), so that
     /// a plot can group runs by e.g. `data.n`.
     pub upstream_params: BTreeMap<String, serde_json::Value>,
+    /// The one output file the consumer named (`stage:output`), if any.
+    pub output: Option<String>,
+}
+
+impl InputArtifact {
+    /// The file to read: the named output (`stage:output`) if there is one, else `default`.
+    pub fn file(&self, default: &str) -> PathBuf {
+        self.dir.join(self.output.as_deref().unwrap_or(default))
+    }
 }
 
 /// Progress and log sink given to a running stage. Implemented by the engine.

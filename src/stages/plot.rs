@@ -352,7 +352,7 @@ fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
     let inputs = input_artifacts(ctx, RUNS)?;
     let mut panels = Vec::new();
     for input in inputs {
-        let path = input.dir.join("alignment.csv");
+        let path = input.file("alignment.csv");
         let bad = |message: String| StageError::Input {
             input: RUNS.into(),
             message: format!("{}: {message}", path.display()),

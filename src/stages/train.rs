@@ -38,7 +38,7 @@ fn load_dataset(ctx: &StageContext, input: &str) -> Result<Option<Dataset>, Stag
         input: input.into(),
         message: "no artifact given".into(),
     })?;
-    Dataset::load(artifact.dir.join("dataset.safetensors"))
+    Dataset::load(artifact.file("dataset.safetensors"))
         .map(Some)
         .map_err(|e| StageError::Input {
             input: input.into(),

@@ -900,3 +900,65 @@ fn alignment_histograms_at_listed_checkpoints_are_measured_and_plotted() {
             .collect();
     assert_eq!(drawn.len(), 6, "3 panels × 2 steps: {drawn:?}");
 }
+
+#[test]
+fn an_input_may_name_one_output_of_its_stage() {
+    let env = Env::new();
+    let base = trained(
+        "outputs",
+        64,
+        "lr: 0.05, batch_size: 8, steps: 20, checkpoint_every: 10, measure: {lambda_max: {every: 10, max_iter: 8}}",
+    );
+    // `measure` on one named checkpoint only; the data by its file name, which reads the same.
+    let text = format!(
+        "{base}  at-ten:\n    kind: measure\n    inputs: {{run: 'train:checkpoints/step-00000010.safetensors', data: 'data:dataset.safetensors'}}\n    params: {{measure: {{lambda_max: {{every: 1, max_iter: 8}}}}}}\n  all:\n    kind: measure\n    inputs: {{run: train, data: data}}\n    params: {{measure: {{lambda_max: {{every: 1, max_iter: 8}}}}}}\n"
+    );
+    let p = env.pipeline("outputs.yaml", &text);
+    env.run(&p, &[], 0);
+    let lambda_at = |dir: &Path| -> Vec<(String, String)> {
+        let mut r = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
+        let h = r.headers().unwrap().clone();
+        let (s, l) = (
+            h.iter().position(|c| c == "step").unwrap(),
+            h.iter().position(|c| c == "lambda_max").unwrap(),
+        );
+        r.records()
+            .map(|x| x.unwrap())
+            .filter(|x| !x[l].is_empty())
+            .map(|x| (x[s].to_string(), x[l].to_string()))
+            .collect()
+    };
+    let one = lambda_at(&artifact(&env, &p, &[], "at-ten"));
+    let all = lambda_at(&artifact(&env, &p, &[], "all"));
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert!(all.len() >= 2 && all.contains(&one[0]), "{one:?} {all:?}");
+
+    // Naming an output changes the key (a different output is a different input).
+    let (_, plan, _) = env.eoss(&["plan", "outputs.yaml", "--json"]);
+    let keys: Vec<String> = serde_json::from_str::<Value>(&plan).unwrap()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys.len(), 4);
+    assert_ne!(keys[2], keys[3]);
+
+    // An output the artifact lacks fails that stage only, naming it; a path leaving the
+    // artifact is invalid input (exit 2) before anything runs.
+    let missing = text.replace("step-00000010", "step-00000015");
+    let p = env.pipeline("missing.yaml", &missing);
+    let (code, _, err) = env.eoss(&["run", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("has no output `checkpoints/step-00000015.safetensors`"),
+        "{err}"
+    );
+    let p = env.pipeline(
+        "escape.yaml",
+        &text.replace("data:dataset", "data:../dataset"),
+    );
+    let (code, _, err) = env.eoss(&["plan", p.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not an output file name"), "{err}");
+}
