@@ -39,7 +39,7 @@ figures: $(FIGURES)
 
 $(FIGURES): fig%:
 	$(EOSS) run pipelines/fig$*.yaml --profile $(PROFILE) --jobs $(JOBS) --export figures \
-	  $(if $(filter cuda,$(DEVICE)),$(if $(shell grep -l '^  train:' pipelines/fig$*.yaml),--set train.device=cuda))
+	  $(if $(filter cuda,$(DEVICE)),$(if $(shell grep -lE '^  train[-_a-z0-9]*:' pipelines/fig$*.yaml),--set 'train*.device=cuda'))
 
 # `make fig1` is `make fig01`.
 fig1 fig2 fig3 fig4 fig5 fig6 fig7 fig8 fig9: fig%: fig0%

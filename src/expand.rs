@@ -341,28 +341,37 @@ fn apply_set(decls: &mut [StageDecl], set: &str) -> Result<(), Box<Problem>> {
             "expected `stage.param=value` (no `.` before `=`)".into()
         ));
     };
-    let decl = decls
-        .iter_mut()
-        .find(|d| d.name == stage)
-        .ok_or_else(|| bad(format!("the pipeline has no stage named `{stage}`")))?;
+    // The stage part may be a glob (`train*.device=cuda` sets every stage named train...).
+    let pattern = glob::Pattern::new(stage)
+        .map_err(|e| bad(format!("`{stage}` is not a stage name or pattern: {e}")))?;
     let yaml: serde_yaml::Value =
         serde_yaml::from_str(raw).map_err(|e| bad(format!("the value is not valid YAML: {e}")))?;
     let value = to_json(&yaml).map_err(|(_, m)| bad(m))?;
-    let swept = decl
-        .combinations
-        .iter()
-        .any(|c| value_of(c, param).is_some());
-    if swept {
-        decl.combinations
-            .retain(|c| value_of(c, param).is_none_or(|v| *v == value));
-        if decl.combinations.is_empty() {
-            return Err(bad(
-                format!("`{param}` is swept by the matrix of `{stage}` and `{raw}` is not one of its values"),
-            ));
+    let mut matched = false;
+    for decl in decls.iter_mut().filter(|d| pattern.matches(&d.name)) {
+        matched = true;
+        let swept = decl
+            .combinations
+            .iter()
+            .any(|c| value_of(c, param).is_some());
+        if swept {
+            decl.combinations
+                .retain(|c| value_of(c, param).is_none_or(|v| *v == value));
+            if decl.combinations.is_empty() {
+                return Err(bad(format!(
+                    "`{param}` is swept by the matrix of `{}` and `{raw}` is not one of its values",
+                    decl.name
+                )));
+            }
+        } else {
+            set_path(&mut decl.params, param, value.clone()).map_err(&bad)?;
         }
-        return Ok(());
     }
-    set_path(&mut decl.params, param, value).map_err(bad)
+    if matched {
+        Ok(())
+    } else {
+        Err(bad(format!("the pipeline has no stage named `{stage}`")))
+    }
 }
 
 /// Sets a dotted path in a params object, creating intermediate objects.
@@ -751,6 +760,28 @@ mod tests {
         assert!(msgs[0].contains("not one of its values"), "{msgs:?}");
         assert!(msgs[1].contains("no stage named `u`"));
         assert!(msgs[2].contains("expected `stage.param=value`"));
+    }
+
+    #[test]
+    fn set_with_a_stage_pattern_sets_every_matching_stage() {
+        let text = "name: p\nstages:\n  train-a:\n    kind: k\n  train-b:\n    kind: k\n  plot:\n    kind: k\n";
+        let o = Overrides {
+            profile: None,
+            sets: vec!["train*.device=cuda".into()],
+        };
+        let d = decls(text, &o).1.unwrap();
+        let devices: Vec<Option<&Value>> = d.iter().map(|d| d.params.get("device")).collect();
+        let cuda = Value::String("cuda".into());
+        assert_eq!(devices, [Some(&cuda), Some(&cuda), None]);
+        let o = Overrides {
+            profile: None,
+            sets: vec!["eval*.x=1".into()],
+        };
+        let msgs = decls(text, &o).1.unwrap_err();
+        assert!(
+            msgs[0].message.contains("no stage named `eval*`"),
+            "{msgs:?}"
+        );
     }
 
     #[test]
