@@ -275,38 +275,80 @@ fn put(row: &mut Row, name: &str, estimate: Estimate) {
     row.set(&format!("{name}_samples"), estimate.samples as f64);
 }
 
+/// A quantity's cadence: every `every` steps, the interval doubling after each `double_after` step.
+trait Scheduled {
+    fn cadence(&self) -> (u64, &[u64]);
+
+    fn is_due(&self, step: u64) -> bool {
+        let (every, double_after) = self.cadence();
+        due(every, double_after, step)
+    }
+}
+
+macro_rules! scheduled {
+    ($($spec:ty),*) => {
+        $(impl Scheduled for $spec {
+            fn cadence(&self) -> (u64, &[u64]) {
+                (self.every, &self.double_after)
+            }
+        })*
+    };
+}
+scheduled!(EigenSpec, MonteCarloSpec, EverySpec, ContractionSpec);
+
+/// Runs `measure` when `spec` is given and due at `step`, timing it under `name` in `state`;
+/// `measure` returns its Lanczos iteration count (0 for none).
+fn when_due<S: Scheduled>(
+    spec: &Option<S>,
+    step: u64,
+    name: &str,
+    state: &mut MeasureState,
+    measure: impl FnOnce(&S, &mut MeasureState) -> Result<usize, CurvatureError>,
+) -> Result<(), CurvatureError> {
+    if let Some(spec) = spec.as_ref().filter(|s| s.is_due(step)) {
+        let since = Instant::now();
+        let iterations = measure(spec, state)?;
+        state.record(name, since, iterations);
+    }
+    Ok(())
+}
+
+/// A Monte Carlo estimator over random batches of size b.
+type BatchEstimator<'l> =
+    fn(&Landscape<'l>, usize, &MonteCarloConfig) -> Result<Estimate, CurvatureError>;
+
 impl MeasureConfig {
+    /// Every configured quantity's schedule.
+    fn schedules(&self) -> Vec<&dyn Scheduled> {
+        let eigen = [&self.lambda_max, &self.lambda_max_gn];
+        let monte_carlo = [
+            &self.batch_sharpness,
+            &self.gni,
+            &self.ias,
+            &self.batch_sharpness_modified,
+            &self.lambda_max_b,
+            &self.lambda_max_b_gn,
+            &self.hessian_trace,
+            &self.batch_sharpness_gn,
+        ];
+        let every = [
+            &self.step_sharpness,
+            &self.step_lambda_max_b,
+            &self.grad_norm_sq,
+        ];
+        let eigen = eigen.into_iter().flatten().map(|s| s as &dyn Scheduled);
+        let monte_carlo = monte_carlo
+            .into_iter()
+            .flatten()
+            .map(|s| s as &dyn Scheduled);
+        let every = every.into_iter().flatten().map(|s| s as &dyn Scheduled);
+        let smc = self.smc.iter().map(|s| s as &dyn Scheduled);
+        eigen.chain(monte_carlo).chain(every).chain(smc).collect()
+    }
+
     /// Whether anything is measured at `step` (to skip building the landscape otherwise).
     pub fn any_due(&self, step: u64) -> bool {
-        let e = |s: &Option<EigenSpec>| {
-            s.as_ref()
-                .is_some_and(|s| due(s.every, &s.double_after, step))
-        };
-        let m = |s: &Option<MonteCarloSpec>| {
-            s.as_ref()
-                .is_some_and(|s| due(s.every, &s.double_after, step))
-        };
-        let v = |s: &Option<EverySpec>| {
-            s.as_ref()
-                .is_some_and(|s| due(s.every, &s.double_after, step))
-        };
-        e(&self.lambda_max)
-            || e(&self.lambda_max_gn)
-            || m(&self.batch_sharpness)
-            || m(&self.gni)
-            || m(&self.ias)
-            || m(&self.batch_sharpness_modified)
-            || m(&self.lambda_max_b)
-            || m(&self.lambda_max_b_gn)
-            || m(&self.hessian_trace)
-            || m(&self.batch_sharpness_gn)
-            || v(&self.step_sharpness)
-            || v(&self.step_lambda_max_b)
-            || v(&self.grad_norm_sq)
-            || self
-                .smc
-                .as_ref()
-                .is_some_and(|s| due(s.every, &s.double_after, step))
+        self.schedules().iter().any(|s| s.is_due(step))
     }
 
     /// Measures every quantity due at `point.step` on `model` over the training set `data`, writing
@@ -335,140 +377,115 @@ impl MeasureConfig {
         let landscape = Landscape::new(model, loss, data, &full)?;
         let b = point.batch_size;
         let seed = |quantity: u64| seed_for(self.seed, step, quantity);
-        let is_due = |every: u64, double_after: &[u64]| due(every, double_after, step);
 
-        if let Some(spec) = self
-            .lambda_max
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
-            let start = state
-                .lambda_max_vector
-                .as_ref()
-                .map_or(Start::Random, Start::Warm);
-            let eig = landscape.lambda_max(&cfg, start)?;
-            row.set("lambda_max", eig.lambda_max());
-            state.record("lambda_max", since, eig.iterations);
-            state.lambda_max_vector = eig.vectors.into_iter().next();
-        }
-        if let Some(spec) = self
-            .lambda_max_gn
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
-            let start = state
-                .lambda_max_gn_vector
-                .as_ref()
-                .map_or(Start::Random, Start::Warm);
-            let eig = landscape.lambda_max_gn(&cfg, start)?;
-            row.set("lambda_max_gn", eig.lambda_max());
-            state.record("lambda_max_gn", since, eig.iterations);
-            state.lambda_max_gn_vector = eig.vectors.into_iter().next();
-        }
-        if let Some(spec) = self
-            .batch_sharpness
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(
-                row,
+        when_due(
+            &self.lambda_max,
+            step,
+            "lambda_max",
+            state,
+            |spec, state| {
+                let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
+                let start = state
+                    .lambda_max_vector
+                    .as_ref()
+                    .map_or(Start::Random, Start::Warm);
+                let eig = landscape.lambda_max(&cfg, start)?;
+                row.set("lambda_max", eig.lambda_max());
+                state.lambda_max_vector = eig.vectors.into_iter().next();
+                Ok(eig.iterations)
+            },
+        )?;
+        when_due(
+            &self.lambda_max_gn,
+            step,
+            "lambda_max_gn",
+            state,
+            |spec, state| {
+                let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
+                let start = state
+                    .lambda_max_gn_vector
+                    .as_ref()
+                    .map_or(Start::Random, Start::Warm);
+                let eig = landscape.lambda_max_gn(&cfg, start)?;
+                row.set("lambda_max_gn", eig.lambda_max());
+                state.lambda_max_gn_vector = eig.vectors.into_iter().next();
+                Ok(eig.iterations)
+            },
+        )?;
+        // (spec, column, RNG stream, estimator): the quotient estimators over random batches.
+        let batch_estimators: [(&Option<MonteCarloSpec>, &str, u64, BatchEstimator<'_>); 5] = [
+            (
+                &self.batch_sharpness,
                 "batch_sharpness",
-                landscape.batch_sharpness(b, &spec.config(seed(3)))?,
-            );
-            state.record("batch_sharpness", since, 0);
-        }
-        if let Some(spec) = self
-            .gni
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(row, "gni", landscape.gni(b, &spec.config(seed(4)))?);
-            state.record("gni", since, 0);
-        }
-        if let Some(spec) = self
-            .ias
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(row, "ias", landscape.ias(b, &spec.config(seed(5)))?);
-            state.record("ias", since, 0);
-        }
-        if let Some(spec) = self
-            .batch_sharpness_modified
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(
-                row,
+                3,
+                Landscape::batch_sharpness,
+            ),
+            (&self.gni, "gni", 4, Landscape::gni),
+            (&self.ias, "ias", 5, Landscape::ias),
+            (
+                &self.batch_sharpness_modified,
                 "batch_sharpness_modified",
-                landscape.modified_batch_sharpness(b, &spec.config(seed(6)))?,
-            );
-            state.record("batch_sharpness_modified", since, 0);
-        }
-        if let Some(spec) = self
-            .lambda_max_b
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
-            let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
-            put(row, "lambda_max_b", stats.mean);
-            row.set("lambda_max_b_max", stats.max);
-            state.record("lambda_max_b", since, 0);
-        }
-        if let Some(spec) = self
-            .lambda_max_b_gn
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(14));
-            let stats = landscape.lambda_max_b_gn(b, &spec.config(seed(15)), &cfg)?;
-            put(row, "lambda_max_b_gn", stats.mean);
-            row.set("lambda_max_b_gn_max", stats.max);
-            state.record("lambda_max_b_gn", since, 0);
-        }
-        if let Some(spec) = self
-            .hessian_trace
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(
-                row,
-                "hessian_trace",
-                landscape.hessian_trace(&spec.config(seed(9)))?,
-            );
-            state.record("hessian_trace", since, 0);
-        }
-        if let Some(spec) = self
-            .batch_sharpness_gn
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
-            put(
-                row,
+                6,
+                Landscape::modified_batch_sharpness,
+            ),
+            (
+                &self.batch_sharpness_gn,
                 "batch_sharpness_gn",
-                landscape.batch_sharpness_gn(b, &spec.config(seed(10)))?,
-            );
-            state.record("batch_sharpness_gn", since, 0);
+                10,
+                Landscape::batch_sharpness_gn,
+            ),
+        ];
+        for (spec, name, stream, estimate) in batch_estimators {
+            when_due(spec, step, name, state, |spec, _| {
+                put(
+                    row,
+                    name,
+                    estimate(&landscape, b, &spec.config(seed(stream)))?,
+                );
+                Ok(0)
+            })?;
         }
-        if let Some(spec) = self
-            .smc
-            .as_ref()
-            .filter(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
+        when_due(
+            &self.lambda_max_b,
+            step,
+            "lambda_max_b",
+            state,
+            |spec, _| {
+                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
+                let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
+                put(row, "lambda_max_b", stats.mean);
+                row.set("lambda_max_b_max", stats.max);
+                Ok(0)
+            },
+        )?;
+        when_due(
+            &self.lambda_max_b_gn,
+            step,
+            "lambda_max_b_gn",
+            state,
+            |spec, _| {
+                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(14));
+                let stats = landscape.lambda_max_b_gn(b, &spec.config(seed(15)), &cfg)?;
+                put(row, "lambda_max_b_gn", stats.mean);
+                row.set("lambda_max_b_gn_max", stats.max);
+                Ok(0)
+            },
+        )?;
+        when_due(
+            &self.hessian_trace,
+            step,
+            "hessian_trace",
+            state,
+            |spec, _| {
+                put(
+                    row,
+                    "hessian_trace",
+                    landscape.hessian_trace(&spec.config(seed(9)))?,
+                );
+                Ok(0)
+            },
+        )?;
+        when_due(&self.smc, step, "smc", state, |spec, _| {
             let batches = BatchSet::Random {
                 batch_size: b,
                 count: spec.batches,
@@ -482,38 +499,35 @@ impl MeasureConfig {
                 row.set(&format!("{name}_stderr"), f64::NAN);
                 row.set(&format!("{name}_samples"), smc.batches as f64);
             }
-            state.record("smc", since, smc.eigen.iterations);
-        }
-        if self
-            .grad_norm_sq
-            .as_ref()
-            .is_some_and(|s| is_due(s.every, &s.double_after))
-        {
-            let since = Instant::now();
+            Ok(smc.eigen.iterations)
+        })?;
+        when_due(&self.grad_norm_sq, step, "grad_norm_sq", state, |_, _| {
             row.set("grad_norm_sq", landscape.grad_norm_sq()?);
-            state.record("grad_norm_sq", since, 0);
-        }
+            Ok(0)
+        })?;
         if let Some(live) = point.live_batch {
-            if self
-                .step_sharpness
-                .as_ref()
-                .is_some_and(|s| is_due(s.every, &s.double_after))
-            {
-                let since = Instant::now();
-                row.set("step_sharpness", landscape.step_sharpness(live)?);
-                state.record("step_sharpness", since, 0);
-            }
-            if self
-                .step_lambda_max_b
-                .as_ref()
-                .is_some_and(|s| is_due(s.every, &s.double_after))
-            {
-                let since = Instant::now();
-                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(13));
-                let eig = landscape.step_lambda_max(live, &cfg, Start::Random)?;
-                row.set("step_lambda_max_b", eig.lambda_max());
-                state.record("step_lambda_max_b", since, eig.iterations);
-            }
+            when_due(
+                &self.step_sharpness,
+                step,
+                "step_sharpness",
+                state,
+                |_, _| {
+                    row.set("step_sharpness", landscape.step_sharpness(live)?);
+                    Ok(0)
+                },
+            )?;
+            when_due(
+                &self.step_lambda_max_b,
+                step,
+                "step_lambda_max_b",
+                state,
+                |_, _| {
+                    let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(13));
+                    let eig = landscape.step_lambda_max(live, &cfg, Start::Random)?;
+                    row.set("step_lambda_max_b", eig.lambda_max());
+                    Ok(eig.iterations)
+                },
+            )?;
         }
         Ok(())
     }
