@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::metrics::Row;
 use super::schedule::Cadence;
 use crate::curvature::{
-    Batch, BatchSet, CurvatureError, Estimate, FullBatchConfig, HvpConfig, LanczosConfig,
-    Landscape, MonteCarloConfig, ParamVec, Start,
+    Batch, BatchSet, CurvatureError, Eigenpairs, Estimate, FullBatchConfig, HvpConfig,
+    LanczosConfig, Landscape, MonteCarloConfig, ParamVec, Start,
 };
 use crate::nn::loss::LossKind;
 use crate::nn::Model;
@@ -313,6 +313,13 @@ fn when_due<S: Scheduled>(
     Ok(())
 }
 
+/// A top-eigenvalue solver of a full-batch matrix.
+type EigenSolver<'l> =
+    fn(&Landscape<'l>, &LanczosConfig, Start) -> Result<Eigenpairs, CurvatureError>;
+
+/// Where a solver's warm-start vector is kept.
+type WarmVector = fn(&mut MeasureState) -> &mut Option<ParamVec>;
+
 /// A Monte Carlo estimator over random batches of size b.
 type BatchEstimator<'l> =
     fn(&Landscape<'l>, usize, &MonteCarloConfig) -> Result<Estimate, CurvatureError>;
@@ -378,40 +385,35 @@ impl MeasureConfig {
         let b = point.batch_size;
         let seed = |quantity: u64| seed_for(self.seed, step, quantity);
 
-        when_due(
-            &self.lambda_max,
-            step,
-            "lambda_max",
-            state,
-            |spec, state| {
-                let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(1));
-                let start = state
-                    .lambda_max_vector
-                    .as_ref()
-                    .map_or(Start::Random, Start::Warm);
-                let eig = landscape.lambda_max(&cfg, start)?;
-                row.set("lambda_max", eig.lambda_max());
-                state.lambda_max_vector = eig.vectors.into_iter().next();
+        // (spec, column, RNG stream, solver, its warm-start vector): top eigenvalues of full-batch
+        // matrices, each warm-started from its previous eigenvector.
+        let eigen: [(&Option<EigenSpec>, &str, u64, EigenSolver<'_>, WarmVector); 2] = [
+            (
+                &self.lambda_max,
+                "lambda_max",
+                1,
+                Landscape::lambda_max,
+                |s| &mut s.lambda_max_vector,
+            ),
+            (
+                &self.lambda_max_gn,
+                "lambda_max_gn",
+                2,
+                Landscape::lambda_max_gn,
+                |s| &mut s.lambda_max_gn_vector,
+            ),
+        ];
+        for (spec, name, stream, solve, warm) in eigen {
+            when_due(spec, step, name, state, |spec, state| {
+                let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(stream));
+                let vector = warm(state);
+                let start = vector.as_ref().map_or(Start::Random, Start::Warm);
+                let eig = solve(&landscape, &cfg, start)?;
+                row.set(name, eig.lambda_max());
+                *vector = eig.vectors.into_iter().next();
                 Ok(eig.iterations)
-            },
-        )?;
-        when_due(
-            &self.lambda_max_gn,
-            step,
-            "lambda_max_gn",
-            state,
-            |spec, state| {
-                let cfg = lanczos_config(spec.rel_tol, spec.max_iter, seed(2));
-                let start = state
-                    .lambda_max_gn_vector
-                    .as_ref()
-                    .map_or(Start::Random, Start::Warm);
-                let eig = landscape.lambda_max_gn(&cfg, start)?;
-                row.set("lambda_max_gn", eig.lambda_max());
-                state.lambda_max_gn_vector = eig.vectors.into_iter().next();
-                Ok(eig.iterations)
-            },
-        )?;
+            })?;
+        }
         // (spec, column, RNG stream, estimator): the quotient estimators over random batches.
         let batch_estimators: [(&Option<MonteCarloSpec>, &str, u64, BatchEstimator<'_>); 5] = [
             (
