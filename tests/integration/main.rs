@@ -962,3 +962,45 @@ fn an_input_may_name_one_output_of_its_stage() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not an output file name"), "{err}");
 }
+
+#[test]
+fn every_shipped_pipeline_plans_under_each_of_its_profiles() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("../shared/data");
+    if !data.join("cifar10").is_dir() {
+        eprintln!("skipped: {} has no cifar10/ folder", data.display());
+        return;
+    }
+    let env = Env::with_data(data.clone());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("pipelines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 44, "{files:?}");
+    let svhn_present = data.join("svhn/train_32x32.mat").is_file();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut variants = vec![Vec::new()];
+        for profile in ["smoke", "paper"] {
+            if text.contains(&format!("\n  {profile}:")) {
+                variants.push(vec!["--profile", profile]);
+            }
+        }
+        for extra in variants {
+            let mut args = vec!["plan", file.to_str().unwrap(), "--json"];
+            args.extend_from_slice(&extra);
+            let (code, out, err) = env.eoss(&args);
+            if text.contains("source: svhn") && !svhn_present {
+                // Without the SVHN files the plan stops, naming what to fetch.
+                assert_eq!(code, 2, "{}: {err}", file.display());
+                assert!(err.contains("train_32x32.mat"), "{}: {err}", file.display());
+                continue;
+            }
+            assert_eq!(code, 0, "{} {extra:?}: {err}", file.display());
+            let plan: Value = serde_json::from_str(&out).unwrap();
+            assert!(!plan["stages"].as_array().unwrap().is_empty());
+        }
+    }
+}
