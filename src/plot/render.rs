@@ -280,16 +280,22 @@ fn draw_panel<DB: DrawingBackend>(
             }
         }
         .map_err(|e| text(&e))?;
-        // A short line for lines, a dot for dots.
-        let (len, radius) = if s.style.mark == Mark::Dots {
-            (0, 3)
+        // A short line for lines, two dashes for dashed lines, a dot for dots.
+        let (first, second, radius) = match s.style.mark {
+            Mark::Dots => ((0, 0), (0, 0), 3),
+            Mark::Dashed => ((0, 7), (11, 18), 0),
+            Mark::Line | Mark::LineDots => ((0, 18), (0, 18), 0),
+        };
+        let dot = if radius > 0 {
+            color.filled()
         } else {
-            (18, 0)
+            TRANSPARENT.filled()
         };
         anno.label(s.name.as_str()).legend(move |(x, y)| {
             EmptyElement::at((x, y))
-                + PathElement::new(vec![(0, 0), (len, 0)], line)
-                + Circle::new((len / 2, 0), radius, color.filled())
+                + PathElement::new(vec![(first.0, 0), (first.1, 0)], line)
+                + PathElement::new(vec![(second.0, 0), (second.1, 0)], line)
+                + Circle::new((9, 0), radius, dot)
         });
     }
     chart
