@@ -103,6 +103,12 @@ fn default_mc_tol() -> f64 {
 fn default_contraction_batches() -> usize {
     32
 }
+fn default_retain() -> bool {
+    true
+}
+fn is_default_retain(retain: &bool) -> bool {
+    *retain
+}
 fn default_chunk() -> usize {
     2048
 }
@@ -120,6 +126,12 @@ pub struct MeasureConfig {
     /// Samples per forward graph in Hessian-vector products.
     #[serde(default = "default_chunk")]
     pub chunk: usize,
+    /// Keep the gradient graphs of the whole (sub)set for all products of one measurement (default),
+    /// or rebuild each chunk's graph per product: memory of one chunk instead of the whole set (a
+    /// CNN keeps roughly 30 MB per sample), at the price of a forward and backward pass per product.
+    /// The values are the same either way. Left out of the canonical params when true.
+    #[serde(default = "default_retain", skip_serializing_if = "is_default_retain")]
+    pub retain_graphs: bool,
     /// λmax of the full-batch Hessian (warm-started from the previous eigenvector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lambda_max: Option<EigenSpec>,
@@ -378,7 +390,7 @@ impl MeasureConfig {
             subsample_seed: seed_for(self.seed, step, 0),
             hvp: HvpConfig {
                 chunk_size: self.chunk,
-                retain_graphs: true,
+                retain_graphs: self.retain_graphs,
             },
         };
         let landscape = Landscape::new(model, loss, data, &full)?;

@@ -107,6 +107,19 @@ fn the_same_config_gives_bit_identical_checkpoints_and_metrics() {
         read(&a.path().join("metrics.csv")),
         read(&b.path().join("metrics.csv"))
     );
+    // Rebuilding each chunk's graph per product (the low-memory mode) measures the same values;
+    // the default mode stays out of the canonical params, so existing keys do not move.
+    let mut rebuilt = config.clone();
+    rebuilt.measure.retain_graphs = false;
+    let r = tempfile::tempdir().unwrap();
+    run(&rebuilt, &data, &StartPoint::Fresh, r.path());
+    assert_eq!(
+        read(&a.path().join("metrics.csv")),
+        read(&r.path().join("metrics.csv"))
+    );
+    let canonical = |m: &MeasureConfig| serde_json::to_value(m).unwrap();
+    assert!(canonical(&config.measure).get("retain_graphs").is_none());
+    assert_eq!(canonical(&rebuilt.measure)["retain_graphs"], false);
     let mut other = config.clone();
     other.init_seed = 1;
     let c = tempfile::tempdir().unwrap();
