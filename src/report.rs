@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::exec::{Assessment, Event, EventSink, Outcome, Status};
-use crate::graph::Plan;
+use crate::graph::{Plan, PlannedStage};
 
 /// Where human progress goes.
 enum Mode {
@@ -258,7 +258,8 @@ pub fn dag_dot(plan: &Plan) -> String {
     for (i, s) in plan.stages.iter().enumerate() {
         for (slot, ups) in &s.inputs {
             for u in ups {
-                out.push_str(&format!("  n{u} -> n{i} [label=\"{}\"];\n", escape(slot)));
+                let label = escape(&edge_label(s, slot));
+                out.push_str(&format!("  n{u} -> n{i} [label=\"{label}\"];\n"));
             }
         }
     }
@@ -276,11 +277,20 @@ pub fn dag_mermaid(plan: &Plan) -> String {
     for (i, s) in plan.stages.iter().enumerate() {
         for (slot, ups) in &s.inputs {
             for u in ups {
-                out.push_str(&format!("  n{u} -->|{slot}| n{i}\n"));
+                let label = edge_label(s, slot).replace('"', "#quot;");
+                out.push_str(&format!("  n{u} -->|\"{label}\"| n{i}\n"));
             }
         }
     }
     out
+}
+
+/// An edge's label: the input slot, with the one output it takes (`run: metrics.csv`) if named.
+fn edge_label(consumer: &PlannedStage, slot: &str) -> String {
+    match consumer.input_outputs.get(slot) {
+        Some(output) => format!("{slot}: {output}"),
+        None => slot.to_string(),
+    }
 }
 
 /// Escapes a string for a quoted dot identifier.
