@@ -460,8 +460,12 @@ fn lineage(store: &Store, m: &Manifest, depth: usize, out: &mut String) {
             let pad = "  ".repeat(depth);
             match find_by_key(store, key).and_then(|d| store::read_manifest(&d).ok().flatten()) {
                 Some(up) => {
+                    let output = m
+                        .input_outputs
+                        .get(slot)
+                        .map_or(String::new(), |o| format!(":{o}"));
                     out.push_str(&format!(
-                        "{pad}{slot} <- {} ({} {})\n",
+                        "{pad}{slot} <- {}{output} ({} {})\n",
                         up.stage,
                         up.kind,
                         key.short()

@@ -413,6 +413,7 @@ fn run_one(
                 (slot.clone(), v)
             })
             .collect(),
+        input_outputs: st.input_outputs.clone(),
         external_files: st.external_files.clone(),
         device: st.device,
         outputs: BTreeMap::new(),

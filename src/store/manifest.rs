@@ -74,6 +74,9 @@ pub struct Manifest {
     pub params: Value,
     /// Input slot → key(s).
     pub inputs: BTreeMap<String, InputKeys>,
+    /// Input slot → the one output file it took (`stage:output`), where one was named.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_outputs: BTreeMap<String, String>,
     /// External files that entered the key.
     pub external_files: Vec<ExternalRecord>,
     /// Device class.

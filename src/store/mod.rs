@@ -424,6 +424,7 @@ mod tests {
             stage: "s".into(),
             params: serde_json::json!({}),
             inputs: BTreeMap::new(),
+            input_outputs: BTreeMap::new(),
             external_files: vec![],
             device: DeviceClass::Cpu,
             outputs: BTreeMap::new(),

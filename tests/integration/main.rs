@@ -943,6 +943,11 @@ fn an_input_may_name_one_output_of_its_stage() {
         .collect();
     assert_eq!(keys.len(), 4);
     assert_ne!(keys[2], keys[3]);
+    let (_, shown, _) = env.eoss(&["show", "at-ten"]);
+    assert!(
+        shown.contains("run <- train:checkpoints/step-00000010.safetensors (train"),
+        "{shown}"
+    );
     let (_, dot, _) = env.eoss(&["dag", "outputs.yaml"]);
     assert!(
         dot.contains("[label=\"run: checkpoints/step-00000010.safetensors\"]"),
