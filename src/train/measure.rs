@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics::Row;
 use super::schedule::Cadence;
 use crate::curvature::{
-    Batch, BatchSet, CurvatureError, Eigenpairs, Estimate, FullBatchConfig, HvpConfig,
+    Batch, BatchSet, CurvatureError, Eigenpairs, Estimate, FullBatchConfig, HvpConfig, LambdaMaxB,
     LanczosConfig, Landscape, MonteCarloConfig, ParamVec, Start,
 };
 use crate::nn::loss::LossKind;
@@ -332,6 +332,14 @@ type EigenSolver<'l> =
 /// Where a solver's warm-start vector is kept.
 type WarmVector = fn(&mut MeasureState) -> &mut Option<ParamVec>;
 
+/// Mean and max of λmax of a batch matrix over random batches of size b.
+type BatchEigen<'l> = fn(
+    &Landscape<'l>,
+    usize,
+    &MonteCarloConfig,
+    &LanczosConfig,
+) -> Result<LambdaMaxB, CurvatureError>;
+
 /// A Monte Carlo estimator over random batches of size b.
 type BatchEstimator<'l> =
     fn(&Landscape<'l>, usize, &MonteCarloConfig) -> Result<Estimate, CurvatureError>;
@@ -459,32 +467,36 @@ impl MeasureConfig {
                 Ok(0)
             })?;
         }
-        when_due(
-            &self.lambda_max_b,
-            step,
-            "lambda_max_b",
-            state,
-            |spec, _| {
-                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(7));
-                let stats = landscape.lambda_max_b(b, &spec.config(seed(8)), &cfg)?;
-                put(row, "lambda_max_b", stats.mean);
-                row.set("lambda_max_b_max", stats.max);
+        // (spec, column, Lanczos stream, batch stream, solver): mean and max of λmax over batches.
+        let batch_eigen: [(&Option<MonteCarloSpec>, &str, u64, u64, BatchEigen<'_>); 2] = [
+            (
+                &self.lambda_max_b,
+                "lambda_max_b",
+                7,
+                8,
+                Landscape::lambda_max_b,
+            ),
+            (
+                &self.lambda_max_b_gn,
+                "lambda_max_b_gn",
+                14,
+                15,
+                Landscape::lambda_max_b_gn,
+            ),
+        ];
+        for (spec, name, lanczos_stream, batch_stream, solve) in batch_eigen {
+            when_due(spec, step, name, state, |spec, _| {
+                let cfg = lanczos_config(
+                    default_eigen_tol(),
+                    default_max_iter(),
+                    seed(lanczos_stream),
+                );
+                let stats = solve(&landscape, b, &spec.config(seed(batch_stream)), &cfg)?;
+                put(row, name, stats.mean);
+                row.set(&format!("{name}_max"), stats.max);
                 Ok(0)
-            },
-        )?;
-        when_due(
-            &self.lambda_max_b_gn,
-            step,
-            "lambda_max_b_gn",
-            state,
-            |spec, _| {
-                let cfg = lanczos_config(default_eigen_tol(), default_max_iter(), seed(14));
-                let stats = landscape.lambda_max_b_gn(b, &spec.config(seed(15)), &cfg)?;
-                put(row, "lambda_max_b_gn", stats.mean);
-                row.set("lambda_max_b_gn_max", stats.max);
-                Ok(0)
-            },
-        )?;
+            })?;
+        }
         when_due(
             &self.hessian_trace,
             step,
