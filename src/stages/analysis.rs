@@ -301,7 +301,8 @@ type Analysed = (Value, Vec<&'static str>, Vec<Vec<String>>, Value);
 
 /// Runs `fit` on each series of `runs` (split by `series_by`; the whole sweep when empty). Without
 /// `series_by` the result and summary are the fit's own (plus `mode` and `column`); with it they
-/// hold a `series` array of them, each with its `series` label. CSV rows get a leading `series`.
+/// hold a `series` array of them, each with its `series` label (or the `error` that series met,
+/// when at least one other series was fitted). CSV rows get a leading `series`.
 fn per_series(
     mode: &str,
     column: &str,
@@ -318,8 +319,21 @@ fn per_series(
     let mut results = Vec::new();
     let mut summaries = Vec::new();
     let mut all_rows = Vec::new();
+    let mut first_failure = None;
     for (label, members) in &groups {
-        let (mut result, rows, mut summary) = fit(members)?;
+        let (mut result, rows, mut summary) = match fit(members) {
+            Ok(done) => done,
+            // With several series, one that cannot be fitted (e.g. every λ above 2/η) is reported
+            // in its place; the stage fails only when no series can be.
+            Err(e) if !series_by.is_empty() => {
+                let failed = json!({"series": label, "error": e.to_string()});
+                results.push(failed.clone());
+                summaries.push(failed);
+                first_failure.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         all_rows.extend(rows.into_iter().map(|row| {
             let mut full = vec![label.clone()];
             full.extend(row);
@@ -331,6 +345,9 @@ fn per_series(
         }
         results.push(result);
         summaries.push(summary);
+    }
+    if let Some(e) = first_failure.filter(|_| all_rows.is_empty()) {
+        return Err(e);
     }
     let wrap = |mut items: Vec<Value>| {
         let mut out = if series_by.is_empty() {
@@ -833,6 +850,25 @@ mod tests {
             text.lines().filter(|l| l.starts_with("n = 2048,")).count(),
             5
         );
+
+        // At η = 0.2 (2/η = 10) every λ of the second series lies above 2/η: that series reports
+        // its error and the first is still fitted; with no series fitted the stage fails.
+        for run in runs.get_mut("runs").unwrap().iter_mut().skip(5) {
+            run.params["lr"] = json!(0.2);
+        }
+        let params = json!({"mode": "gap", "series_by": ["data.n", "lr"]});
+        let (dir, r) = run_stage(&AnalysisStage, params.clone(), &runs);
+        r.unwrap();
+        let s = summary(dir.path());
+        assert_eq!(s["series"][0]["alpha"].as_f64().unwrap(), alone, "{s}");
+        let error = s["series"][1]["error"].as_str().unwrap();
+        assert!(error.contains("usable points"), "{s}");
+        let mut only_failing = fixture_runs();
+        for run in only_failing.get_mut("runs").unwrap().iter_mut() {
+            run.params["lr"] = json!(0.2);
+        }
+        let (_d, r) = run_stage(&AnalysisStage, params, &only_failing);
+        assert!(r.unwrap_err().to_string().contains("usable points"));
     }
 
     #[test]
