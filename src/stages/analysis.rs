@@ -311,11 +311,7 @@ fn per_series(
     header: &[&'static str],
     fit: impl Fn(&[&RunMetrics]) -> Result<Fit, StageError>,
 ) -> Result<Analysed, StageError> {
-    let groups = if series_by.is_empty() {
-        vec![(String::new(), runs.iter().collect())]
-    } else {
-        group_runs(runs, series_by, RUNS)?
-    };
+    let groups = series(runs, series_by, RUNS)?;
     let mut results = Vec::new();
     let mut summaries = Vec::new();
     let mut all_rows = Vec::new();
@@ -411,6 +407,20 @@ pub fn group_runs<'a>(
         }
     }
     Ok(groups)
+}
+
+/// The series of a sweep: one per value of `series_by` (see [`group_runs`]), or the whole sweep
+/// as one series with an empty label when `series_by` is empty.
+pub fn series<'a>(
+    runs: &'a [RunMetrics],
+    series_by: &[String],
+    input: &str,
+) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
+    if series_by.is_empty() {
+        Ok(vec![(String::new(), runs.iter().collect())])
+    } else {
+        group_runs(runs, series_by, input)
+    }
 }
 
 /// The label of a param in legends: `η` for `lr`, `b` for `batch_size`, else its last segment.

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::analysis::{
-    group_runs, input_artifacts, input_error, load_runs, one_or_many, write_json, RunMetrics,
+    group_runs, input_artifacts, input_error, load_runs, one_or_many, series, write_json,
+    RunMetrics,
 };
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
@@ -223,11 +224,7 @@ fn lambda_vs_batch(
     let mut gap = Vec::new();
     let mut fits = Vec::new();
     // Without `series_by`, the whole sweep is one curve.
-    let curves = if params.series_by.is_empty() {
-        vec![(String::new(), runs.iter().collect())]
-    } else {
-        group_runs(runs, &params.series_by, RUNS)?
-    };
+    let curves = series(runs, &params.series_by, RUNS)?;
     for (gi, (label, members)) in curves.into_iter().enumerate() {
         let color = CYCLE[gi % CYCLE.len()];
         let suffix = if !params.series_by.is_empty() {
