@@ -145,7 +145,7 @@ def run_case(case, spec, device):
             return None
 
         return median_ms(device, seconds, step)
-    if op == "hvp":
+    if op in ("hvp", "hvp_autodiff"):
         params, grads = grad_with_graph(model, x, y)
         v = [g.detach() for g in grads]
         return median_ms(device, seconds, lambda: (hvp(params, grads, v), 1)[1])

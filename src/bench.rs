@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::curvature::{
-    Batch, FullBatchConfig, HessianOperator, HvpConfig, LanczosConfig, Landscape, MonteCarloConfig,
-    Objective, Start,
+    Batch, FullBatchConfig, HessianOperator, HvpConfig, HvpMethod, LanczosConfig, Landscape,
+    MonteCarloConfig, Objective, Start,
 };
 use crate::data::LabelEncoding;
 use crate::device::DeviceClass;
@@ -34,8 +34,12 @@ const TORCH_SCRIPT: &str = include_str!("../bench/torch_reference.py");
 pub enum Op {
     /// Forward, the paper's MSE, backward and the SGD update on one batch of `size`.
     SgdStep,
-    /// One HVP on `size` samples, the forward graph kept (built once, untimed).
+    /// One HVP on `size` samples, the forward graph kept (built once, untimed); for the MLP by the
+    /// hand-written forward-over-reverse passes that eoss uses by default.
     Hvp,
+    /// The same HVP by candle's double backward (`HvpMethod::Autodiff`), for comparison; PyTorch
+    /// runs its double backward as for `hvp`.
+    HvpAutodiff,
     /// Forward, backward with graph, and one HVP on `size` samples.
     HvpRebuilt,
     /// λmax of the Hessian on `size` samples by Lanczos from a random start.
@@ -102,6 +106,7 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
         DeviceClass::Cpu => vec![
             Case::new(Hvp, "mlp", 512),
             Case::new(Hvp, "mlp", 8192),
+            Case::new(HvpAutodiff, "mlp", 8192),
             Case::new(HvpRebuilt, "mlp", 8192),
             Case::new(LambdaMaxCold, "mlp", 512),
             Case::new(LambdaMaxWarm, "mlp", 512),
@@ -116,6 +121,7 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
             Case::new(Hvp, "mlp", 4096),
             Case::new(HvpRebuilt, "mlp", 4096),
             Case::new(Hvp, "mlp", 8192),
+            Case::new(HvpAutodiff, "mlp", 8192),
             Case::new(HvpRebuilt, "mlp", 8192),
             Case::new(LambdaMaxCold, "mlp", 8192),
             Case::new(LambdaMaxWarm, "mlp", 8192),
@@ -266,6 +272,7 @@ impl Setup {
             hvp: HvpConfig {
                 chunk_size,
                 retain_graphs: true,
+                ..HvpConfig::default()
             },
         }
     }
@@ -274,13 +281,17 @@ impl Setup {
         Landscape::new(&*self.model, LossKind::Mse, &self.data, &self.full())
     }
 
-    fn hessian(&self) -> crate::curvature::Result<HessianOperator<'_>> {
+    fn hessian(&self, method: HvpMethod) -> crate::curvature::Result<HessianOperator<'_>> {
+        let cfg = HvpConfig {
+            method,
+            ..self.full().hvp
+        };
         HessianOperator::new(
             &*self.model,
             LossKind::Mse,
             &self.data,
             &Objective::Mean,
-            &self.full().hvp,
+            &cfg,
         )
     }
 }
@@ -335,8 +346,12 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
                 Ok(0)
             })?
         }
-        Op::Hvp => {
-            let op = setup.hessian().map_err(curv)?;
+        Op::Hvp | Op::HvpAutodiff => {
+            let method = match case.op {
+                Op::HvpAutodiff => HvpMethod::Autodiff,
+                _ => HvpMethod::Auto,
+            };
+            let op = setup.hessian(method).map_err(curv)?;
             let v = op.gradient().clone();
             median_ms(device, opts.seconds, || {
                 op.apply(&v).map_err(curv)?;
@@ -344,7 +359,7 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
             })?
         }
         Op::HvpRebuilt => median_ms(device, opts.seconds, || {
-            let op = setup.hessian().map_err(curv)?;
+            let op = setup.hessian(HvpMethod::Auto).map_err(curv)?;
             op.apply(op.gradient()).map_err(curv)?;
             Ok(1)
         })?,

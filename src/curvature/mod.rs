@@ -35,7 +35,7 @@ pub use alignment::{
 };
 pub use batch::Batch;
 pub use estimators::{BatchSet, FullBatchConfig, LambdaMaxB, Landscape, SecondMomentContraction};
-pub use hvp::{self_check, GaussNewtonOperator, HessianOperator, HvpConfig, Objective};
+pub use hvp::{self_check, GaussNewtonOperator, HessianOperator, HvpConfig, HvpMethod, Objective};
 pub use lanczos::{lanczos, Eigenpairs, LanczosConfig, Start};
 pub use stats::{Estimate, MonteCarloConfig};
 pub use vector::{ParamVec, Probe};

@@ -35,6 +35,32 @@ impl Activation {
             Activation::Linear => Ok(x.clone()),
         }
     }
+
+    /// σ'(z) and, where it is not identically zero, σ''(z), elementwise: the local derivatives that
+    /// hand-written first- and second-order passes through a dense stack need. ReLU takes
+    /// σ'(0) = 0, as autograd does.
+    pub fn derivatives(self, z: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Activation::Relu => Ok((z.gt(0.0)?.to_dtype(z.dtype())?, None)),
+            Activation::Linear => Ok((z.ones_like()?, None)),
+            Activation::Tanh => {
+                // σ' = 1 − a², σ'' = −2a(1 − a²).
+                let a = z.tanh()?;
+                let slope = a.sqr()?.affine(-1.0, 1.0)?;
+                let curvature = (&a * &slope)?.affine(-2.0, 0.0)?;
+                Ok((slope, Some(curvature)))
+            }
+            Activation::Silu => {
+                // s = sigmoid(z): σ' = s(1 + z(1 − s)), σ'' = s(1 − s)(2 + z(1 − 2s)).
+                let s = candle_nn::ops::sigmoid(z)?;
+                let one_minus_s = s.affine(-1.0, 1.0)?;
+                let slope = (&s * (z * &one_minus_s)?.affine(1.0, 1.0)?)?;
+                let bend = (z * s.affine(-2.0, 1.0)?)?.affine(1.0, 2.0)?;
+                let curvature = ((&s * &one_minus_s)? * bend)?;
+                Ok((slope, Some(curvature)))
+            }
+        }
+    }
 }
 
 /// `x · w + b` for `x` (N, in), `w` stored as (in, out) (the transpose of PyTorch's layout, about twice

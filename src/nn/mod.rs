@@ -48,4 +48,19 @@ pub trait Model: Send + Sync {
     fn num_params(&self) -> usize {
         self.params().iter().map(|p| p.var.elem_count()).sum()
     }
+    /// The model as a plain stack of dense layers, when it is one (the MLP), so that curvature code
+    /// can use hand-written derivatives instead of candle's double backward.
+    fn dense_stack(&self) -> Option<DenseStack<'_>> {
+        None
+    }
+}
+
+/// A network that flattens its input, then applies dense layers `x ↦ x W + b` (weights stored
+/// (in, out)) with `activation` between them and none after the last.
+#[derive(Clone, Copy)]
+pub struct DenseStack<'a> {
+    /// Weight and bias of each layer, in order: `[W₁, b₁, W₂, b₂, ...]`.
+    pub params: &'a [Param],
+    /// The nonlinearity between layers.
+    pub activation: Activation,
 }

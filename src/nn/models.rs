@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 
 use super::init::{Fan, Initializer};
 use super::layers::{conv2d, global_avg_pool, linear, max_pool2, option_a_shortcut, Activation};
-use super::{Model, Param};
+use super::{DenseStack, Model, Param};
 
 /// A fully connected network: flatten (C, H, W order), then `depth` hidden layers of `width` units
 /// with `activation`, then a linear output layer. Weights Kaiming-normal (fan_in, ReLU gain √2 for
@@ -77,6 +77,13 @@ impl Model for Mlp {
 
     fn params(&self) -> &[Param] {
         &self.params
+    }
+
+    fn dense_stack(&self) -> Option<DenseStack<'_>> {
+        Some(DenseStack {
+            params: &self.params,
+            activation: self.activation,
+        })
     }
 }
 

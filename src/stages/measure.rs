@@ -70,7 +70,8 @@ impl Stage for MeasureStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: MLP curvature by hand-written forward-over-reverse passes (same values to rounding).
+        2
     }
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {

@@ -53,7 +53,8 @@ impl Stage for TrainStage {
 
     fn version(&self) -> u32 {
         // 2: the `epoch` column of full-batch dynamics counts steps.
-        2
+        // 3: the final state is measured where due; MLP curvature by hand-written passes.
+        3
     }
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {

@@ -399,6 +399,7 @@ impl MeasureConfig {
             hvp: HvpConfig {
                 chunk_size: self.chunk,
                 retain_graphs: self.retain_graphs,
+                ..HvpConfig::default()
             },
         };
         let landscape = Landscape::new(model, loss, data, &full)?;

@@ -360,45 +360,53 @@ pub fn train(
                 outcome.status = Status::StopLoss;
             }
         }
-        if step == config.steps || outcome.status != Status::Completed {
+        // The last row (the final state, or where the run stops) draws no batch and takes no step;
+        // its state is still measured where the cadences say so, unless the run diverged.
+        let last = step == config.steps || outcome.status != Status::Completed;
+        if last {
             outcome.steps_run = step;
-            log.append(&row)?;
-            break;
         }
 
         let listed = config.checkpoint_at.contains(&step);
         let periodic = step % config.checkpoint_every == 0;
         // The step a run resumes at already has its checkpoint; a fresh run saves step 0 if listed.
-        if (step > first_step && (periodic || listed))
-            || (step == 0 && listed && matches!(start, StartPoint::Fresh))
+        if !last
+            && ((step > first_step && (periodic || listed))
+                || (step == 0 && listed && matches!(start, StartPoint::Fresh)))
         {
             log.flush()?;
             save_checkpoint(step, &sampler, &optimizer, &measure_state)?;
         }
 
-        let live = if config.dynamics.uses_batches() {
+        let live = if config.dynamics.uses_batches() && !last {
             let batch = sampler.next_batch(batch_size);
             Some(full_set.select(&batch).map_err(at_step(step))?)
         } else {
             None
         };
-        let point = MeasurePoint {
-            step,
-            lr,
-            batch_size,
-            live_batch: live.as_ref(),
-        };
-        config
-            .measure
-            .measure(
-                model.as_ref(),
-                config.loss,
-                &full_set,
-                &point,
-                &mut measure_state,
-                &mut row,
-            )
-            .map_err(at_step(step))?;
+        if outcome.status != Status::Diverged {
+            let point = MeasurePoint {
+                step,
+                lr,
+                batch_size,
+                live_batch: live.as_ref(),
+            };
+            config
+                .measure
+                .measure(
+                    model.as_ref(),
+                    config.loss,
+                    &full_set,
+                    &point,
+                    &mut measure_state,
+                    &mut row,
+                )
+                .map_err(at_step(step))?;
+        }
+        if last {
+            log.append(&row)?;
+            break;
+        }
         let (loss_value, gradient) = if let Some(live) = &live {
             let loss = per_sample_loss(config.loss, &model.forward(&live.inputs)?, &live.targets)?
                 .mean_all()?;

@@ -778,7 +778,8 @@ fn a_small_cifar10_run_measures_sharpness_and_plots() {
             .unwrap_or_else(|| panic!("{column} not measured at step {step}"));
         assert!(v.is_finite() && v > 0.0, "{column} at {step}: {v}");
     };
-    for step in [0, 50] {
+    // The final state (step 100) is measured too, except for the live batch's step sharpness.
+    for step in [0, 50, 100] {
         positive(step, "lambda_max");
         positive(step, "batch_sharpness");
         positive(step, "batch_sharpness_stderr");
@@ -793,6 +794,7 @@ fn a_small_cifar10_run_measures_sharpness_and_plots() {
         assert_eq!(m.at(step, "batch_sharpness"), None);
     }
     assert_eq!(m.at(15, "step_sharpness"), None);
+    assert_eq!(m.at(100, "step_sharpness"), None);
     let (start, end) = (
         m.at(0, "full_loss").unwrap(),
         m.at(100, "full_loss").unwrap(),
@@ -804,7 +806,7 @@ fn a_small_cifar10_run_measures_sharpness_and_plots() {
     assert!(png.width() > 100 && png.height() > 100);
     let svg = String::from_utf8(read(&figure.join("figure.svg"))).unwrap();
     assert!(svg.contains("<svg"), "{svg}");
-    // Tidy data: the 2/η line (two points), 10 step sharpness, 2 batch sharpness and 2 λmax points.
+    // Tidy data: the 2/η line (two points), 10 step sharpness, 3 batch sharpness and 3 λmax points.
     let mut table = csv::Reader::from_path(figure.join("figure.csv")).unwrap();
     assert_eq!(
         table.headers().unwrap(),
@@ -814,8 +816,8 @@ fn a_small_cifar10_run_measures_sharpness_and_plots() {
         .records()
         .map(|r| r.unwrap()[4].parse().unwrap())
         .collect();
-    assert_eq!(ys.len(), 16, "{ys:?}");
-    for step in [0, 50] {
+    assert_eq!(ys.len(), 18, "{ys:?}");
+    for step in [0, 50, 100] {
         let lambda = m.at(step, "lambda_max").unwrap();
         assert!(ys.contains(&lambda), "λmax {lambda} not drawn: {ys:?}");
     }

@@ -6,8 +6,11 @@ use candle_core::{Device, Tensor};
 use super::*;
 use crate::curvature::testing::{
     data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, dense_of, normals, rel_max_diff,
-    Dense, Linear, TanhMlp, TinyConv,
+    set_params, Dense, Linear, TanhMlp, TinyConv,
 };
+use crate::nn::init::Initializer;
+use crate::nn::models::Mlp;
+use crate::nn::Activation;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -100,6 +103,7 @@ fn chunked_products_equal_the_whole_batch_product() {
     let whole = HvpConfig {
         chunk_size: 100,
         retain_graphs: true,
+        ..HvpConfig::default()
     };
     let op = HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &whole).unwrap();
     let reference = op.apply(&v).unwrap();
@@ -107,6 +111,7 @@ fn chunked_products_equal_the_whole_batch_product() {
         let cfg = HvpConfig {
             chunk_size: 3,
             retain_graphs,
+            ..HvpConfig::default()
         };
         let chunked =
             HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg).unwrap();
@@ -133,6 +138,7 @@ fn weighted_objective_is_the_weighted_sum_of_per_sample_hessians() {
     let cfg = HvpConfig {
         chunk_size: 3,
         retain_graphs: true,
+        ..HvpConfig::default()
     };
     let op = HessianOperator::new(
         &model,
@@ -227,9 +233,156 @@ fn bad_weights_and_chunk_size_are_named() {
     let cfg = HvpConfig {
         chunk_size: 0,
         retain_graphs: true,
+        ..HvpConfig::default()
     };
     let err = HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg)
         .err()
         .unwrap();
     assert!(err.to_string().contains("chunk_size"), "{err}");
+}
+
+const ACTIVATIONS: [Activation; 4] = [
+    Activation::Relu,
+    Activation::Tanh,
+    Activation::Silu,
+    Activation::Linear,
+];
+const LOSSES: [LossKind; 2] = [LossKind::Mse, LossKind::CrossEntropy];
+
+/// The real MLP (3 → 4 → 4 → 2) in f64, with every weight and bias drawn at random.
+fn random_mlp(activation: Activation, seed: u64) -> Mlp {
+    let init = Initializer::new(seed, 1.0, candle_core::DType::F64, &Device::Cpu);
+    let model = Mlp::new(3, 2, 4, 2, activation, init).unwrap();
+    let theta = normals(
+        &mut ChaCha8Rng::seed_from_u64(seed),
+        model.num_params(),
+        0.7,
+    );
+    set_params(&model, &theta);
+    model
+}
+
+#[test]
+fn dense_mlp_hessian_matches_finite_differences_for_every_activation_and_loss() {
+    let batch = data(6, [3, 1, 1], 2, 30);
+    for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
+        let model = random_mlp(activation, 31 + i as u64);
+        assert!(model.dense_stack().is_some());
+        for kind in LOSSES {
+            // The default config takes the hand-written passes for the MLP.
+            check_against_finite_differences(&model, kind, &batch);
+        }
+    }
+}
+
+#[test]
+fn dense_mlp_gauss_newton_equals_dense_jt_hz_j() {
+    let batch = data(5, [3, 1, 1], 2, 40);
+    for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
+        let model = random_mlp(activation, 41 + i as u64);
+        let template = ParamVec::zeros_for(model.params()).unwrap();
+        for kind in LOSSES {
+            let op = GaussNewtonOperator::new(
+                &model,
+                kind,
+                &batch,
+                &Objective::Mean,
+                &HvpConfig::default(),
+            )
+            .unwrap();
+            let got = dense_of(|v| op.apply(v).unwrap(), &template);
+            let err = rel_max_diff(&got, &dense_gauss_newton(&model, kind, &batch));
+            assert!(err < 1e-12, "{activation:?} {kind:?}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn dense_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
+    let batch = data(7, [3, 1, 1], 2, 50);
+    let weights = Tensor::from_vec(
+        normals(&mut ChaCha8Rng::seed_from_u64(51), 7, 1.0),
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let autodiff = HvpConfig {
+        method: HvpMethod::Autodiff,
+        ..HvpConfig::default()
+    };
+    for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
+        let model = random_mlp(activation, 52 + i as u64);
+        let v = random_vec(&model, 60 + i as u64);
+        for kind in LOSSES {
+            for objective in [Objective::Mean, Objective::Weighted(weights.clone())] {
+                let hess = |cfg: &HvpConfig| {
+                    HessianOperator::new(&model, kind, &batch, &objective, cfg).unwrap()
+                };
+                let gn = |cfg: &HvpConfig| {
+                    GaussNewtonOperator::new(&model, kind, &batch, &objective, cfg).unwrap()
+                };
+                let (h_ref, gn_ref) = (hess(&autodiff), gn(&autodiff));
+                let hv_ref = h_ref.apply(&v).unwrap();
+                let gv_ref = gn_ref.apply(&v).unwrap();
+                let scale = hv_ref.norm().unwrap() + gv_ref.norm().unwrap();
+                for retain_graphs in [true, false] {
+                    let cfg = HvpConfig {
+                        chunk_size: 3,
+                        retain_graphs,
+                        method: HvpMethod::Auto,
+                    };
+                    let what = format!("{activation:?} {kind:?} {objective:?} {retain_graphs}");
+                    let (h, g) = (hess(&cfg), gn(&cfg));
+                    assert!((h.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
+                    assert!((g.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
+                    assert!(
+                        max_abs_diff(h.gradient(), h_ref.gradient()) < 1e-12,
+                        "{what}"
+                    );
+                    assert!(
+                        max_abs_diff(g.gradient(), h_ref.gradient()) < 1e-12,
+                        "{what}"
+                    );
+                    let hv = h.apply(&v).unwrap();
+                    assert!(max_abs_diff(&hv, &hv_ref) < 1e-12 * scale, "{what}");
+                    let gv = g.apply(&v).unwrap();
+                    assert!(max_abs_diff(&gv, &gv_ref) < 1e-12 * scale, "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_mlp_products_in_f32_match_f64() {
+    // The paper's runs are in f32: the hand-written passes there agree with f64 to f32 precision.
+    let model = random_mlp(Activation::Relu, 70);
+    let batch = data(16, [3, 1, 1], 2, 71);
+    let v = random_vec(&model, 72);
+    let cfg = HvpConfig::default();
+    let hv = HessianOperator::new(&model, LossKind::Mse, &batch, &Objective::Mean, &cfg)
+        .unwrap()
+        .apply(&v)
+        .unwrap();
+    let init = Initializer::new(0, 1.0, candle_core::DType::F32, &Device::Cpu);
+    let model32 = Mlp::new(3, 2, 4, 2, Activation::Relu, init).unwrap();
+    for (p32, p) in model32.params().iter().zip(model.params()) {
+        let t = p.var.as_tensor().to_dtype(candle_core::DType::F32).unwrap();
+        p32.var.set(&t).unwrap();
+    }
+    let to32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let batch32 = Batch::new(
+        to32(&batch.inputs),
+        Targets {
+            values: to32(&batch.targets.values),
+            ..batch.targets.clone()
+        },
+    )
+    .unwrap();
+    let v32 = ParamVec::new(v.parts().iter().map(to32).collect());
+    let hv32 = HessianOperator::new(&model32, LossKind::Mse, &batch32, &Objective::Mean, &cfg)
+        .unwrap()
+        .apply(&v32)
+        .unwrap();
+    assert!(max_abs_diff(&hv32, &hv) < 1e-5 * hv.norm().unwrap());
 }
