@@ -123,6 +123,24 @@ pub fn mean(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// Trailing moving average of `values` over `window` entries (fewer at the start); a window of 0
+/// or 1 leaves them as they are.
+pub fn trailing_mean(values: &[f64], window: usize) -> Vec<f64> {
+    let window = window.max(1);
+    let mut sum = 0.0;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            sum += v;
+            if i >= window {
+                sum -= values[i - window];
+            }
+            sum / (i + 1).min(window) as f64
+        })
+        .collect()
+}
+
 /// Unbiased sample variance; `None` with fewer than two values.
 pub fn sample_variance(values: &[f64]) -> Option<f64> {
     let m = mean(values)?;
@@ -358,5 +376,14 @@ mod tests {
     fn least_squares_rejects_rank_deficient_design() {
         let design = vec![vec![1.0, 2.0], vec![2.0, 4.0], vec![3.0, 6.0]];
         assert!(least_squares(&design, &[1.0, 2.0, 3.0]).is_none());
+    }
+
+    #[test]
+    fn trailing_mean_averages_the_last_window_entries() {
+        let got = trailing_mean(&[1.0, 3.0, 5.0, 7.0, 100.0], 3);
+        assert_eq!(got, vec![1.0, 2.0, 3.0, 5.0, 112.0 / 3.0]);
+        assert_eq!(trailing_mean(&[2.0, 4.0], 1), vec![2.0, 4.0]);
+        assert_eq!(trailing_mean(&[2.0, 4.0], 0), vec![2.0, 4.0]);
+        assert!(trailing_mean(&[], 5).is_empty());
     }
 }

@@ -22,6 +22,7 @@ use super::analysis::{
 };
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
+use crate::analysis::stats::trailing_mean;
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
 use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Series, Style};
 use crate::plot::render::{write_png, write_svg};
@@ -113,6 +114,10 @@ pub struct PlotParams {
     /// Final-value protocol for `lambda_vs_batch` (default `final_epoch`).
     #[serde(default = "default_protocol")]
     pub protocol: FinalProtocol,
+    /// Trailing moving average per `time_series` column, over that many measured rows, e.g.
+    /// `{loss: 50}` for the spiky mini-batch loss (default none; the CSV gets what is drawn).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub smooth: BTreeMap<String, usize>,
 }
 
 /// The `plot` stage kind.
@@ -166,14 +171,23 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
                 if many && ri > 0 {
                     style.color = CYCLE[(ri + ci) % CYCLE.len()];
                 }
+                let mut points = run
+                    .table
+                    .pairs(&params.x, column)
+                    .map_err(|e| input_error(RUNS, e))?;
+                let mut name = display_name(column);
+                if let Some(&window) = params.smooth.get(column.as_str()) {
+                    let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+                    for (p, y) in points.iter_mut().zip(trailing_mean(&ys, window)) {
+                        p.1 = y;
+                    }
+                    name = format!("{name}, mean of {window}");
+                }
                 series.push(Series {
-                    name: format!("{}{suffix}", display_name(column)),
+                    name: format!("{name}{suffix}"),
                     style,
                     axis,
-                    points: run
-                        .table
-                        .pairs(&params.x, column)
-                        .map_err(|e| input_error(RUNS, e))?,
+                    points,
                 });
             }
         }
@@ -441,6 +455,13 @@ impl Stage for PlotStage {
                 ),
             });
         }
+        let drawn = |c: &String| p.columns.contains(c) || p.secondary.contains(c);
+        if let Some(column) = p.smooth.keys().find(|c| !drawn(c)) {
+            return Err(ParamError {
+                path: format!("smooth.{column}"),
+                message: "smooths a column that `columns` and `secondary` do not draw".into(),
+            });
+        }
         if p.grid_columns == 0 || p.panel_size.0 < 100 || p.panel_size.1 < 100 {
             return Err(ParamError {
                 path: "grid_columns".into(),
@@ -535,6 +556,43 @@ mod tests {
             "{}",
             &text[..200]
         );
+    }
+
+    #[test]
+    fn smooth_draws_a_trailing_mean_and_must_name_a_drawn_column() {
+        let runs = fixture_runs();
+        let params =
+            json!({"panel_by": "batch_size", "secondary": ["loss"], "smooth": {"loss": 3}});
+        let (dir, r) = run_stage(&PlotStage, params, &runs);
+        r.unwrap();
+        let run = &runs["runs"][0];
+        let table = MetricsTable::read(&run.dir.join("metrics.csv")).unwrap();
+        let raw: Vec<f64> = table
+            .column("loss")
+            .unwrap()
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let b = run.params["batch_size"].as_u64().unwrap();
+        let mut csv = csv::Reader::from_path(dir.path().join("figure.csv")).unwrap();
+        let drawn: Vec<f64> = csv
+            .records()
+            .map(|r| r.unwrap())
+            .filter(|r| r[0] == *format!("b = {b}") && r[1] == *"Train loss (batch), mean of 3")
+            .map(|r| r[4].parse().unwrap())
+            .collect();
+        let expected = trailing_mean(&raw, 3);
+        assert_eq!(drawn.len(), expected.len());
+        for (d, e) in drawn.iter().zip(&expected) {
+            assert!((d - e).abs() <= 1e-12 * e.abs(), "{d} vs {e}");
+        }
+        assert!(raw.len() > 3 && expected[3] != raw[3]);
+
+        let err = PlotStage
+            .resolve(&json!({"smooth": {"loss": 3}}))
+            .unwrap_err();
+        assert_eq!(err.path, "smooth.loss");
     }
 
     #[test]
