@@ -24,6 +24,7 @@ use crate::device::DeviceClass;
 use crate::nn::loss::{mean_loss, LossKind, Targets};
 use crate::nn::optim::Sgd;
 use crate::nn::{Activation, Model, ModelSpec};
+use crate::train::dynamics::batch_loss_and_gradient;
 
 /// The PyTorch side of every case, run with the interpreter given to `--torch`.
 const TORCH_SCRIPT: &str = include_str!("../bench/torch_reference.py");
@@ -339,9 +340,13 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
         Op::SgdStep => {
             let mut sgd = Sgd::new(setup.model.params(), 0.01, 0.0).map_err(candle)?;
             median_ms(device, opts.seconds, || {
-                let out = setup.model.forward(&setup.data.inputs).map_err(candle)?;
-                let loss = mean_loss(LossKind::Mse, &out, &setup.data.targets).map_err(candle)?;
-                let grads = loss.backward().map_err(candle)?;
+                let (_, grads) = batch_loss_and_gradient(
+                    &*setup.model,
+                    LossKind::Mse,
+                    &setup.data.inputs,
+                    &setup.data.targets,
+                )
+                .map_err(candle)?;
                 sgd.step(setup.model.params(), &grads).map_err(candle)?;
                 Ok(0)
             })?

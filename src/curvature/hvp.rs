@@ -175,7 +175,7 @@ fn build_dense<'a, S>(
     for spec in &specs {
         let chunk = DenseChunk::build(stack, kind, spec)?;
         loss += chunk.loss;
-        add_into(&mut gradient, chunk.gradient.clone()).ctx("gradient")?;
+        add_into(&mut gradient, chunk.gradient().to_vec()).ctx("gradient")?;
         if cfg.retain_graphs {
             retained.push(chunk);
         }

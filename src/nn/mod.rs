@@ -4,6 +4,7 @@
 //! how to export them under PyTorch `state_dict` names and layouts.
 
 pub mod checkpoint;
+pub mod dense;
 #[cfg(test)]
 mod gradcheck;
 pub mod init;

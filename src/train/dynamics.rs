@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::dense::mean_loss_and_gradient;
 use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::Model;
 
@@ -298,6 +299,23 @@ impl NoiseState {
             }
         }
     }
+}
+
+/// The mean loss of a mini-batch and its gradient, ready for the optimizer: by the hand-written
+/// passes of [`crate::nn::dense`] for a dense stack (the MLP: no autograd graph, about twice as
+/// fast on the CPU), by autograd for every other model.
+pub fn batch_loss_and_gradient(
+    model: &dyn Model,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+) -> Result<(f64, GradStore)> {
+    if let Some(stack) = model.dense_stack() {
+        let (loss, gradient) = mean_loss_and_gradient(stack, kind, inputs, targets)?;
+        return Ok((loss, to_grad_store(model, gradient)?));
+    }
+    let loss = per_sample_loss(kind, &model.forward(inputs)?, targets)?.mean_all()?;
+    Ok((loss.to_dtype(DType::F64)?.to_scalar()?, loss.backward()?))
 }
 
 /// Packs per-param tensors into a `GradStore` for the optimizer.

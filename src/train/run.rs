@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainState};
-use super::dynamics::{to_grad_store, Dynamics, FullBatch, NoiseSettings, NoiseState};
+use super::dynamics::{
+    batch_loss_and_gradient, to_grad_store, Dynamics, FullBatch, NoiseSettings, NoiseState,
+};
 use super::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
 use super::metrics::{MetricsLog, Row};
 use super::sampler::{BatchSampler, Sampling};
@@ -408,12 +410,9 @@ pub fn train(
             break;
         }
         let (loss_value, gradient) = if let Some(live) = &live {
-            let loss = per_sample_loss(config.loss, &model.forward(&live.inputs)?, &live.targets)?
-                .mean_all()?;
-            (
-                loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                Some(loss.backward()?),
-            )
+            let (loss, gradient) =
+                batch_loss_and_gradient(model.as_ref(), config.loss, &live.inputs, &live.targets)?;
+            (loss, Some(gradient))
         } else {
             let full = FullBatch {
                 images: &train_set.images,

@@ -1,9 +1,9 @@
-//! Hand-written first- and second-order passes through a [`DenseStack`] (the MLP): Pearlmutter's
+//! Hessian- and Gauss–Newton-vector products of a [`DenseStack`] (the MLP) by Pearlmutter's
 //! R-operator, forward over reverse, instead of candle's double backward.
 //!
 //! With z_l = a_{l−1} W_l + b_l, a_l = σ(z_l) and the output f = z_L, one chunk keeps the forward
-//! pass (a_{l−1}, σ'(z_l), σ''(z_l)) and the backward pass (δ_l = ∂L/∂z_l and u_l = ∂L/∂a_l). A
-//! product with a direction V = (V_W, V_b) then propagates tangents forward,
+//! pass (a_{l−1}, σ'(z_l), σ''(z_l)) and the backward pass (δ_l = ∂L/∂z_l and u_l = ∂L/∂a_l) of
+//! [`crate::nn::dense`]. A product with a direction V = (V_W, V_b) then propagates tangents forward,
 //!
 //!   R z_l = R a_{l−1} W_l + a_{l−1} V_{W_l} + V_{b_l},   R a_l = σ'(z_l) ⊙ R z_l,
 //!
@@ -21,6 +21,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
+use crate::nn::dense::{output_gradient, DenseBackward, DenseForward};
 use crate::nn::loss::{per_sample_loss, LossKind};
 use crate::nn::DenseStack;
 
@@ -71,106 +72,49 @@ impl OutputCurvature {
 
 /// The retained forward and backward pass of one chunk through a dense stack.
 pub(super) struct DenseChunk {
-    /// Detached weights and biases, `[W₁, b₁, ...]`.
-    params: Vec<Tensor>,
-    /// Input a_{l−1} of each layer (a₀ = the flattened batch).
-    inputs: Vec<Tensor>,
-    /// σ'(z_l) of each hidden layer.
-    slopes: Vec<Tensor>,
-    /// σ''(z_l) of each hidden layer, where the activation has one.
-    bends: Vec<Option<Tensor>>,
-    /// δ_l = ∂L/∂z_l of each layer.
-    deltas: Vec<Tensor>,
-    /// u_l = ∂L/∂a_l of each hidden layer.
-    upstream: Vec<Tensor>,
+    forward: DenseForward,
+    backward: DenseBackward,
     weights: SampleWeights,
     curvature: OutputCurvature,
     /// The chunk's objective value.
     pub loss: f64,
-    /// The chunk's objective gradient, one tensor per parameter.
-    pub gradient: Vec<Tensor>,
 }
 
 impl DenseChunk {
     /// Runs and keeps the forward and backward pass of `spec`'s chunk.
     pub fn build(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         let ctx = "dense forward and backward pass";
-        let params: Vec<Tensor> = stack
-            .params
-            .iter()
-            .map(|p| p.var.as_tensor().detach())
-            .collect();
-        let layers = params.len() / 2;
-        let mut inputs = Vec::with_capacity(layers);
-        let mut slopes = Vec::with_capacity(layers);
-        let mut bends = Vec::with_capacity(layers);
-        let mut a = spec.batch.inputs.detach().flatten_from(1).ctx(ctx)?;
-        for l in 0..layers {
-            let z = a
-                .matmul(&params[2 * l])
-                .and_then(|z| z.broadcast_add(&params[2 * l + 1]))
-                .ctx(ctx)?;
-            let next = if l + 1 < layers {
-                let (slope, bend) = stack.activation.derivatives(&z).ctx(ctx)?;
-                slopes.push(slope);
-                bends.push(bend);
-                stack.activation.apply(&z).ctx(ctx)?
-            } else {
-                z
-            };
-            inputs.push(std::mem::replace(&mut a, next));
-        }
-        let outputs = a;
+        let forward = DenseForward::run(stack, &spec.batch.inputs, true).ctx(ctx)?;
         let targets = &spec.batch.targets;
         let weights = SampleWeights::of(spec).ctx(ctx)?;
-        let per_sample = per_sample_loss(kind, &outputs, targets).ctx("loss")?;
-        let loss = weights
-            .apply(&per_sample.unsqueeze(1).ctx("loss")?)
+        let loss = per_sample_loss(kind, &forward.outputs, targets)
+            .and_then(|l| weights.apply(&l.unsqueeze(1)?))
             .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
             .ctx("loss")?;
-        let (curvature, loss_grad) = match kind {
-            LossKind::Mse => (
-                OutputCurvature::Mse,
-                (&outputs - &targets.values)
-                    .and_then(|d| d.affine(2.0, 0.0))
-                    .ctx(ctx)?,
-            ),
-            LossKind::CrossEntropy => {
-                let probs = candle_nn::ops::softmax_last_dim(&outputs).ctx(ctx)?;
-                let mass = targets.values.sum_keepdim(D::Minus1).ctx(ctx)?;
-                let grad = (probs.broadcast_mul(&mass).ctx(ctx)? - &targets.values).ctx(ctx)?;
-                (OutputCurvature::CrossEntropy { probs, mass }, grad)
-            }
+        let (loss_grad, probs) = output_gradient(kind, &forward.outputs, targets).ctx(ctx)?;
+        let curvature = match probs {
+            None => OutputCurvature::Mse,
+            Some(probs) => OutputCurvature::CrossEntropy {
+                probs,
+                mass: targets.values.sum_keepdim(D::Minus1).ctx(ctx)?,
+            },
         };
-        let mut delta = weights.apply(&loss_grad).ctx(ctx)?;
-        let mut gradient = vec![None; params.len()];
-        let mut deltas = Vec::with_capacity(layers);
-        let mut upstream = Vec::with_capacity(layers);
-        for l in (0..layers).rev() {
-            gradient[2 * l] = Some(inputs[l].t().and_then(|x| x.matmul(&delta)).ctx(ctx)?);
-            gradient[2 * l + 1] = Some(delta.sum(0).ctx(ctx)?);
-            if l > 0 {
-                let u = delta.matmul(&params[2 * l].t().ctx(ctx)?).ctx(ctx)?;
-                let below = (&u * &slopes[l - 1]).ctx(ctx)?;
-                upstream.push(u);
-                deltas.push(std::mem::replace(&mut delta, below));
-            }
-        }
-        deltas.push(delta);
-        deltas.reverse();
-        upstream.reverse();
+        let backward = weights
+            .apply(&loss_grad)
+            .and_then(|delta| forward.backward(delta))
+            .ctx(ctx)?;
         Ok(Self {
-            params,
-            inputs,
-            slopes,
-            bends,
-            deltas,
-            upstream,
+            forward,
+            backward,
             weights,
             curvature,
             loss,
-            gradient: gradient.into_iter().flatten().collect(),
         })
+    }
+
+    /// The chunk's objective gradient, one tensor per parameter.
+    pub fn gradient(&self) -> &[Tensor] {
+        &self.backward.gradient
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
@@ -180,14 +124,23 @@ impl DenseChunk {
         } else {
             "Hessian-vector product"
         };
-        let w = &self.params;
+        let DenseForward {
+            params: w,
+            inputs,
+            slopes,
+            bends,
+            ..
+        } = &self.forward;
+        let DenseBackward {
+            deltas, upstream, ..
+        } = &self.backward;
         let v = v.parts();
         let layers = w.len() / 2;
         // Forward tangents: R z_l, and R a_{l−1} (none for the input layer).
         let mut r_pre: Vec<Tensor> = Vec::with_capacity(layers);
         let mut r_inputs: Vec<Option<Tensor>> = vec![None];
         for l in 0..layers {
-            let mut rz = self.inputs[l]
+            let mut rz = inputs[l]
                 .matmul(&v[2 * l])
                 .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
                 .ctx(ctx)?;
@@ -195,7 +148,7 @@ impl DenseChunk {
                 rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
             }
             if l + 1 < layers {
-                r_inputs.push(Some((&rz * &self.slopes[l]).ctx(ctx)?));
+                r_inputs.push(Some((&rz * &slopes[l]).ctx(ctx)?));
             }
             r_pre.push(rz);
         }
@@ -203,12 +156,9 @@ impl DenseChunk {
         let mut r_delta = self.weights.apply(&hr).ctx(ctx)?;
         let mut out = vec![None; w.len()];
         for l in (0..layers).rev() {
-            let mut gw = self.inputs[l]
-                .t()
-                .and_then(|x| x.matmul(&r_delta))
-                .ctx(ctx)?;
+            let mut gw = inputs[l].t().and_then(|x| x.matmul(&r_delta)).ctx(ctx)?;
             if let (false, Some(ra)) = (gauss_newton, &r_inputs[l]) {
-                let term = ra.t().and_then(|x| x.matmul(&self.deltas[l])).ctx(ctx)?;
+                let term = ra.t().and_then(|x| x.matmul(&deltas[l])).ctx(ctx)?;
                 gw = (gw + term).ctx(ctx)?;
             }
             out[2 * l] = Some(gw);
@@ -218,12 +168,12 @@ impl DenseChunk {
             }
             let mut r_up = r_delta.matmul(&w[2 * l].t().ctx(ctx)?).ctx(ctx)?;
             if !gauss_newton {
-                let term = self.deltas[l].matmul(&v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
+                let term = deltas[l].matmul(&v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
                 r_up = (r_up + term).ctx(ctx)?;
             }
-            let mut next = (r_up * &self.slopes[l - 1]).ctx(ctx)?;
-            if let (false, Some(bend)) = (gauss_newton, &self.bends[l - 1]) {
-                let term = (&self.upstream[l - 1] * bend)
+            let mut next = (r_up * &slopes[l - 1]).ctx(ctx)?;
+            if let (false, Some(bend)) = (gauss_newton, &bends[l - 1]) {
+                let term = (&upstream[l - 1] * bend)
                     .and_then(|t| t * &r_pre[l - 1])
                     .ctx(ctx)?;
                 next = (next + term).ctx(ctx)?;
