@@ -13,6 +13,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use serde::Serialize;
 
 use crate::curvature::{
@@ -240,7 +243,12 @@ impl Setup {
         let spec = model_spec(case.model);
         let model = spec.build([3, 32, 32], 10, 0.2, 0, DType::F32, device)?;
         let n = case.size;
-        let x = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), &Device::Cpu)?.to_device(device)?;
+        // Seeded standard-normal inputs: every run times the same data (and the same λmax solves).
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let values: Vec<f32> = (0..n * 3 * 32 * 32)
+            .map(|_| rng.sample(StandardNormal))
+            .collect();
+        let x = Tensor::from_vec(values, (n, 3, 32, 32), device)?;
         let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
         let mut onehot = vec![0f32; n * 10];
         for (i, l) in labels.iter().enumerate() {
