@@ -118,6 +118,39 @@ pub fn output_gradient(
     }
 }
 
+/// Per-sample factors c_i of an objective Σ_i c_i ℓ_i.
+pub enum SampleWeights {
+    /// The same factor for every sample (1/n for the mean loss).
+    Uniform(f64),
+    /// One factor per sample, shape (N, 1).
+    PerSample(Tensor),
+}
+
+impl SampleWeights {
+    /// Multiplies each row of `t` (N, K) by its sample's factor.
+    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Uniform(c) => t.affine(*c, 0.0),
+            Self::PerSample(w) => t.broadcast_mul(w),
+        }
+    }
+}
+
+/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
+pub fn loss_and_gradient(
+    stack: DenseStack<'_>,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    weights: &SampleWeights,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let forward = DenseForward::run(stack, inputs, false)?;
+    let losses = per_sample_loss(kind, &forward.outputs, targets)?;
+    let (grad, _) = output_gradient(kind, &forward.outputs, targets)?;
+    let backward = forward.backward(weights.apply(&grad)?)?;
+    Ok((losses, backward.gradient))
+}
+
 /// The mean loss of a batch and its gradient, by hand: the SGD step of an MLP.
 pub fn mean_loss_and_gradient(
     stack: DenseStack<'_>,
@@ -125,12 +158,34 @@ pub fn mean_loss_and_gradient(
     inputs: &Tensor,
     targets: &Targets,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let forward = DenseForward::run(stack, inputs, false)?;
-    let loss = per_sample_loss(kind, &forward.outputs, targets)?.mean_all()?;
     let n = inputs.dim(0)?;
+    let weights = SampleWeights::Uniform(1.0 / n as f64);
+    let (losses, gradient) = loss_and_gradient(stack, kind, inputs, targets, &weights)?;
+    Ok((
+        losses.mean_all()?.to_dtype(DType::F64)?.to_scalar()?,
+        gradient,
+    ))
+}
+
+/// Σ_i g_i and Σ_i g_i ⊙ g_i over the per-sample gradients g_i = ∇ℓ_i of a batch, without forming
+/// any g_i: a dense layer's g_i is the outer product a_{i} δ_iᵀ, so Σ_i g_i ⊙ g_i = (a ⊙ a)ᵀ (δ ⊙ δ)
+/// and, for its bias, Σ_i δ_i ⊙ δ_i.
+pub fn gradient_moments(
+    stack: DenseStack<'_>,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let forward = DenseForward::run(stack, inputs, false)?;
     let (grad, _) = output_gradient(kind, &forward.outputs, targets)?;
-    let backward = forward.backward(grad.affine(1.0 / n as f64, 0.0)?)?;
-    Ok((loss.to_dtype(DType::F64)?.to_scalar()?, backward.gradient))
+    let backward = forward.backward(grad)?;
+    let mut squares = Vec::with_capacity(backward.gradient.len());
+    for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
+        let delta_sq = delta.sqr()?;
+        squares.push(a.sqr()?.t()?.matmul(&delta_sq)?);
+        squares.push(delta_sq.sum(0)?);
+    }
+    Ok((backward.gradient, squares))
 }
 
 #[cfg(test)]
@@ -214,6 +269,45 @@ mod tests {
                 let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() <= 1e-12 * scale, "{what}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_moments_equal_sums_over_per_sample_autograd_gradients() {
+        for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
+            .into_iter()
+            .enumerate()
+        {
+            let (model, x, targets) = setup(Activation::Tanh, 30 + i as u64);
+            let (sum, sum_sq) =
+                gradient_moments(model.dense_stack().unwrap(), kind, &x, &targets).unwrap();
+            let mut want_sum = vec![0.0; flat(&sum).len()];
+            let mut want_sq = want_sum.clone();
+            for s in 0..6 {
+                let xi = x.narrow(0, s, 1).unwrap();
+                let loss = mean_loss(
+                    kind,
+                    &model.forward(&xi).unwrap(),
+                    &targets.narrow(s, 1).unwrap(),
+                )
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                let g: Vec<Tensor> = model
+                    .params()
+                    .iter()
+                    .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
+                    .collect();
+                for (k, v) in flat(&g).into_iter().enumerate() {
+                    want_sum[k] += v;
+                    want_sq[k] += v * v;
+                }
+            }
+            for (got, want) in [(flat(&sum), want_sum), (flat(&sum_sq), want_sq)] {
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-12 * scale, "{kind:?}: {g} vs {w}");
                 }
             }
         }

@@ -22,7 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::dense::mean_loss_and_gradient;
+use crate::nn::dense::{
+    gradient_moments, loss_and_gradient, mean_loss_and_gradient, SampleWeights,
+};
 use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::Model;
 
@@ -99,22 +101,30 @@ impl FullBatch<'_> {
         let mut start = 0;
         while start < n {
             let len = self.chunk.min(n - start);
-            let outputs = model.forward(&self.images.narrow(0, start, len)?)?;
+            let inputs = self.images.narrow(0, start, len)?;
             let targets = self.targets.narrow(start, len)?;
-            let w = Tensor::from_slice(&weights[start..start + len], len, outputs.device())?
-                .to_dtype(outputs.dtype())?;
-            let losses = per_sample_loss(self.loss, &outputs, &targets)?;
-            loss_sum += losses
-                .detach()
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            let grads = (losses * w)?.sum_all()?.backward()?;
-            for (sum, param) in total.iter_mut().zip(params) {
-                let g = grads
-                    .get(param.var.as_tensor())
-                    .map(|g| g.detach())
-                    .unwrap_or(param.var.zeros_like()?);
+            let w = Tensor::from_slice(&weights[start..start + len], len, inputs.device())?
+                .to_dtype(inputs.dtype())?;
+            let (losses, grads) = match model.dense_stack() {
+                Some(stack) => {
+                    let w = SampleWeights::PerSample(w.unsqueeze(1)?);
+                    loss_and_gradient(stack, self.loss, &inputs, &targets, &w)?
+                }
+                None => {
+                    let losses = per_sample_loss(self.loss, &model.forward(&inputs)?, &targets)?;
+                    let grads = (&losses * w)?.sum_all()?.backward()?;
+                    let grads = params
+                        .iter()
+                        .map(|p| match grads.get(p.var.as_tensor()) {
+                            Some(g) => Ok(g.detach()),
+                            None => p.var.zeros_like(),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (losses.detach(), grads)
+                }
+            };
+            loss_sum += losses.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            for (sum, g) in total.iter_mut().zip(grads) {
                 *sum = Some(match sum.take() {
                     None => g,
                     Some(s) => (s + g)?,
@@ -130,10 +140,29 @@ impl FullBatch<'_> {
     }
 
     /// Per-coordinate variances diag(Σ) of the per-sample gradients, from running sums of g_i and
-    /// g_i² (one backward per sample; memory O(d)).
+    /// g_i² (memory O(d)): for a dense stack in closed form chunk by chunk
+    /// ([`gradient_moments`]), otherwise one backward pass per sample.
     pub fn gradient_variances(&self, model: &dyn Model) -> Result<Vec<Tensor>> {
         let params = model.params();
         let n = self.n();
+        if let Some(stack) = model.dense_stack() {
+            let mut moments: Option<(Vec<Tensor>, Vec<Tensor>)> = None;
+            let mut start = 0;
+            while start < n {
+                let len = self.chunk.min(n - start);
+                let inputs = self.images.narrow(0, start, len)?;
+                let targets = self.targets.narrow(start, len)?;
+                let (sum, sum_sq) = gradient_moments(stack, self.loss, &inputs, &targets)?;
+                moments = Some(match moments {
+                    None => (sum, sum_sq),
+                    Some((s, q)) => (add_all(&s, &sum)?, add_all(&q, &sum_sq)?),
+                });
+                start += len;
+            }
+            let (sum, sum_sq) =
+                moments.ok_or_else(|| candle_core::Error::Msg("empty dataset".into()))?;
+            return variances(&sum, &sum_sq, n);
+        }
         let mut sum: Vec<Tensor> = params
             .iter()
             .map(|p| p.var.zeros_like())
@@ -152,13 +181,23 @@ impl FullBatch<'_> {
                 }
             }
         }
-        let n = n as f64;
-        sum.iter()
-            .zip(&sum_sq)
-            .map(|(s, sq)| (sq / n)? - (s / n)?.sqr()?)
-            .map(|v| v?.relu())
-            .collect()
+        variances(&sum, &sum_sq, n)
     }
+}
+
+/// Elementwise a + b, part by part.
+fn add_all(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    a.iter().zip(b).map(|(a, b)| a + b).collect()
+}
+
+/// max(E[g²] − E[g]², 0) per coordinate from Σ g and Σ g² over n samples.
+fn variances(sum: &[Tensor], sum_sq: &[Tensor], n: usize) -> Result<Vec<Tensor>> {
+    let n = n as f64;
+    sum.iter()
+        .zip(sum_sq)
+        .map(|(s, sq)| (sq / n)? - (s / n)?.sqr()?)
+        .map(|v| v?.relu())
+        .collect()
 }
 
 /// Noise and state carried between steps by the noisy dynamics.

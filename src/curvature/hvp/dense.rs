@@ -21,33 +21,16 @@ use candle_core::{DType, Tensor, D};
 
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
-use crate::nn::dense::{output_gradient, DenseBackward, DenseForward};
+use crate::nn::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind};
 use crate::nn::DenseStack;
 
-/// Per-sample factors c_i of the objective Σ_i c_i ℓ_i of one chunk.
-enum SampleWeights {
-    /// The same factor for every sample (the mean loss: share / n_c).
-    Uniform(f64),
-    /// One factor per sample, shape (N, 1).
-    PerSample(Tensor),
-}
-
-impl SampleWeights {
-    fn of(spec: &ChunkSpec) -> candle_core::Result<Self> {
-        Ok(match &spec.weights {
-            None => Self::Uniform(spec.scale / spec.batch.len() as f64),
-            Some(w) => Self::PerSample(w.affine(spec.scale, 0.0)?.unsqueeze(1)?),
-        })
-    }
-
-    /// Multiplies each row of `t` (N, K) by its sample's factor.
-    fn apply(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Uniform(c) => t.affine(*c, 0.0),
-            Self::PerSample(w) => t.broadcast_mul(w),
-        }
-    }
+/// The per-sample factors of a chunk's objective (the mean loss: share / n_c for every sample).
+fn sample_weights(spec: &ChunkSpec) -> candle_core::Result<SampleWeights> {
+    Ok(match &spec.weights {
+        None => SampleWeights::Uniform(spec.scale / spec.batch.len() as f64),
+        Some(w) => SampleWeights::PerSample(w.affine(spec.scale, 0.0)?.unsqueeze(1)?),
+    })
 }
 
 /// What the loss's Hessian in output space needs: H_ℓ r = 2r for the paper's MSE, and
@@ -86,7 +69,7 @@ impl DenseChunk {
         let ctx = "dense forward and backward pass";
         let forward = DenseForward::run(stack, &spec.batch.inputs, true).ctx(ctx)?;
         let targets = &spec.batch.targets;
-        let weights = SampleWeights::of(spec).ctx(ctx)?;
+        let weights = sample_weights(spec).ctx(ctx)?;
         let loss = per_sample_loss(kind, &forward.outputs, targets)
             .and_then(|l| weights.apply(&l.unsqueeze(1)?))
             .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
