@@ -241,7 +241,7 @@ impl<'a> Landscape<'a> {
                         if gg == 0.0 {
                             return Err(CurvatureError::ZeroGradient { what });
                         }
-                        Ok((g.dot(&op.apply(g)?)?, gg))
+                        Ok((op.quadratic_form(g)?, gg))
                     }
                 }
             },
@@ -288,7 +288,7 @@ impl<'a> Landscape<'a> {
                     &gradient_only,
                 )?;
                 let g = op.gradient();
-                Ok((g.dot(&full.apply(g)?)?, g.norm_sq()?))
+                Ok((full.quadratic_form(g)?, g.norm_sq()?))
             },
             |s| finish(s, grad_sq),
         )
@@ -374,7 +374,7 @@ impl<'a> Landscape<'a> {
             mc,
             |rng| {
                 let z = template.random_like(Probe::Rademacher, rng)?;
-                z.dot(&op.apply(&z)?)
+                op.quadratic_form(&z)
             },
             mean_estimate,
         )
@@ -459,7 +459,7 @@ fn rayleigh_along_gradient(op: &HessianOperator, what: &'static str) -> Result<(
     if gg == 0.0 {
         return Err(CurvatureError::ZeroGradient { what });
     }
-    Ok((g.dot(&op.apply(g)?)?, gg))
+    Ok((op.quadratic_form(g)?, gg))
 }
 
 /// Draws samples with a `ChaCha8Rng` seeded by `mc.seed` until `mc` says stop; `estimate` turns

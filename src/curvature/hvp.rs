@@ -204,6 +204,25 @@ fn apply_dense(
     Ok(ParamVec::new(acc.unwrap_or_default()))
 }
 
+/// Σ over chunks of the dense quadratic form vᵀ H v (or vᵀ G v).
+fn quadratic_form_dense(
+    stack: DenseStack<'_>,
+    kind: LossKind,
+    chunks: &Chunked<DenseChunk>,
+    v: &ParamVec,
+    gauss_newton: bool,
+) -> Result<f64> {
+    let mut total = 0.0;
+    chunks.visit(
+        |spec| DenseChunk::build(stack, kind, spec),
+        |chunk| {
+            total += chunk.quadratic_form(v, gauss_newton)?;
+            Ok(())
+        },
+    )?;
+    Ok(total)
+}
+
 /// The chunk's share of the objective, as a differentiable scalar of `outputs`.
 fn chunk_objective(
     kind: LossKind,
@@ -350,6 +369,16 @@ impl<'a> HessianOperator<'a> {
         self.samples
     }
 
+    /// vᵀ H v: by a forward pass alone for a dense stack, as v · (H v) otherwise.
+    pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
+        match &self.engine {
+            Engine::Dense(stack, chunks) => {
+                quadratic_form_dense(*stack, self.kind, chunks, v, false)
+            }
+            Engine::Autodiff(_) => v.dot(&self.apply(v)?),
+        }
+    }
+
     /// H v.
     pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
         let chunks = match &self.engine {
@@ -479,6 +508,16 @@ impl<'a> GaussNewtonOperator<'a> {
     /// The objective's gradient (detached).
     pub fn gradient(&self) -> &ParamVec {
         &self.gradient
+    }
+
+    /// vᵀ G v = (J v)ᵀ H_z (J v): by a forward pass alone for a dense stack, as v · (G v) otherwise.
+    pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
+        match &self.engine {
+            Engine::Dense(stack, chunks) => {
+                quadratic_form_dense(*stack, self.kind, chunks, v, true)
+            }
+            Engine::Autodiff(_) => v.dot(&self.apply(v)?),
+        }
     }
 
     /// G v = Jᵀ H_z J v.

@@ -347,6 +347,13 @@ fn dense_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
                     assert!(max_abs_diff(&hv, &hv_ref) < 1e-12 * scale, "{what}");
                     let gv = g.apply(&v).unwrap();
                     assert!(max_abs_diff(&gv, &gv_ref) < 1e-12 * scale, "{what}");
+                    // The forward-only quadratic forms equal v · (H v) and v · (G v).
+                    let (vhv, vgv) = (v.dot(&hv_ref).unwrap(), v.dot(&gv_ref).unwrap());
+                    let tol = 1e-11 * (vhv.abs() + vgv.abs());
+                    let got = h.quadratic_form(&v).unwrap();
+                    assert!((got - vhv).abs() < tol, "{what}: vᵀHv {got} vs {vhv}");
+                    let got = g.quadratic_form(&v).unwrap();
+                    assert!((got - vgv).abs() < tol, "{what}: vᵀGv {got} vs {vgv}");
                 }
             }
         }
