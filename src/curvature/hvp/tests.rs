@@ -251,8 +251,14 @@ const LOSSES: [LossKind; 2] = [LossKind::Mse, LossKind::CrossEntropy];
 
 /// The real MLP (3 → 4 → 4 → 2) in f64, with every weight and bias drawn at random.
 fn random_mlp(activation: Activation, seed: u64) -> Mlp {
+    random_mlp_of_depth(activation, 2, seed)
+}
+
+/// The real MLP with `depth` hidden layers of 4 units, 3 inputs and 2 outputs, in f64, with every
+/// weight and bias drawn at random.
+fn random_mlp_of_depth(activation: Activation, depth: usize, seed: u64) -> Mlp {
     let init = Initializer::new(seed, 1.0, candle_core::DType::F64, &Device::Cpu);
-    let model = Mlp::new(3, 2, 4, 2, activation, init).unwrap();
+    let model = Mlp::new(3, depth, 4, 2, activation, init).unwrap();
     let theta = normals(
         &mut ChaCha8Rng::seed_from_u64(seed),
         model.num_params(),
@@ -271,6 +277,32 @@ fn dense_mlp_hessian_matches_finite_differences_for_every_activation_and_loss() 
         for kind in LOSSES {
             // The default config takes the hand-written passes for the MLP.
             check_against_finite_differences(&model, kind, &batch);
+        }
+    }
+}
+
+#[test]
+fn dense_passes_handle_linear_and_one_hidden_layer_stacks() {
+    let batch = data(5, [3, 1, 1], 2, 35);
+    for depth in [0, 1] {
+        let model = random_mlp_of_depth(Activation::Silu, depth, 36 + depth as u64);
+        let v = random_vec(&model, 37);
+        for kind in LOSSES {
+            check_against_finite_differences(&model, kind, &batch);
+            let op = HessianOperator::new(
+                &model,
+                kind,
+                &batch,
+                &Objective::Mean,
+                &HvpConfig::default(),
+            )
+            .unwrap();
+            let vhv = v.dot(&op.apply(&v).unwrap()).unwrap();
+            let got = op.quadratic_form(&v).unwrap();
+            assert!(
+                (got - vhv).abs() < 1e-11 * vhv.abs(),
+                "depth {depth} {kind:?}"
+            );
         }
     }
 }
