@@ -176,13 +176,27 @@ fn rgb(style: &Style) -> RGBColor {
     RGBColor(style.color.0, style.color.1, style.color.2)
 }
 
+/// The largest font size, up to 24 px, at which `title` fits the canvas width (10 px at least).
+fn title_font_size<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str) -> f64 {
+    let width = root.dim_in_pixel().0.saturating_sub(20);
+    (10..=24)
+        .rev()
+        .map(f64::from)
+        .find(|&size| {
+            root.estimate_text_size(title, &(FONT, size).into_text_style(root))
+                .is_ok_and(|(w, _)| w <= width)
+        })
+        .unwrap_or(10.0)
+}
+
 fn draw<DB: DrawingBackend>(figure: &Figure, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
     let text = |e: &dyn std::fmt::Display| e.to_string();
     root.fill(&WHITE).map_err(|e| text(&e))?;
     let body = if figure.title.is_empty() {
         root.clone()
     } else {
-        root.titled(&figure.title, (FONT, 24))
+        let size = title_font_size(root, &figure.title);
+        root.titled(&figure.title, (FONT, size))
             .map_err(|e| text(&e))?
     };
     let cols = figure.columns.clamp(1, figure.panels.len().max(1));
@@ -311,6 +325,20 @@ fn draw_panel<DB: DrawingBackend>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_titles_shrink_to_fit_the_canvas() {
+        let mut buffer = vec![0u8; 520 * 380 * 3];
+        let root = BitMapBackend::with_buffer(&mut buffer, (520, 380)).into_drawing_area();
+        assert_eq!(title_font_size(&root, "b = 8"), 24.0);
+        let long = "Easy CIFAR-10: GNI follows 2/η through η changes, λmax does not move";
+        let size = title_font_size(&root, long);
+        assert!(size < 24.0, "{size}");
+        let (w, _) = root
+            .estimate_text_size(long, &(FONT, size).into_text_style(&root))
+            .unwrap();
+        assert!(w <= 500, "{w}");
+    }
+
     use super::*;
     use crate::plot::figure::{AxisSpec, Series};
     use crate::plot::style::{column_style, threshold_style, BLUE};

@@ -436,7 +436,8 @@ impl Stage for PlotStage {
     fn version(&self) -> u32 {
         // 2: round tick values (1-2-5 steps, 1-2-5 multiples of decades on log axes).
         // 3: dashed legend entries for dashed lines.
-        3
+        // 4: titles shrink to fit the canvas.
+        4
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
