@@ -13,9 +13,11 @@
 //! This module knows nothing of pipelines, files or cadences: callers (the `train` and `measure`
 //! stages) decide when to measure and where the numbers go.
 //!
-//! Hessian-vector products need candle's double backward, which only works when the environment
-//! variable `CANDLE_GRAD_DO_NOT_DETACH=1` is set before a thread's first `backward()`; without it
-//! every HVP is silently zero. Call [`self_check`] at start-up to turn that into a clear error.
+//! Hessian-vector products of the MLP use hand-written forward-over-reverse passes
+//! ([`HvpMethod::Auto`]); every other model needs candle's double backward, which only works when
+//! the environment variable `CANDLE_GRAD_DO_NOT_DETACH=1` is set before a thread's first
+//! `backward()`; without it every HVP is silently zero. Call [`self_check`] at start-up to turn that
+//! into a clear error.
 
 pub mod alignment;
 pub mod batch;
