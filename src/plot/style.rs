@@ -11,8 +11,10 @@ pub const BLUE: (u8, u8, u8) = (31, 119, 180);
 pub const RED: (u8, u8, u8) = (214, 39, 40);
 /// The 2/η threshold: black dashes.
 pub const BLACK: (u8, u8, u8) = (0, 0, 0);
-/// Loss: grey.
+/// The full-batch loss: grey.
 pub const GREY: (u8, u8, u8) = (110, 110, 110);
+/// Light grey: the noisy mini-batch loss, under the darker full-batch loss.
+pub const LIGHT_GREY: (u8, u8, u8) = (170, 170, 170);
 
 /// Colours for quantities without a fixed colour and for sweep groups, in order.
 pub const CYCLE: [(u8, u8, u8); 6] = [
@@ -53,7 +55,8 @@ pub fn column_style(column: &str, index: usize) -> Style {
         "batch_sharpness" => (GREEN, Mark::Line),
         "lambda_max" => (BLUE, Mark::Line),
         "step_sharpness" | "step_lambda_max_b" => (RED, Mark::Dots),
-        "loss" | "full_loss" => (GREY, Mark::Line),
+        "full_loss" => (GREY, Mark::Line),
+        "loss" => (LIGHT_GREY, Mark::Line),
         _ => (CYCLE[index % CYCLE.len()], Mark::Line),
     };
     Style { color, mark }
@@ -64,5 +67,17 @@ pub fn threshold_style() -> Style {
     Style {
         color: BLACK,
         mark: Mark::Dashed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_batch_and_mini_batch_losses_are_told_apart() {
+        let (full, batch) = (column_style("full_loss", 0), column_style("loss", 1));
+        assert_ne!(full.color, batch.color);
+        assert_eq!(column_style("lambda_max", 0).color, BLUE);
     }
 }

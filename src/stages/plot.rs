@@ -437,7 +437,8 @@ impl Stage for PlotStage {
         // 2: round tick values (1-2-5 steps, 1-2-5 multiples of decades on log axes).
         // 3: dashed legend entries for dashed lines.
         // 4: titles shrink to fit the canvas.
-        4
+        // 5: the mini-batch loss in light grey, the full-batch loss in grey.
+        5
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
