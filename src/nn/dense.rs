@@ -102,7 +102,7 @@ impl DenseForward {
 
 /// ∂ℓ_i/∂f_i of every sample (N, K): 2(f − y) for the paper's MSE, p·Σ_k y_k − y for
 /// cross-entropy; with the softmax p for cross-entropy (its output-space Hessian needs it).
-pub fn output_gradient(
+fn output_gradient(
     kind: LossKind,
     outputs: &Tensor,
     targets: &Targets,
@@ -130,9 +130,42 @@ impl SampleWeights {
     /// Multiplies each row of `t` (N, K) by its sample's factor.
     pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Uniform(c) if *c == 1.0 => Ok(t.clone()),
             Self::Uniform(c) => t.affine(*c, 0.0),
             Self::PerSample(w) => t.broadcast_mul(w),
         }
+    }
+}
+
+/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
+/// outputs for cross-entropy (its output-space Hessian needs it).
+pub struct DensePass {
+    /// The forward pass.
+    pub forward: DenseForward,
+    /// The backward pass of the weighted objective.
+    pub backward: DenseBackward,
+    /// softmax(f) for cross-entropy, `None` for MSE.
+    pub probs: Option<Tensor>,
+}
+
+impl DensePass {
+    /// Runs both passes; `bends` also keeps σ''(z_l) (second-order passes).
+    pub fn run(
+        stack: DenseStack<'_>,
+        kind: LossKind,
+        inputs: &Tensor,
+        targets: &Targets,
+        weights: &SampleWeights,
+        bends: bool,
+    ) -> Result<Self> {
+        let forward = DenseForward::run(stack, inputs, bends)?;
+        let (grad, probs) = output_gradient(kind, &forward.outputs, targets)?;
+        let backward = forward.backward(weights.apply(&grad)?)?;
+        Ok(Self {
+            forward,
+            backward,
+            probs,
+        })
     }
 }
 
@@ -144,11 +177,9 @@ pub fn loss_and_gradient(
     targets: &Targets,
     weights: &SampleWeights,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let forward = DenseForward::run(stack, inputs, false)?;
-    let losses = per_sample_loss(kind, &forward.outputs, targets)?;
-    let (grad, _) = output_gradient(kind, &forward.outputs, targets)?;
-    let backward = forward.backward(weights.apply(&grad)?)?;
-    Ok((losses, backward.gradient))
+    let pass = DensePass::run(stack, kind, inputs, targets, weights, false)?;
+    let losses = per_sample_loss(kind, &pass.forward.outputs, targets)?;
+    Ok((losses, pass.backward.gradient))
 }
 
 /// The mean loss of a batch and its gradient, by hand: the SGD step of an MLP.
@@ -176,9 +207,16 @@ pub fn gradient_moments(
     inputs: &Tensor,
     targets: &Targets,
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-    let forward = DenseForward::run(stack, inputs, false)?;
-    let (grad, _) = output_gradient(kind, &forward.outputs, targets)?;
-    let backward = forward.backward(grad)?;
+    let DensePass {
+        forward, backward, ..
+    } = DensePass::run(
+        stack,
+        kind,
+        inputs,
+        targets,
+        &SampleWeights::Uniform(1.0),
+        false,
+    )?;
     let mut squares = Vec::with_capacity(backward.gradient.len());
     for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
         let delta_sq = delta.sqr()?;

@@ -87,6 +87,19 @@ impl FullBatch<'_> {
         self.targets.labels.dims1().unwrap_or(0)
     }
 
+    /// The samples in chunks of at most `chunk`: (first row, inputs, targets) of each.
+    fn chunks(&self) -> impl Iterator<Item = Result<(usize, Tensor, Targets)>> + '_ {
+        let (n, chunk) = (self.n(), self.chunk.max(1));
+        (0..n).step_by(chunk).map(move |start| {
+            let len = chunk.min(n - start);
+            Ok((
+                start,
+                self.images.narrow(0, start, len)?,
+                self.targets.narrow(start, len)?,
+            ))
+        })
+    }
+
     /// Gradient of Σ_i weights_i ℓ_i, accumulated over chunks (detached, one tensor per param), and
     /// the plain mean loss (1/n) Σ_i ℓ_i from the same forward passes.
     pub fn weighted_gradient(
@@ -95,14 +108,11 @@ impl FullBatch<'_> {
         weights: &[f64],
     ) -> Result<(Vec<Tensor>, f64)> {
         let params = model.params();
-        let mut total: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut total: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
-        let n = self.n();
-        let mut start = 0;
-        while start < n {
-            let len = self.chunk.min(n - start);
-            let inputs = self.images.narrow(0, start, len)?;
-            let targets = self.targets.narrow(start, len)?;
+        for chunk in self.chunks() {
+            let (start, inputs, targets) = chunk?;
+            let len = targets.labels.dims1()?;
             let w = Tensor::from_slice(&weights[start..start + len], len, inputs.device())?
                 .to_dtype(inputs.dtype())?;
             let (losses, grads) = match model.dense_stack() {
@@ -124,19 +134,13 @@ impl FullBatch<'_> {
                 }
             };
             loss_sum += losses.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            for (sum, g) in total.iter_mut().zip(grads) {
-                *sum = Some(match sum.take() {
-                    None => g,
-                    Some(s) => (s + g)?,
-                });
-            }
-            start += len;
+            total = Some(match total {
+                None => grads,
+                Some(t) => add_all(&t, &grads)?,
+            });
         }
-        let gradient = total
-            .into_iter()
-            .map(|g| g.ok_or_else(|| candle_core::Error::Msg("empty dataset".into())))
-            .collect::<Result<_>>()?;
-        Ok((gradient, loss_sum / n as f64))
+        let gradient = total.ok_or_else(|| candle_core::Error::Msg("empty dataset".into()))?;
+        Ok((gradient, loss_sum / self.n() as f64))
     }
 
     /// Per-coordinate variances diag(Σ) of the per-sample gradients, from running sums of g_i and
@@ -147,17 +151,13 @@ impl FullBatch<'_> {
         let n = self.n();
         if let Some(stack) = model.dense_stack() {
             let mut moments: Option<(Vec<Tensor>, Vec<Tensor>)> = None;
-            let mut start = 0;
-            while start < n {
-                let len = self.chunk.min(n - start);
-                let inputs = self.images.narrow(0, start, len)?;
-                let targets = self.targets.narrow(start, len)?;
+            for chunk in self.chunks() {
+                let (_, inputs, targets) = chunk?;
                 let (sum, sum_sq) = gradient_moments(stack, self.loss, &inputs, &targets)?;
                 moments = Some(match moments {
                     None => (sum, sum_sq),
                     Some((s, q)) => (add_all(&s, &sum)?, add_all(&q, &sum_sq)?),
                 });
-                start += len;
             }
             let (sum, sum_sq) =
                 moments.ok_or_else(|| candle_core::Error::Msg("empty dataset".into()))?;

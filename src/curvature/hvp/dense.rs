@@ -21,7 +21,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
-use crate::nn::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
+use crate::nn::dense::{DenseBackward, DenseForward, DensePass, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind};
 use crate::nn::DenseStack;
 
@@ -67,14 +67,17 @@ impl DenseChunk {
     /// Runs and keeps the forward and backward pass of `spec`'s chunk.
     pub fn build(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         let ctx = "dense forward and backward pass";
-        let forward = DenseForward::run(stack, &spec.batch.inputs, true).ctx(ctx)?;
         let targets = &spec.batch.targets;
         let weights = sample_weights(spec).ctx(ctx)?;
+        let DensePass {
+            forward,
+            backward,
+            probs,
+        } = DensePass::run(stack, kind, &spec.batch.inputs, targets, &weights, true).ctx(ctx)?;
         let loss = per_sample_loss(kind, &forward.outputs, targets)
             .and_then(|l| weights.apply(&l.unsqueeze(1)?))
             .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
             .ctx("loss")?;
-        let (loss_grad, probs) = output_gradient(kind, &forward.outputs, targets).ctx(ctx)?;
         let curvature = match probs {
             None => OutputCurvature::Mse,
             Some(probs) => OutputCurvature::CrossEntropy {
@@ -82,10 +85,6 @@ impl DenseChunk {
                 mass: targets.values.sum_keepdim(D::Minus1).ctx(ctx)?,
             },
         };
-        let backward = weights
-            .apply(&loss_grad)
-            .and_then(|delta| forward.backward(delta))
-            .ctx(ctx)?;
         Ok(Self {
             forward,
             backward,
@@ -100,39 +99,76 @@ impl DenseChunk {
         &self.backward.gradient
     }
 
-    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: along θ + tV the
-    /// outputs have first and second derivatives ḟ, f̈ (ż_l = ȧ_{l−1} W_l + a_{l−1} V_{W_l} + V_{b_l},
-    /// z̈_l = ä_{l−1} W_l + 2 ȧ_{l−1} V_{W_l}, ȧ_l = σ' ż_l, ä_l = σ' z̈_l + σ'' ż_l²), and
-    /// vᵀHv = Σ_i c_i (ḟ_iᵀ H_ℓ ḟ_i + ∂ℓ_i/∂f · f̈_i); the Gauss–Newton form keeps the first term.
-    /// No backward tangents: about half the matrix products of [`Self::apply`] and a dot.
-    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
-        let ctx = "curvature quadratic form";
+    /// First-order tangents along V: ż_l of every layer, and ȧ_{l−1} of every layer input (none
+    /// for the input layer): ż_l = ȧ_{l−1} W_l + a_{l−1} V_{W_l} + V_{b_l}, ȧ_l = σ'(z_l) ż_l.
+    fn tangents(
+        &self,
+        v: &[Tensor],
+        ctx: &'static str,
+    ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
         let DenseForward {
             params: w,
             inputs,
             slopes,
-            bends,
             ..
         } = &self.forward;
-        let v = v.parts();
         let layers = w.len() / 2;
-        let (mut a_dot, mut a_ddot): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let mut z_dot: Vec<Tensor> = Vec::with_capacity(layers);
+        let mut a_dot: Vec<Option<Tensor>> = vec![None];
         for l in 0..layers {
-            let mut z_dot = inputs[l]
+            let mut rz = inputs[l]
                 .matmul(&v[2 * l])
                 .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
                 .ctx(ctx)?;
-            let mut z_ddot: Option<Tensor> = None;
-            if let Some(ad) = &a_dot {
-                z_dot = (z_dot + ad.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
-                if !gauss_newton {
-                    z_ddot = Some(
-                        ad.matmul(&v[2 * l])
-                            .and_then(|t| t.affine(2.0, 0.0))
-                            .ctx(ctx)?,
-                    );
-                }
+            if let Some(ra) = &a_dot[l] {
+                rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
             }
+            if l + 1 < layers {
+                a_dot.push(Some((&rz * &slopes[l]).ctx(ctx)?));
+            }
+            z_dot.push(rz);
+        }
+        Ok((z_dot, a_dot))
+    }
+
+    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: along θ + tV the
+    /// outputs have first and second derivatives ḟ, f̈ ([`Self::tangents`] for ḟ;
+    /// z̈_l = ä_{l−1} W_l + 2 ȧ_{l−1} V_{W_l}, ä_l = σ' z̈_l + σ'' ż_l²), and
+    /// vᵀHv = Σ_i c_i (ḟ_iᵀ H_ℓ ḟ_i + ∂ℓ_i/∂f · f̈_i); the Gauss–Newton form keeps the first term.
+    /// No backward tangents: about half the matrix products of [`Self::apply`] and a dot.
+    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+        let ctx = "curvature quadratic form";
+        let v = v.parts();
+        let (z_dot, a_dot) = self.tangents(v, ctx)?;
+        let layers = z_dot.len();
+        let f_dot = &z_dot[layers - 1];
+        let sum = |t: Tensor| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>();
+        let mut total = self
+            .curvature
+            .apply(f_dot)
+            .and_then(|hf| self.weights.apply(&hf))
+            .and_then(|t| sum((t * f_dot)?))
+            .ctx(ctx)?;
+        if gauss_newton {
+            return Ok(total);
+        }
+        let DenseForward {
+            params: w,
+            slopes,
+            bends,
+            ..
+        } = &self.forward;
+        // Second-order tangents z̈_l, and ä of the current layer's input (none while zero).
+        let mut a_ddot: Option<Tensor> = None;
+        for l in 0..layers {
+            let mut z_ddot = match &a_dot[l] {
+                Some(ad) => Some(
+                    ad.matmul(&v[2 * l])
+                        .and_then(|t| t.affine(2.0, 0.0))
+                        .ctx(ctx)?,
+                ),
+                None => None,
+            };
             if let Some(add) = &a_ddot {
                 let term = add.matmul(&w[2 * l]).ctx(ctx)?;
                 z_ddot = Some(match z_ddot {
@@ -141,37 +177,25 @@ impl DenseChunk {
                 });
             }
             if l + 1 == layers {
-                let hf = self.curvature.apply(&z_dot).ctx(ctx)?;
-                let mut total = self
-                    .weights
-                    .apply(&hf)
-                    .and_then(|t| t * &z_dot)
-                    .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
-                    .ctx(ctx)?;
                 if let Some(f_ddot) = z_ddot {
-                    total += (&self.backward.deltas[l] * f_ddot)
-                        .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
-                        .ctx(ctx)?;
+                    total += sum((&self.backward.deltas[l] * f_ddot).ctx(ctx)?).ctx(ctx)?;
                 }
-                return Ok(total);
+                break;
             }
-            if !gauss_newton {
-                let mut next = match &z_ddot {
-                    Some(t) => Some((t * &slopes[l]).ctx(ctx)?),
-                    None => None,
-                };
-                if let Some(bend) = &bends[l] {
-                    let term = z_dot.sqr().and_then(|t| t * bend).ctx(ctx)?;
-                    next = Some(match next {
-                        Some(t) => (t + term).ctx(ctx)?,
-                        None => term,
-                    });
-                }
-                a_ddot = next;
+            let mut next = match &z_ddot {
+                Some(t) => Some((t * &slopes[l]).ctx(ctx)?),
+                None => None,
+            };
+            if let Some(bend) = &bends[l] {
+                let term = z_dot[l].sqr().and_then(|t| t * bend).ctx(ctx)?;
+                next = Some(match next {
+                    Some(t) => (t + term).ctx(ctx)?,
+                    None => term,
+                });
             }
-            a_dot = Some((z_dot * &slopes[l]).ctx(ctx)?);
+            a_ddot = next;
         }
-        Ok(0.0)
+        Ok(total)
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
@@ -193,22 +217,7 @@ impl DenseChunk {
         } = &self.backward;
         let v = v.parts();
         let layers = w.len() / 2;
-        // Forward tangents: R z_l, and R a_{l−1} (none for the input layer).
-        let mut r_pre: Vec<Tensor> = Vec::with_capacity(layers);
-        let mut r_inputs: Vec<Option<Tensor>> = vec![None];
-        for l in 0..layers {
-            let mut rz = inputs[l]
-                .matmul(&v[2 * l])
-                .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
-                .ctx(ctx)?;
-            if let Some(ra) = &r_inputs[l] {
-                rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
-            }
-            if l + 1 < layers {
-                r_inputs.push(Some((&rz * &slopes[l]).ctx(ctx)?));
-            }
-            r_pre.push(rz);
-        }
+        let (r_pre, r_inputs) = self.tangents(v, ctx)?;
         let hr = self.curvature.apply(&r_pre[layers - 1]).ctx(ctx)?;
         let mut r_delta = self.weights.apply(&hr).ctx(ctx)?;
         let mut out = vec![None; w.len()];

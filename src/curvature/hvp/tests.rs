@@ -158,24 +158,29 @@ fn weighted_objective_is_the_weighted_sum_of_per_sample_hessians() {
     assert!(max_abs_diff(&op.apply(&v).unwrap(), &expected) < 1e-13);
 }
 
+/// Builds the mean-loss Gauss–Newton operator with the default config and checks its dense
+/// matrix against the independent dense Σ_i J_iᵀ H_z,i J_i.
+fn check_gauss_newton_against_dense<'a>(
+    model: &'a dyn Model,
+    kind: LossKind,
+    batch: &Batch,
+    what: &str,
+) -> GaussNewtonOperator<'a> {
+    let op = GaussNewtonOperator::new(model, kind, batch, &Objective::Mean, &HvpConfig::default())
+        .unwrap();
+    let template = ParamVec::zeros_for(model.params()).unwrap();
+    let got = dense_of(|v| op.apply(v).unwrap(), &template);
+    let err = rel_max_diff(&got, &dense_gauss_newton(model, kind, batch));
+    assert!(err < 1e-12, "{what} {kind:?}: {err:e}");
+    op
+}
+
 #[test]
 fn gauss_newton_product_equals_dense_jt_hz_j() {
     let model = TanhMlp::new(3, 3, 2, 15);
     let batch = data(5, [3, 1, 1], 2, 16);
-    let template = ParamVec::zeros_for(model.params()).unwrap();
     for kind in [LossKind::Mse, LossKind::CrossEntropy] {
-        let op = GaussNewtonOperator::new(
-            &model,
-            kind,
-            &batch,
-            &Objective::Mean,
-            &HvpConfig::default(),
-        )
-        .unwrap();
-        let got = dense_of(|v| op.apply(v).unwrap(), &template);
-        let expected = dense_gauss_newton(&model, kind, &batch);
-        let err = rel_max_diff(&got, &expected);
-        assert!(err < 1e-12, "{kind:?}: {err:e}");
+        let op = check_gauss_newton_against_dense(&model, kind, &batch, "tanh MLP fixture");
         let hess = HessianOperator::new(
             &model,
             kind,
@@ -312,19 +317,8 @@ fn dense_mlp_gauss_newton_equals_dense_jt_hz_j() {
     let batch = data(5, [3, 1, 1], 2, 40);
     for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
         let model = random_mlp(activation, 41 + i as u64);
-        let template = ParamVec::zeros_for(model.params()).unwrap();
         for kind in LOSSES {
-            let op = GaussNewtonOperator::new(
-                &model,
-                kind,
-                &batch,
-                &Objective::Mean,
-                &HvpConfig::default(),
-            )
-            .unwrap();
-            let got = dense_of(|v| op.apply(v).unwrap(), &template);
-            let err = rel_max_diff(&got, &dense_gauss_newton(&model, kind, &batch));
-            assert!(err < 1e-12, "{activation:?} {kind:?}: {err:e}");
+            check_gauss_newton_against_dense(&model, kind, &batch, &format!("{activation:?}"));
         }
     }
 }
