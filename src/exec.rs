@@ -342,7 +342,7 @@ fn run_one(
         "== {} ({} v{}) key {} started {} on {}",
         st.name,
         st.kind_name,
-        st.kind.version(),
+        st.kind_version,
         st.key,
         started.to_rfc3339(),
         opts.host
@@ -394,7 +394,7 @@ fn run_one(
     drop(reporter);
     let manifest = Manifest {
         kind: st.kind_name.clone(),
-        version: st.kind.version(),
+        version: st.kind_version,
         key: st.key.clone(),
         key_format: crate::key::KEY_FORMAT,
         pipeline: plan.pipeline.clone(),
@@ -574,8 +574,8 @@ fn stale_reason(plan: &Plan, st: &PlannedStage, prev: Option<&Manifest>) -> Stri
     if prev.kind != st.kind_name {
         return format!("kind changed ({} -> {})", prev.kind, st.kind_name);
     }
-    if prev.version != st.kind.version() {
-        return format!("version bumped ({} -> {})", prev.version, st.kind.version());
+    if prev.version != st.kind_version {
+        return format!("version bumped ({} -> {})", prev.version, st.kind_version);
     }
     if prev.params != st.params {
         let mut paths = Vec::new();

@@ -30,6 +30,8 @@ pub struct PlannedStage {
     pub kind_name: String,
     /// The kind.
     pub kind: Arc<dyn Stage>,
+    /// The kind's version for these params.
+    pub kind_version: u32,
     /// Canonical params.
     pub params: Value,
     /// Device class.
@@ -166,10 +168,11 @@ pub fn build(
             .iter()
             .map(|(slot, ups)| (slot.as_str(), ups.iter().map(|&u| &stages[u].key).collect()))
             .collect();
+        let kind_version = kind.version(&resolved.params);
         let key = KeyInput {
             key_format: KEY_FORMAT,
             kind: kind.kind(),
-            kind_version: kind.version(),
+            kind_version,
             params: &resolved.params,
             inputs: input_keys,
             input_outputs: input_outputs
@@ -191,6 +194,7 @@ pub fn build(
             stage: decl.name.clone(),
             kind_name: decl.kind.clone(),
             kind,
+            kind_version,
             params: resolved.params,
             device: resolved.device,
             inputs,

@@ -61,7 +61,7 @@ impl Stage for Echo {
     fn kind(&self) -> &'static str {
         "echo"
     }
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         self.version.max(1)
     }
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {

@@ -7,7 +7,7 @@
 //! δ_L = ∂L/∂f and returns δ_l = ∂L/∂z_l, u_l = ∂L/∂a_l and the gradient
 //! (∂L/∂W_l = a_{l−1}ᵀ δ_l, ∂L/∂b_l = Σ_i δ_l). Every tensor is detached: no graph is recorded.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 use super::loss::{per_sample_loss, LossKind, Targets};
 use super::DenseStack;
@@ -32,6 +32,8 @@ pub struct DenseBackward {
     pub deltas: Vec<Tensor>,
     /// u_l = ∂L/∂a_l of each hidden layer.
     pub upstream: Vec<Tensor>,
+    /// ∂L/∂a₀ (N, in), when asked for.
+    pub input_gradient: Option<Tensor>,
     /// ∂L/∂θ, one tensor per parameter, in the stack's order.
     pub gradient: Vec<Tensor>,
 }
@@ -74,6 +76,13 @@ impl DenseForward {
 
     /// Backpropagates `output_grad` = ∂L/∂f (N, K).
     pub fn backward(&self, output_grad: Tensor) -> Result<DenseBackward> {
+        self.backward_to(output_grad, false)
+    }
+
+    /// Backpropagates `output_grad` = ∂L/∂f (N, K); `to_input` also gives ∂L/∂a₀, the gradient with
+    /// respect to the stack's (flattened) input, from which a network whose head is this stack
+    /// continues its backward pass.
+    pub fn backward_to(&self, output_grad: Tensor, to_input: bool) -> Result<DenseBackward> {
         let layers = self.inputs.len();
         let mut delta = output_grad;
         let mut gradient = vec![None; 2 * layers];
@@ -89,12 +98,18 @@ impl DenseForward {
                 deltas.push(std::mem::replace(&mut delta, below));
             }
         }
+        let input_gradient = if to_input {
+            Some(delta.matmul(&self.params[0].t()?)?)
+        } else {
+            None
+        };
         deltas.push(delta);
         deltas.reverse();
         upstream.reverse();
         Ok(DenseBackward {
             deltas,
             upstream,
+            input_gradient,
             gradient: gradient.into_iter().flatten().collect(),
         })
     }
@@ -102,7 +117,7 @@ impl DenseForward {
 
 /// ∂ℓ_i/∂f_i of every sample (N, K): 2(f − y) for the paper's MSE, p·Σ_k y_k − y for
 /// cross-entropy; with the softmax p for cross-entropy (its output-space Hessian needs it).
-fn output_gradient(
+pub(crate) fn output_gradient(
     kind: LossKind,
     outputs: &Tensor,
     targets: &Targets,
@@ -182,22 +197,6 @@ pub fn loss_and_gradient(
     Ok((losses, pass.backward.gradient))
 }
 
-/// The mean loss of a batch and its gradient, by hand: the SGD step of an MLP.
-pub fn mean_loss_and_gradient(
-    stack: DenseStack<'_>,
-    kind: LossKind,
-    inputs: &Tensor,
-    targets: &Targets,
-) -> Result<(f64, Vec<Tensor>)> {
-    let n = inputs.dim(0)?;
-    let weights = SampleWeights::Uniform(1.0 / n as f64);
-    let (losses, gradient) = loss_and_gradient(stack, kind, inputs, targets, &weights)?;
-    Ok((
-        losses.mean_all()?.to_dtype(DType::F64)?.to_scalar()?,
-        gradient,
-    ))
-}
-
 /// Σ_i g_i and Σ_i g_i ⊙ g_i over the per-sample gradients g_i = ∇ℓ_i of a batch, without forming
 /// any g_i: a dense layer's g_i is the outer product a_{i} δ_iᵀ, so Σ_i g_i ⊙ g_i = (a ⊙ a)ᵀ (δ ⊙ δ)
 /// and, for its bias, Σ_i δ_i ⊙ δ_i.
@@ -228,12 +227,13 @@ pub fn gradient_moments(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::data::LabelEncoding;
+    use crate::nn::gradcheck::one_hot_targets;
+    use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::init::Initializer;
     use crate::nn::loss::mean_loss;
     use crate::nn::models::Mlp;
@@ -257,17 +257,7 @@ mod tests {
             p.var.set(&(v * 0.7).unwrap()).unwrap();
         }
         let x = Tensor::from_vec(normals(&mut rng, 6 * 4), (6, 4, 1, 1), &dev).unwrap();
-        let labels: Vec<u32> = (0..6).map(|i| i % 3).collect();
-        let mut onehot = vec![0f64; 6 * 3];
-        for (i, l) in labels.iter().enumerate() {
-            onehot[i * 3 + *l as usize] = 1.0;
-        }
-        let targets = Targets {
-            values: Tensor::from_vec(onehot, (6, 3), &dev).unwrap(),
-            labels: Tensor::from_vec(labels, 6, &dev).unwrap(),
-            encoding: LabelEncoding::OneHot,
-        };
-        (model, x, targets)
+        (model, x, one_hot_targets(6, 3))
     }
 
     fn flat(parts: &[Tensor]) -> Vec<f64> {
@@ -287,9 +277,9 @@ mod tests {
         ];
         for (i, activation) in activations.into_iter().enumerate() {
             let (model, x, targets) = setup(activation, 10 + i as u64);
-            let stack = model.dense_stack().unwrap();
+            assert!(model.dense_stack().is_some());
             for kind in [LossKind::Mse, LossKind::CrossEntropy] {
-                let (loss, gradient) = mean_loss_and_gradient(stack, kind, &x, &targets).unwrap();
+                let (loss, gradient) = mean_loss_and_gradient(&model, kind, &x, &targets).unwrap();
                 let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
                 let grads = reference.backward().unwrap();
                 let expected: Vec<Tensor> = model
@@ -354,9 +344,8 @@ mod tests {
     #[test]
     fn hand_written_gradient_matches_a_central_finite_difference() {
         let (model, x, targets) = setup(Activation::Silu, 20);
-        let stack = model.dense_stack().unwrap();
         let (_, gradient) =
-            mean_loss_and_gradient(stack, LossKind::CrossEntropy, &x, &targets).unwrap();
+            mean_loss_and_gradient(&model, LossKind::CrossEntropy, &x, &targets).unwrap();
         // Along a random direction d: (L(θ + h d) − L(θ − h d)) / 2h = ∇L · d.
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let d: Vec<Tensor> = model
@@ -376,7 +365,7 @@ mod tests {
             for ((p, t), d) in model.params().iter().zip(&theta).zip(&d) {
                 p.var.set(&(t + (d * h).unwrap()).unwrap()).unwrap();
             }
-            mean_loss_and_gradient(stack, LossKind::CrossEntropy, &x, &targets)
+            mean_loss_and_gradient(&model, LossKind::CrossEntropy, &x, &targets)
                 .unwrap()
                 .0
         };

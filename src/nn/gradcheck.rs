@@ -11,6 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
+use crate::data::LabelEncoding;
+use crate::nn::loss::Targets;
+
 /// A seeded standard-normal f64 tensor on the CPU, times `scale`.
 pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -19,6 +22,20 @@ pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
         .map(|_| scale * rng.sample::<f64, _>(StandardNormal))
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+/// One-hot f64 targets for `n` samples of `outputs` classes, sample i of class i mod `outputs`.
+pub fn one_hot_targets(n: usize, outputs: usize) -> Targets {
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % outputs as u32).collect();
+    let mut onehot = vec![0f64; n * outputs];
+    for (i, l) in labels.iter().enumerate() {
+        onehot[i * outputs + *l as usize] = 1.0;
+    }
+    Targets {
+        values: Tensor::from_vec(onehot, (n, outputs), &Device::Cpu).unwrap(),
+        labels: Tensor::from_vec(labels, n, &Device::Cpu).unwrap(),
+        encoding: LabelEncoding::OneHot,
+    }
 }
 
 type LossFn = Box<dyn Fn() -> Result<Tensor>>;

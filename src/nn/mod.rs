@@ -4,9 +4,11 @@
 //! how to export them under PyTorch `state_dict` names and layouts.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod dense;
 #[cfg(test)]
 mod gradcheck;
+pub mod gradient;
 pub mod init;
 pub mod layers;
 pub mod loss;
@@ -54,6 +56,11 @@ pub trait Model: Send + Sync {
     fn dense_stack(&self) -> Option<DenseStack<'_>> {
         None
     }
+    /// The model as convolutions followed by a dense stack, when it is one (the 5-layer CNN), so
+    /// that its gradients can use hand-written passes instead of candle's autograd.
+    fn conv_net(&self) -> Option<ConvNet<'_>> {
+        None
+    }
 }
 
 /// A network that flattens its input, then applies dense layers `x ↦ x W + b` (weights stored
@@ -64,4 +71,16 @@ pub struct DenseStack<'a> {
     pub params: &'a [Param],
     /// The nonlinearity between layers.
     pub activation: Activation,
+}
+
+/// A network of valid, stride-1 convolutions with bias, each followed by ReLU and optionally a 2×2
+/// max pool, then flattened in (C, H, W) order into a [`DenseStack`].
+#[derive(Clone, Copy)]
+pub struct ConvNet<'a> {
+    /// Weight (C_out, C_in, k, k) and bias of each convolution, in order: `[W₁, b₁, W₂, b₂, ...]`.
+    pub convs: &'a [Param],
+    /// Whether a 2×2 max pool follows each convolution's ReLU.
+    pub pools: &'a [bool],
+    /// The dense layers after the flatten.
+    pub head: DenseStack<'a>,
 }

@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 
 use super::init::{Fan, Initializer};
 use super::layers::{conv2d, global_avg_pool, linear, max_pool2, option_a_shortcut, Activation};
-use super::{DenseStack, Model, Param};
+use super::{ConvNet, DenseStack, Model, Param};
 
 /// A fully connected network: flatten (C, H, W order), then `depth` hidden layers of `width` units
 /// with `activation`, then a linear output layer. Weights Kaiming-normal (fan_in, ReLU gain √2 for
@@ -160,6 +160,17 @@ impl Model for Cnn {
     fn params(&self) -> &[Param] {
         &self.params
     }
+
+    fn conv_net(&self) -> Option<ConvNet<'_>> {
+        Some(ConvNet {
+            convs: &self.params[..6],
+            pools: &[false, true, true],
+            head: DenseStack {
+                params: &self.params[6..],
+                activation: Activation::Relu,
+            },
+        })
+    }
 }
 
 /// One BasicBlock: conv3×3(stride)–ReLU–conv3×3 plus the option-A shortcut, then ReLU.
@@ -284,9 +295,10 @@ impl Model for ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::LabelEncoding;
-    use crate::nn::gradcheck::{check_first_order, check_second_order, random_tensor, Probe};
-    use crate::nn::loss::{mean_loss, LossKind, Targets};
+    use crate::nn::gradcheck::{
+        check_first_order, check_second_order, one_hot_targets, random_tensor, Probe,
+    };
+    use crate::nn::loss::{mean_loss, LossKind};
     use crate::nn::spec::ModelSpec;
     use candle_core::{DType, Device};
 
@@ -495,16 +507,7 @@ mod tests {
     ) -> Probe {
         let n = 2;
         let x = random_tensor(&[n, input[0], input[1], input[2]], 77, 1.0).unwrap();
-        let labels: Vec<u32> = (0..n as u32).map(|i| i % outputs as u32).collect();
-        let mut onehot = vec![0f64; n * outputs];
-        for (i, l) in labels.iter().enumerate() {
-            onehot[i * outputs + *l as usize] = 1.0;
-        }
-        let targets = Targets {
-            values: Tensor::from_vec(onehot, (n, outputs), &Device::Cpu).unwrap(),
-            labels: Tensor::from_vec(labels, n, &Device::Cpu).unwrap(),
-            encoding: LabelEncoding::OneHot,
-        };
+        let targets = one_hot_targets(n, outputs);
         let vars = model.params().iter().map(|p| p.var.clone()).collect();
         Probe::from_vars(vars, move || mean_loss(kind, &model.forward(&x)?, &targets))
     }

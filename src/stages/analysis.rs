@@ -438,7 +438,7 @@ impl Stage for AnalysisStage {
         "analysis"
     }
 
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         // 2: `series_by`, and a leading `series` column in analysis.csv.
         2
     }

@@ -152,7 +152,7 @@ impl Stage for DatasetStage {
         "dataset"
     }
 
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         1
     }
 

@@ -69,7 +69,7 @@ impl Stage for MeasureStage {
         "measure"
     }
 
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         // 2: MLP curvature by hand-written forward-over-reverse passes (same values to rounding).
         2
     }

@@ -153,8 +153,9 @@ impl StageError {
 pub trait Stage: Send + Sync {
     /// The YAML name of the kind, e.g. `dataset`.
     fn kind(&self) -> &'static str;
-    /// Bumped whenever the kind's results change for the same params; enters every key.
-    fn version(&self) -> u32;
+    /// Bumped whenever the kind's results change for the same params; enters every key. `params`
+    /// are the canonical params, so a kind can bump only the params whose results changed.
+    fn version(&self, params: &serde_json::Value) -> u32;
     /// Checks raw params (unknown fields and types are errors) and fills defaults.
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError>;
     /// The input names this kind accepts, and whether each takes a whole sweep.

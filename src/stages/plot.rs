@@ -433,7 +433,7 @@ impl Stage for PlotStage {
         "plot"
     }
 
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         // 2: round tick values (1-2-5 steps, 1-2-5 multiples of decades on log axes).
         // 3: dashed legend entries for dashed lines.
         // 4: titles shrink to fit the canvas.

@@ -66,7 +66,7 @@ impl Stage for QuadraticStage {
         "quadratic"
     }
 
-    fn version(&self) -> u32 {
+    fn version(&self, _params: &serde_json::Value) -> u32 {
         1
     }
 

@@ -22,9 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::dense::{
-    gradient_moments, loss_and_gradient, mean_loss_and_gradient, SampleWeights,
-};
+use crate::nn::dense::{gradient_moments, SampleWeights};
+use crate::nn::gradient::{loss_and_gradient, mean_loss_and_gradient};
 use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::Model;
 
@@ -107,7 +106,6 @@ impl FullBatch<'_> {
         model: &dyn Model,
         weights: &[f64],
     ) -> Result<(Vec<Tensor>, f64)> {
-        let params = model.params();
         let mut total: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
         for chunk in self.chunks() {
@@ -115,24 +113,8 @@ impl FullBatch<'_> {
             let len = targets.labels.dims1()?;
             let w = Tensor::from_slice(&weights[start..start + len], len, inputs.device())?
                 .to_dtype(inputs.dtype())?;
-            let (losses, grads) = match model.dense_stack() {
-                Some(stack) => {
-                    let w = SampleWeights::PerSample(w.unsqueeze(1)?);
-                    loss_and_gradient(stack, self.loss, &inputs, &targets, &w)?
-                }
-                None => {
-                    let losses = per_sample_loss(self.loss, &model.forward(&inputs)?, &targets)?;
-                    let grads = (&losses * w)?.sum_all()?.backward()?;
-                    let grads = params
-                        .iter()
-                        .map(|p| match grads.get(p.var.as_tensor()) {
-                            Some(g) => Ok(g.detach()),
-                            None => p.var.zeros_like(),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    (losses.detach(), grads)
-                }
-            };
+            let w = SampleWeights::PerSample(w.unsqueeze(1)?);
+            let (losses, grads) = loss_and_gradient(model, self.loss, &inputs, &targets, &w)?;
             loss_sum += losses.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             total = Some(match total {
                 None => grads,
@@ -340,21 +322,16 @@ impl NoiseState {
     }
 }
 
-/// The mean loss of a mini-batch and its gradient, ready for the optimizer: by the hand-written
-/// passes of [`crate::nn::dense`] for a dense stack (the MLP: no autograd graph, about twice as
-/// fast on the CPU), by autograd for every other model.
+/// The mean loss of a mini-batch and its gradient, ready for the optimizer (by hand-written passes
+/// where the model has them, see [`crate::nn::gradient`]).
 pub fn batch_loss_and_gradient(
     model: &dyn Model,
     kind: LossKind,
     inputs: &Tensor,
     targets: &Targets,
 ) -> Result<(f64, GradStore)> {
-    if let Some(stack) = model.dense_stack() {
-        let (loss, gradient) = mean_loss_and_gradient(stack, kind, inputs, targets)?;
-        return Ok((loss, to_grad_store(model, gradient)?));
-    }
-    let loss = per_sample_loss(kind, &model.forward(inputs)?, targets)?.mean_all()?;
-    Ok((loss.to_dtype(DType::F64)?.to_scalar()?, loss.backward()?))
+    let (loss, gradient) = mean_loss_and_gradient(model, kind, inputs, targets)?;
+    Ok((loss, to_grad_store(model, gradient)?))
 }
 
 /// Packs per-param tensors into a `GradStore` for the optimizer.

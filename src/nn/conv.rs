@@ -1,0 +1,433 @@
+//! Hand-written forward and backward passes through a [`ConvNet`] (the 5-layer CNN), without
+//! candle's autograd, whose CPU convolution backward is several times slower than the forward: the
+//! SGD step and the full-batch gradients of the CNN take their gradient here.
+//!
+//! Inside, activations are kept channels-last (N, H, W, C). A valid k×k convolution is then one
+//! matrix product of the input's patches (N·H_o·W_o, k·k·C_in) (im2col, patch order (row, column,
+//! channel)) with the kernel as a (k·k·C_in, C_out) matrix; its weight gradient is patchesᵀ δ, and
+//! its input gradient the same patch product on δ padded by k − 1 with the flipped kernel (a "full"
+//! correlation), so one patch extraction serves both directions. A 2×2 max pool keeps a 0/1 mask of
+//! each window's maximum, folded with ReLU' into one gate per convolution. The dense head after the
+//! flatten (PyTorch's (C, H, W) order) runs through [`DenseForward`]. Every tensor is detached.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::dense::{output_gradient, DenseForward, SampleWeights};
+use super::loss::{per_sample_loss, LossKind, Targets};
+use super::ConvNet;
+
+/// The retained forward pass of a batch.
+pub struct ConvForward {
+    /// Each convolution's detached weight, (C_out, C_in, k, k).
+    weights: Vec<Tensor>,
+    /// The patches of each convolution's input, (N·H_o·W_o, k·k·C_in).
+    patches: Vec<Tensor>,
+    /// ∂a/∂z of each convolution's output through its ReLU and, where one follows, its max pool:
+    /// 1 where the output passes a gradient on, 0 elsewhere; (N, H_o, W_o, C_out).
+    gates: Vec<Tensor>,
+    /// Whether a 2×2 max pool follows each convolution.
+    pools: Vec<bool>,
+    /// The dense head's forward pass.
+    head: DenseForward,
+    /// (N, H, W, C) of the trunk's output (the head's input before flattening).
+    features: (usize, usize, usize, usize),
+}
+
+/// The patches of `x` (N, H, W, C) under a valid k×k window with stride 1, as rows
+/// (N·H_o·W_o, k·k·C) in (row, column, channel) order.
+fn patches(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    if h < k || w < k {
+        candle_core::bail!("convolution: input {h}×{w} is smaller than the {k}×{k} kernel");
+    }
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1_no_bwd(&Im2col { k })
+    } else {
+        patches_by_views(x, k)
+    }
+}
+
+/// [`patches`] from k² shifted views of `x`, on any device (on the CPU candle copies the views
+/// a few elements at a time, several times slower than [`Im2col`]).
+fn patches_by_views(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let (ho, wo) = (h + 1 - k, w + 1 - k);
+    let mut shifted = Vec::with_capacity(k * k);
+    for a in 0..k {
+        for b in 0..k {
+            shifted.push(x.narrow(1, a, ho)?.narrow(2, b, wo)?);
+        }
+    }
+    Tensor::cat(&shifted, 3)?.reshape((n * ho * wo, k * k * c))
+}
+
+/// [`patches`] on the CPU: in channels-last layout each window row is one contiguous run of k·C
+/// values, copied in parallel over the output rows.
+struct Im2col {
+    k: usize,
+}
+
+impl Im2col {
+    fn gather<T: Copy + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let (n, h, w, c) = dims;
+        let k = self.k;
+        let (ho, wo) = (h + 1 - k, w + 1 - k);
+        let (run, row) = (k * c, k * k * c);
+        let mut out = vec![T::default(); n * ho * wo * row];
+        out.par_chunks_mut(wo * row)
+            .enumerate()
+            .for_each(|(image_row, rows)| {
+                let (s, i) = (image_row / ho, image_row % ho);
+                for (j, patch) in rows.chunks_exact_mut(row).enumerate() {
+                    for (a, dst) in patch.chunks_exact_mut(run).enumerate() {
+                        let src = ((s * h + i + a) * w + j) * c;
+                        dst.copy_from_slice(&x[src..src + run]);
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("im2col: the input must be contiguous");
+        };
+        let dims = layout.shape().dims4()?;
+        let (n, h, w, c) = dims;
+        let k = self.k;
+        let shape = Shape::from((n * (h + 1 - k) * (w + 1 - k), k * k * c));
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], dims)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.gather(&x[start..end], dims)),
+            other => candle_core::bail!("im2col: {:?} is not supported (f32, f64)", other.dtype()),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// 2×2 max pooling with stride 2 of `a` (N, H, W, C), dropping an odd last row or column: the pooled
+/// tensor and the 0/1 mask (N, H, W, C) of the window maxima.
+fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, h, w, c) = a.dims4()?;
+    let (ho, wo) = (h / 2, w / 2);
+    if ho == 0 || wo == 0 {
+        candle_core::bail!("max pool: input {h}×{w} is too small for a 2×2 window");
+    }
+    let windows = a
+        .narrow(1, 0, 2 * ho)?
+        .narrow(2, 0, 2 * wo)?
+        .reshape((n, ho, 2, wo, 2, c))?;
+    let pooled = windows.max_keepdim(4)?.max_keepdim(2)?;
+    let mask = windows
+        .broadcast_eq(&pooled)?
+        .to_dtype(a.dtype())?
+        .reshape((n, 2 * ho, 2 * wo, c))?
+        .pad_with_zeros(1, 0, h - 2 * ho)?
+        .pad_with_zeros(2, 0, w - 2 * wo)?;
+    Ok((pooled.reshape((n, ho, wo, c))?, mask))
+}
+
+/// Spreads the gradient `u` (N, H/2, W/2, C) of a pooled tensor over its 2×2 windows, (N, H, W, C)
+/// (zeros in a dropped odd row or column); the pool's mask then picks the maxima.
+fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (n, ho, wo, c) = u.dims4()?;
+    u.reshape((n, ho, 1, wo, 1, c))?
+        .broadcast_as((n, ho, 2, wo, 2, c))?
+        .reshape((n, 2 * ho, 2 * wo, c))?
+        .pad_with_zeros(1, 0, h - 2 * ho)?
+        .pad_with_zeros(2, 0, w - 2 * wo)
+}
+
+impl ConvForward {
+    /// Runs `x` (N, C, H, W) through the network.
+    pub fn run(net: ConvNet<'_>, x: &Tensor) -> Result<Self> {
+        let mut a = x.detach().permute((0, 2, 3, 1))?.contiguous()?;
+        let layers = net.pools.len();
+        let mut weights = Vec::with_capacity(layers);
+        let mut all_patches = Vec::with_capacity(layers);
+        let mut gates = Vec::with_capacity(layers);
+        for (l, &pool) in net.pools.iter().enumerate() {
+            let weight = net.convs[2 * l].var.as_tensor().detach();
+            let bias = net.convs[2 * l + 1].var.as_tensor().detach();
+            let (c_out, c_in, k, _) = weight.dims4()?;
+            let (n, h, w, _) = a.dims4()?;
+            let kernel = weight
+                .permute((2, 3, 1, 0))?
+                .reshape((k * k * c_in, c_out))?;
+            let cols = patches(&a, k)?;
+            let z = cols.matmul(&kernel)?.broadcast_add(&bias)?.reshape((
+                n,
+                h + 1 - k,
+                w + 1 - k,
+                c_out,
+            ))?;
+            let mut gate = z.gt(0.0)?.to_dtype(z.dtype())?;
+            a = z.relu()?;
+            if pool {
+                let (pooled, mask) = max_pool(&a)?;
+                gate = (gate * mask)?;
+                a = pooled;
+            }
+            weights.push(weight);
+            all_patches.push(cols);
+            gates.push(gate);
+        }
+        let features = a.dims4()?;
+        let flat = a.permute((0, 3, 1, 2))?.flatten_from(1)?;
+        Ok(Self {
+            weights,
+            patches: all_patches,
+            gates,
+            pools: net.pools.to_vec(),
+            head: DenseForward::run(net.head, &flat, false)?,
+            features,
+        })
+    }
+
+    /// The outputs f (N, K).
+    pub fn outputs(&self) -> &Tensor {
+        &self.head.outputs
+    }
+
+    /// Backpropagates `output_grad` = ∂L/∂f (N, K): ∂L/∂θ, one tensor per parameter in the
+    /// network's order (convolutions, then the head), in the parameters' layouts.
+    pub fn backward(&self, output_grad: Tensor) -> Result<Vec<Tensor>> {
+        let head = self.head.backward_to(output_grad, true)?;
+        let (n, h, w, c) = self.features;
+        let mut u = match head.input_gradient {
+            Some(g) => g.reshape((n, c, h, w))?.permute((0, 2, 3, 1))?,
+            None => candle_core::bail!("the dense head returned no input gradient"),
+        };
+        let layers = self.gates.len();
+        let mut gradient = vec![None; 2 * layers];
+        for l in (0..layers).rev() {
+            let gate = &self.gates[l];
+            let (n, ho, wo, c_out) = gate.dims4()?;
+            if self.pools[l] {
+                u = unpool(&u, ho, wo)?;
+            }
+            let delta = (&u * gate)?;
+            let rows = delta.reshape((n * ho * wo, c_out))?;
+            let (_, c_in, k, _) = self.weights[l].dims4()?;
+            gradient[2 * l] = Some(
+                self.patches[l]
+                    .t()?
+                    .matmul(&rows)?
+                    .reshape((k, k, c_in, c_out))?
+                    .permute((3, 2, 0, 1))?
+                    .contiguous()?,
+            );
+            gradient[2 * l + 1] = Some(rows.sum(0)?);
+            if l > 0 {
+                // ∂L/∂x[p, q] = Σ_{a, b} δ[p − a, q − b] W[:, :, a, b]: the patches of δ padded by
+                // k − 1 against the kernel flipped in both spatial axes.
+                let flipped = self.weights[l]
+                    .flip(&[2, 3])?
+                    .permute((2, 3, 0, 1))?
+                    .reshape((k * k * c_out, c_in))?;
+                let padded =
+                    delta
+                        .pad_with_zeros(1, k - 1, k - 1)?
+                        .pad_with_zeros(2, k - 1, k - 1)?;
+                u = patches(&padded, k)?.matmul(&flipped)?.reshape((
+                    n,
+                    ho + k - 1,
+                    wo + k - 1,
+                    c_in,
+                ))?;
+            }
+        }
+        let mut gradient: Vec<Tensor> = gradient.into_iter().flatten().collect();
+        gradient.extend(head.gradient);
+        Ok(gradient)
+    }
+}
+
+/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
+pub fn loss_and_gradient(
+    net: ConvNet<'_>,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    weights: &SampleWeights,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let forward = ConvForward::run(net, inputs)?;
+    let (grad, _) = output_gradient(kind, forward.outputs(), targets)?;
+    let gradient = forward.backward(weights.apply(&grad)?)?;
+    Ok((per_sample_loss(kind, forward.outputs(), targets)?, gradient))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::nn::gradcheck::{one_hot_targets, random_tensor};
+    use crate::nn::gradient::mean_loss_and_gradient;
+    use crate::nn::loss::mean_loss;
+    use crate::nn::{Model, ModelSpec};
+
+    /// The CNN in f64 on (2, 13, 14) inputs (odd sizes: the pools drop a row or a column), with
+    /// random biases, and a batch of 5 samples of 3 classes.
+    fn setup(seed: u64) -> (Box<dyn Model>, Tensor, Targets) {
+        let model = ModelSpec::Cnn {}
+            .build([2, 13, 14], 3, 1.0, seed, DType::F64, &Device::Cpu)
+            .unwrap();
+        for (i, p) in model.params().iter().enumerate() {
+            if p.name.ends_with("bias") {
+                let b = random_tensor(p.var.dims(), seed + i as u64, 0.1).unwrap();
+                p.var.set(&b).unwrap();
+            }
+        }
+        let x = random_tensor(&[5, 2, 13, 14], seed + 100, 1.0).unwrap();
+        (model, x, one_hot_targets(5, 3))
+    }
+
+    fn flat(parts: &[Tensor]) -> Vec<f64> {
+        parts
+            .iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn hand_written_gradient_equals_autograd() {
+        for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
+            .into_iter()
+            .enumerate()
+        {
+            let (model, x, targets) = setup(40 + i as u64);
+            assert!(model.conv_net().is_some());
+            let (loss, gradient) =
+                mean_loss_and_gradient(model.as_ref(), kind, &x, &targets).unwrap();
+            let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
+            let grads = reference.backward().unwrap();
+            let expected: Vec<Tensor> = model
+                .params()
+                .iter()
+                .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
+                .collect();
+            assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+            for ((p, got), want) in model.params().iter().zip(&gradient).zip(&expected) {
+                assert_eq!(got.dims(), want.dims(), "{}", p.name);
+                let (got, want) = (
+                    flat(std::slice::from_ref(got)),
+                    flat(std::slice::from_ref(want)),
+                );
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-11 * scale,
+                        "{kind:?} {}: {g} vs {w}",
+                        p.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_gradient_matches_a_central_finite_difference() {
+        let (model, x, targets) = setup(50);
+        let net = model.conv_net().unwrap();
+        let w = random_tensor(&[5, 1], 51, 1.0).unwrap();
+        let weights = SampleWeights::PerSample(w.clone());
+        let objective = |model: &dyn Model| -> f64 {
+            let losses = per_sample_loss(LossKind::Mse, &model.forward(&x).unwrap(), &targets);
+            (losses.unwrap() * w.squeeze(1).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let (_, gradient) = loss_and_gradient(net, LossKind::Mse, &x, &targets, &weights).unwrap();
+        let theta: Vec<Tensor> = model
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().copy().unwrap())
+            .collect();
+        let d: Vec<Tensor> = theta
+            .iter()
+            .enumerate()
+            .map(|(i, t)| random_tensor(t.dims(), 60 + i as u64, 0.05).unwrap())
+            .collect();
+        let at = |h: f64| {
+            for ((p, t), d) in model.params().iter().zip(&theta).zip(&d) {
+                p.var.set(&(t + (d * h).unwrap()).unwrap()).unwrap();
+            }
+            objective(model.as_ref())
+        };
+        let h = 1e-5;
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        let exact: f64 = flat(&gradient)
+            .iter()
+            .zip(flat(&d))
+            .map(|(g, d)| g * d)
+            .sum();
+        assert!(
+            (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
+            "{fd} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn im2col_equals_the_shifted_views_and_reads_from_an_offset() {
+        // Rows 1.. of a batch: contiguous, starting past the storage's first element.
+        let batch = random_tensor(&[3, 5, 6, 4], 70, 1.0).unwrap();
+        let x = batch.narrow(0, 1, 2).unwrap();
+        for k in [1, 3] {
+            let fast = patches(&x, k).unwrap();
+            let reference = patches_by_views(&x, k).unwrap();
+            assert_eq!(fast.dims(), &[2 * (6 - k) * (7 - k), k * k * 4]);
+            assert_eq!(flat(&[fast]), flat(&[reference]), "k = {k}");
+        }
+        let single = x.to_dtype(DType::F32).unwrap();
+        assert_eq!(patches(&single, 3).unwrap().dtype(), DType::F32);
+        assert!(patches(&x, 7).is_err());
+    }
+
+    #[test]
+    fn max_pool_keeps_the_window_maxima() {
+        let a = random_tensor(&[1, 3, 5, 2], 80, 1.0).unwrap();
+        let (pooled, mask) = max_pool(&a).unwrap();
+        assert_eq!(pooled.dims(), &[1, 1, 2, 2]);
+        let av = flat(&[a]);
+        let (pv, mv) = (flat(&[pooled]), flat(&[mask]));
+        let at = |i: usize, j: usize, c: usize| (i * 5 + j) * 2 + c;
+        for c in 0..2 {
+            for j in 0..2 {
+                let window = [
+                    at(0, 2 * j, c),
+                    at(0, 2 * j + 1, c),
+                    at(1, 2 * j, c),
+                    at(1, 2 * j + 1, c),
+                ];
+                let max = window.iter().map(|&w| av[w]).fold(f64::MIN, f64::max);
+                assert_eq!(pv[j * 2 + c], max);
+                for &w in &window {
+                    assert_eq!(mv[w], if av[w] == max { 1.0 } else { 0.0 });
+                }
+            }
+            // The dropped last row and column pass nothing back.
+            for j in 0..5 {
+                assert_eq!(mv[at(2, j, c)], 0.0);
+            }
+            assert_eq!(mv[at(0, 4, c)], 0.0);
+            assert_eq!(mv[at(1, 4, c)], 0.0);
+        }
+    }
+}

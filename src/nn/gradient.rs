@@ -1,0 +1,54 @@
+//! The gradient of a batch objective Σ_i c_i ℓ_i by the fastest passes a model has: hand-written
+//! ones for a dense stack ([`super::dense`]) or a conv net ([`super::conv`]), candle's autograd for
+//! every other model.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::dense::SampleWeights;
+use super::loss::{per_sample_loss, LossKind, Targets};
+use super::{conv, dense, Model};
+
+/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, one detached tensor
+/// per parameter in the model's order.
+pub fn loss_and_gradient(
+    model: &dyn Model,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    weights: &SampleWeights,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    if let Some(stack) = model.dense_stack() {
+        return dense::loss_and_gradient(stack, kind, inputs, targets, weights);
+    }
+    if let Some(net) = model.conv_net() {
+        return conv::loss_and_gradient(net, kind, inputs, targets, weights);
+    }
+    let losses = per_sample_loss(kind, &model.forward(inputs)?, targets)?;
+    let objective = match weights {
+        SampleWeights::Uniform(c) => losses.sum_all()?.affine(*c, 0.0)?,
+        SampleWeights::PerSample(w) => (&losses * w.squeeze(1)?)?.sum_all()?,
+    };
+    let grads = objective.backward()?;
+    let gradient = model
+        .params()
+        .iter()
+        .map(|p| match grads.get(p.var.as_tensor()) {
+            Some(g) => Ok(g.detach()),
+            None => p.var.zeros_like(),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((losses.detach(), gradient))
+}
+
+/// The mean loss of a mini-batch and its gradient: the SGD step.
+pub fn mean_loss_and_gradient(
+    model: &dyn Model,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+) -> Result<(f64, Vec<Tensor>)> {
+    let weights = SampleWeights::Uniform(1.0 / inputs.dim(0)? as f64);
+    let (losses, gradient) = loss_and_gradient(model, kind, inputs, targets, &weights)?;
+    let loss = losses.mean_all()?.to_dtype(DType::F64)?.to_scalar()?;
+    Ok((loss, gradient))
+}
