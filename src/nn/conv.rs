@@ -10,11 +10,10 @@
 //! each window's maximum, folded with ReLU' into one gate per convolution. The dense head after the
 //! flatten (PyTorch's (C, H, W) order) runs through [`DenseForward`]. Every tensor is detached.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{Result, Tensor};
 
 use super::dense::{output_gradient, DenseForward, SampleWeights};
+use super::im2col::patches;
 use super::loss::{per_sample_loss, LossKind, Targets};
 use super::ConvNet;
 
@@ -33,88 +32,6 @@ pub struct ConvForward {
     head: DenseForward,
     /// (N, H, W, C) of the trunk's output (the head's input before flattening).
     features: (usize, usize, usize, usize),
-}
-
-/// The patches of `x` (N, H, W, C) under a valid k×k window with stride 1, as rows
-/// (N·H_o·W_o, k·k·C) in (row, column, channel) order.
-fn patches(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (_, h, w, _) = x.dims4()?;
-    if h < k || w < k {
-        candle_core::bail!("convolution: input {h}×{w} is smaller than the {k}×{k} kernel");
-    }
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1_no_bwd(&Im2col { k })
-    } else {
-        patches_by_views(x, k)
-    }
-}
-
-/// [`patches`] from k² shifted views of `x`, on any device (on the CPU candle copies the views
-/// a few elements at a time, several times slower than [`Im2col`]).
-fn patches_by_views(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (n, h, w, c) = x.dims4()?;
-    let (ho, wo) = (h + 1 - k, w + 1 - k);
-    let mut shifted = Vec::with_capacity(k * k);
-    for a in 0..k {
-        for b in 0..k {
-            shifted.push(x.narrow(1, a, ho)?.narrow(2, b, wo)?);
-        }
-    }
-    Tensor::cat(&shifted, 3)?.reshape((n * ho * wo, k * k * c))
-}
-
-/// [`patches`] on the CPU: in channels-last layout each window row is one contiguous run of k·C
-/// values, copied in parallel over the output rows.
-struct Im2col {
-    k: usize,
-}
-
-impl Im2col {
-    fn gather<T: Copy + Default + Send + Sync>(
-        &self,
-        x: &[T],
-        dims: (usize, usize, usize, usize),
-    ) -> Vec<T> {
-        let (n, h, w, c) = dims;
-        let k = self.k;
-        let (ho, wo) = (h + 1 - k, w + 1 - k);
-        let (run, row) = (k * c, k * k * c);
-        let mut out = vec![T::default(); n * ho * wo * row];
-        out.par_chunks_mut(wo * row)
-            .enumerate()
-            .for_each(|(image_row, rows)| {
-                let (s, i) = (image_row / ho, image_row % ho);
-                for (j, patch) in rows.chunks_exact_mut(row).enumerate() {
-                    for (a, dst) in patch.chunks_exact_mut(run).enumerate() {
-                        let src = ((s * h + i + a) * w + j) * c;
-                        dst.copy_from_slice(&x[src..src + run]);
-                    }
-                }
-            });
-        out
-    }
-}
-
-impl CustomOp1 for Im2col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col: the input must be contiguous");
-        };
-        let dims = layout.shape().dims4()?;
-        let (n, h, w, c) = dims;
-        let k = self.k;
-        let shape = Shape::from((n * (h + 1 - k) * (w + 1 - k), k * k * c));
-        let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], dims)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.gather(&x[start..end], dims)),
-            other => candle_core::bail!("im2col: {:?} is not supported (f32, f64)", other.dtype()),
-        };
-        Ok((out, shape))
-    }
 }
 
 /// 2×2 max pooling with stride 2 of `a` (N, H, W, C), dropping an odd last row or column: the pooled
@@ -382,22 +299,6 @@ mod tests {
             (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
             "{fd} vs {exact}"
         );
-    }
-
-    #[test]
-    fn im2col_equals_the_shifted_views_and_reads_from_an_offset() {
-        // Rows 1.. of a batch: contiguous, starting past the storage's first element.
-        let batch = random_tensor(&[3, 5, 6, 4], 70, 1.0).unwrap();
-        let x = batch.narrow(0, 1, 2).unwrap();
-        for k in [1, 3] {
-            let fast = patches(&x, k).unwrap();
-            let reference = patches_by_views(&x, k).unwrap();
-            assert_eq!(fast.dims(), &[2 * (6 - k) * (7 - k), k * k * 4]);
-            assert_eq!(flat(&[fast]), flat(&[reference]), "k = {k}");
-        }
-        let single = x.to_dtype(DType::F32).unwrap();
-        assert_eq!(patches(&single, 3).unwrap().dtype(), DType::F32);
-        assert!(patches(&x, 7).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod dense;
 #[cfg(test)]
 mod gradcheck;
 pub mod gradient;
+pub mod im2col;
 pub mod init;
 pub mod layers;
 pub mod loss;
