@@ -97,8 +97,14 @@ impl Stage for TrainStage {
                 "must divide checkpoint_every, so that a resumed run refreshes the noise where an uninterrupted one does",
             ));
         }
-        if config.checkpoint_every == 0 || config.eval.every == 0 {
-            return Err(invalid("checkpoint_every", "intervals must be at least 1"));
+        for (path, value) in [
+            ("checkpoint_every", config.checkpoint_every),
+            ("eval.every", config.eval.every),
+            ("eval_chunk", config.eval_chunk as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(path, "must be at least 1"));
+            }
         }
         Ok(Resolved {
             params: canonical,
@@ -184,5 +190,28 @@ impl Stage for TrainStage {
             serde_json::to_vec_pretty(&outcome).expect("outcome serializes"),
         )
         .map_err(|e| StageError::io(&summary, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cnn_runs_take_the_version_of_the_cnn_passes() {
+        // Resolved params, as keys see them: the MLP's and ResNet's results did not change when
+        // the CNN's gradients moved to hand-written passes, so their keys must not either.
+        let resolved = |model: serde_json::Value| {
+            let raw = serde_json::json!({
+                "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
+                "batch_size": 8, "steps": 10
+            });
+            TrainStage.resolve(&raw).unwrap().params
+        };
+        use serde_json::json;
+        assert_eq!(TrainStage.version(&resolved(json!({"arch": "cnn"}))), 4);
+        assert_eq!(TrainStage.version(&resolved(json!({"arch": "mlp"}))), 3);
+        let resnet = json!({"arch": "resnet", "depth": 14});
+        assert_eq!(TrainStage.version(&resolved(resnet)), 3);
     }
 }
