@@ -8,9 +8,10 @@
 //! R-operator trick J v = ∂/∂u [(Jᵀu)·v], H_z w from a double backward in output space, and Jᵀ q
 //! from one more backward pass.
 //!
-//! Models that are a plain stack of dense layers (the MLP, [`Model::dense_stack`]) take both
-//! products by hand-written forward-over-reverse passes instead ([`HvpMethod::Auto`], module
-//! `dense`): the same values, several times fewer kernels, no autograd graph.
+//! Models that are a plain stack of dense layers (the MLP, [`Model::dense_stack`]) or convolutions
+//! followed by one (the 5-layer CNN, [`Model::conv_net`]) take both products by hand-written
+//! forward-over-reverse passes instead ([`HvpMethod::Auto`], modules `dense` and `conv`): the same
+//! values, several times fewer kernels, no autograd graph.
 //!
 //! Large batches are split into chunks: the loss of a chunk is scaled by its share of the whole
 //! (n_c / n for the mean loss), so chunk products simply add up to the full-batch product. Graphs
@@ -22,9 +23,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::{Batch, CandleContext, CurvatureError, ParamVec, Result};
 use crate::data::LabelEncoding;
 use crate::nn::loss::{mean_loss, weighted_loss, LossKind, Targets};
-use crate::nn::{DenseStack, Model, Param, TorchLayout};
+use crate::nn::{ConvNet, DenseStack, Model, Param, TorchLayout};
 
+mod conv;
 mod dense;
+use conv::ConvChunk;
 use dense::DenseChunk;
 
 /// Which scalar objective of a batch is differentiated.
@@ -40,7 +43,8 @@ pub enum Objective {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HvpMethod {
-    /// Hand-written passes for dense stacks (the MLP), double backward for every other model.
+    /// Hand-written passes for dense stacks (the MLP) and conv nets (the CNN), double backward for
+    /// every other model (the ResNets).
     #[default]
     Auto,
     /// Double backward through candle's autograd for every model (the reference).
@@ -72,11 +76,65 @@ impl Default for HvpConfig {
 }
 
 impl HvpConfig {
-    /// The model's dense-stack view when this config takes hand-written passes through it.
-    fn dense_stack<'a>(&self, model: &'a dyn Model) -> Option<DenseStack<'a>> {
+    /// The model's hand-written passes when this config takes them.
+    fn passes<'a>(&self, model: &'a dyn Model) -> Option<Passes<'a>> {
         match self.method {
-            HvpMethod::Auto => model.dense_stack(),
             HvpMethod::Autodiff => None,
+            HvpMethod::Auto => model
+                .dense_stack()
+                .map(Passes::Dense)
+                .or_else(|| model.conv_net().map(Passes::Conv)),
+        }
+    }
+}
+
+/// A model's structure for hand-written forward-over-reverse passes.
+#[derive(Clone, Copy)]
+enum Passes<'a> {
+    Dense(DenseStack<'a>),
+    Conv(ConvNet<'a>),
+}
+
+/// The retained passes of one chunk, whichever structure took them.
+enum PassChunk {
+    Dense(DenseChunk),
+    Conv(ConvChunk),
+}
+
+impl PassChunk {
+    fn build(passes: Passes<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
+        Ok(match passes {
+            Passes::Dense(stack) => Self::Dense(DenseChunk::build(stack, kind, spec)?),
+            Passes::Conv(net) => Self::Conv(ConvChunk::build(net, kind, spec)?),
+        })
+    }
+
+    fn loss(&self) -> f64 {
+        match self {
+            Self::Dense(c) => c.loss,
+            Self::Conv(c) => c.loss,
+        }
+    }
+
+    fn gradient(&self) -> &[Tensor] {
+        match self {
+            Self::Dense(c) => c.gradient(),
+            Self::Conv(c) => c.gradient(),
+        }
+    }
+
+    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Dense(c) => c.apply(v, gauss_newton),
+            Self::Conv(c) => c.apply(v, gauss_newton),
+        }
+    }
+
+    /// vᵀ H v (or vᵀ G v): by a forward pass alone through a dense stack, as v · (H v) otherwise.
+    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+        match self {
+            Self::Dense(c) => c.quadratic_form(v, gauss_newton),
+            Self::Conv(c) => v.dot(&ParamVec::new(c.apply(v, gauss_newton)?)),
         }
     }
 }
@@ -156,25 +214,26 @@ impl<S> Chunked<S> {
 enum Engine<'a, S> {
     /// Through candle's autograd graphs.
     Autodiff(Chunked<S>),
-    /// By hand-written passes through a dense stack.
-    Dense(DenseStack<'a>, Chunked<DenseChunk>),
+    /// By hand-written passes through a dense stack or a conv net.
+    Passes(Passes<'a>, Chunked<PassChunk>),
 }
 
-/// The dense passes of every chunk (kept when `cfg.retain_graphs`), the gradient and the objective.
-fn build_dense<'a, S>(
-    stack: DenseStack<'a>,
+/// The hand-written passes of every chunk (kept when `cfg.retain_graphs`), the gradient and the
+/// objective.
+fn build_passes<'a, S>(
+    passes: Passes<'a>,
     kind: LossKind,
     batch: &Batch,
     objective: &Objective,
     cfg: &HvpConfig,
 ) -> Result<(Engine<'a, S>, ParamVec, f64)> {
-    let specs = Chunked::<DenseChunk>::split(batch, objective, cfg)?;
+    let specs = Chunked::<PassChunk>::split(batch, objective, cfg)?;
     let mut retained = Vec::new();
     let mut gradient = None;
     let mut loss = 0.0;
     for spec in &specs {
-        let chunk = DenseChunk::build(stack, kind, spec)?;
-        loss += chunk.loss;
+        let chunk = PassChunk::build(passes, kind, spec)?;
+        loss += chunk.loss();
         add_into(&mut gradient, chunk.gradient().to_vec()).ctx("gradient")?;
         if cfg.retain_graphs {
             retained.push(chunk);
@@ -185,36 +244,36 @@ fn build_dense<'a, S>(
         retained: cfg.retain_graphs.then_some(retained),
     };
     let gradient = ParamVec::new(gradient.unwrap_or_default());
-    Ok((Engine::Dense(stack, chunks), gradient, loss))
+    Ok((Engine::Passes(passes, chunks), gradient, loss))
 }
 
-/// Σ over chunks of the dense Hessian (or Gauss–Newton) product with `v`.
-fn apply_dense(
-    stack: DenseStack<'_>,
+/// Σ over chunks of the hand-written Hessian (or Gauss–Newton) product with `v`.
+fn apply_passes(
+    passes: Passes<'_>,
     kind: LossKind,
-    chunks: &Chunked<DenseChunk>,
+    chunks: &Chunked<PassChunk>,
     v: &ParamVec,
     gauss_newton: bool,
 ) -> Result<ParamVec> {
     let mut acc = None;
     chunks.visit(
-        |spec| DenseChunk::build(stack, kind, spec),
+        |spec| PassChunk::build(passes, kind, spec),
         |chunk| add_into(&mut acc, chunk.apply(v, gauss_newton)?).ctx("sum over chunks"),
     )?;
     Ok(ParamVec::new(acc.unwrap_or_default()))
 }
 
-/// Σ over chunks of the dense quadratic form vᵀ H v (or vᵀ G v).
-fn quadratic_form_dense(
-    stack: DenseStack<'_>,
+/// Σ over chunks of the hand-written quadratic form vᵀ H v (or vᵀ G v).
+fn quadratic_form_passes(
+    passes: Passes<'_>,
     kind: LossKind,
-    chunks: &Chunked<DenseChunk>,
+    chunks: &Chunked<PassChunk>,
     v: &ParamVec,
     gauss_newton: bool,
 ) -> Result<f64> {
     let mut total = 0.0;
     chunks.visit(
-        |spec| DenseChunk::build(stack, kind, spec),
+        |spec| PassChunk::build(passes, kind, spec),
         |chunk| {
             total += chunk.quadratic_form(v, gauss_newton)?;
             Ok(())
@@ -306,8 +365,8 @@ impl<'a> HessianOperator<'a> {
         objective: &Objective,
         cfg: &HvpConfig,
     ) -> Result<Self> {
-        if let Some(stack) = cfg.dense_stack(model) {
-            let (engine, gradient, loss) = build_dense(stack, kind, batch, objective, cfg)?;
+        if let Some(passes) = cfg.passes(model) {
+            let (engine, gradient, loss) = build_passes(passes, kind, batch, objective, cfg)?;
             return Ok(Self {
                 model,
                 kind,
@@ -372,8 +431,8 @@ impl<'a> HessianOperator<'a> {
     /// vᵀ H v: by a forward pass alone for a dense stack, as v · (H v) otherwise.
     pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
         match &self.engine {
-            Engine::Dense(stack, chunks) => {
-                quadratic_form_dense(*stack, self.kind, chunks, v, false)
+            Engine::Passes(passes, chunks) => {
+                quadratic_form_passes(*passes, self.kind, chunks, v, false)
             }
             Engine::Autodiff(_) => v.dot(&self.apply(v)?),
         }
@@ -382,8 +441,8 @@ impl<'a> HessianOperator<'a> {
     /// H v.
     pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
         let chunks = match &self.engine {
-            Engine::Dense(stack, chunks) => {
-                return apply_dense(*stack, self.kind, chunks, v, false)
+            Engine::Passes(passes, chunks) => {
+                return apply_passes(*passes, self.kind, chunks, v, false)
             }
             Engine::Autodiff(chunks) => chunks,
         };
@@ -436,8 +495,8 @@ impl<'a> GaussNewtonOperator<'a> {
         objective: &Objective,
         cfg: &HvpConfig,
     ) -> Result<Self> {
-        if let Some(stack) = cfg.dense_stack(model) {
-            let (engine, gradient, loss) = build_dense(stack, kind, batch, objective, cfg)?;
+        if let Some(passes) = cfg.passes(model) {
+            let (engine, gradient, loss) = build_passes(passes, kind, batch, objective, cfg)?;
             return Ok(Self {
                 model,
                 kind,
@@ -513,8 +572,8 @@ impl<'a> GaussNewtonOperator<'a> {
     /// vᵀ G v = (J v)ᵀ H_z (J v): by a forward pass alone for a dense stack, as v · (G v) otherwise.
     pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
         match &self.engine {
-            Engine::Dense(stack, chunks) => {
-                quadratic_form_dense(*stack, self.kind, chunks, v, true)
+            Engine::Passes(passes, chunks) => {
+                quadratic_form_passes(*passes, self.kind, chunks, v, true)
             }
             Engine::Autodiff(_) => v.dot(&self.apply(v)?),
         }
@@ -523,7 +582,9 @@ impl<'a> GaussNewtonOperator<'a> {
     /// G v = Jᵀ H_z J v.
     pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
         let chunks = match &self.engine {
-            Engine::Dense(stack, chunks) => return apply_dense(*stack, self.kind, chunks, v, true),
+            Engine::Passes(passes, chunks) => {
+                return apply_passes(*passes, self.kind, chunks, v, true)
+            }
             Engine::Autodiff(chunks) => chunks,
         };
         let ctx = "Gauss-Newton-vector product";

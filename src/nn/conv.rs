@@ -12,7 +12,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::dense::{output_gradient, DenseForward, SampleWeights};
+use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
 use super::im2col::patches;
 use super::loss::{per_sample_loss, LossKind, Targets};
 use super::ConvNet;
@@ -20,18 +20,28 @@ use super::ConvNet;
 /// The retained forward pass of a batch.
 pub struct ConvForward {
     /// Each convolution's detached weight, (C_out, C_in, k, k).
-    weights: Vec<Tensor>,
+    pub weights: Vec<Tensor>,
     /// The patches of each convolution's input, (N·H_o·W_o, k·k·C_in).
-    patches: Vec<Tensor>,
+    pub patches: Vec<Tensor>,
     /// ∂a/∂z of each convolution's output through its ReLU and, where one follows, its max pool:
     /// 1 where the output passes a gradient on, 0 elsewhere; (N, H_o, W_o, C_out).
-    gates: Vec<Tensor>,
+    pub gates: Vec<Tensor>,
     /// Whether a 2×2 max pool follows each convolution.
-    pools: Vec<bool>,
+    pub pools: Vec<bool>,
     /// The dense head's forward pass.
-    head: DenseForward,
+    pub head: DenseForward,
     /// (N, H, W, C) of the trunk's output (the head's input before flattening).
-    features: (usize, usize, usize, usize),
+    pub features: (usize, usize, usize, usize),
+}
+
+/// The backward pass of a batch.
+pub struct ConvBackward {
+    /// δ_l = ∂L/∂z_l of each convolution's output, (N, H_o, W_o, C_out).
+    pub deltas: Vec<Tensor>,
+    /// The dense head's backward pass (with its input gradient).
+    pub head: DenseBackward,
+    /// ∂L/∂θ, one tensor per parameter in the network's order (convolutions, then the head).
+    pub gradient: Vec<Tensor>,
 }
 
 /// 2×2 max pooling with stride 2 of `a` (N, H, W, C), dropping an odd last row or column: the pooled
@@ -58,13 +68,73 @@ fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// Spreads the gradient `u` (N, H/2, W/2, C) of a pooled tensor over its 2×2 windows, (N, H, W, C)
 /// (zeros in a dropped odd row or column); the pool's mask then picks the maxima.
-fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+pub fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (n, ho, wo, c) = u.dims4()?;
     u.reshape((n, ho, 1, wo, 1, c))?
         .broadcast_as((n, ho, 2, wo, 2, c))?
         .reshape((n, 2 * ho, 2 * wo, c))?
         .pad_with_zeros(1, 0, h - 2 * ho)?
         .pad_with_zeros(2, 0, w - 2 * wo)
+}
+
+/// Sums `t` (N, H, W, C) over 2×2 windows, dropping an odd last row or column: with `t` already
+/// masked to the window maxima, the max pool's tangent.
+pub fn window_sum(t: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = t.dims4()?;
+    let (ho, wo) = (h / 2, w / 2);
+    t.narrow(1, 0, 2 * ho)?
+        .narrow(2, 0, 2 * wo)?
+        .reshape((n, ho, 2, wo, 2, c))?
+        .sum(4)?
+        .sum(2)
+}
+
+/// A weight (C_out, C_in, k, k) as the (k·k·C_in, C_out) matrix that multiplies patches.
+pub fn kernel_matrix(weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    weight.permute((2, 3, 1, 0))?.reshape((k * k * c_in, c_out))
+}
+
+/// `patchesᵀ δ` for patches (R, k·k·C_in) and δ (N, H_o, W_o, C_out) with R = N·H_o·W_o: the
+/// gradient of the convolution's weight, in its layout (C_out, C_in, k, k).
+pub fn kernel_gradient(patches: &Tensor, delta: &Tensor, k: usize) -> Result<Tensor> {
+    let (n, ho, wo, c_out) = delta.dims4()?;
+    let c_in = patches.dim(1)? / (k * k);
+    patches
+        .t()?
+        .matmul(&delta.reshape((n * ho * wo, c_out))?)?
+        .reshape((k, k, c_in, c_out))?
+        .permute((3, 2, 0, 1))?
+        .contiguous()
+}
+
+/// ∂/∂x of Σ δ · conv(x, W) for δ (N, H_o, W_o, C_out): (N, H_o + k − 1, W_o + k − 1, C_in),
+/// Σ_{a, b} δ[p − a, q − b] W[:, :, a, b], the patches of δ padded by k − 1 against the kernel
+/// flipped in both spatial axes.
+pub fn input_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    let (n, ho, wo, _) = delta.dims4()?;
+    let flipped = weight
+        .flip(&[2, 3])?
+        .permute((2, 3, 0, 1))?
+        .reshape((k * k * c_out, c_in))?;
+    let padded = delta
+        .pad_with_zeros(1, k - 1, k - 1)?
+        .pad_with_zeros(2, k - 1, k - 1)?;
+    patches(&padded, k)?
+        .matmul(&flipped)?
+        .reshape((n, ho + k - 1, wo + k - 1, c_in))
+}
+
+/// The head's input (N, C·H·W) in PyTorch's flatten order from the trunk's output (N, H, W, C).
+pub fn flatten_features(a: &Tensor) -> Result<Tensor> {
+    a.permute((0, 3, 1, 2))?.flatten_from(1)
+}
+
+/// The trunk's output (N, H, W, C) from a tensor over the head's input (N, C·H·W).
+pub fn unflatten_features(t: &Tensor, features: (usize, usize, usize, usize)) -> Result<Tensor> {
+    let (n, h, w, c) = features;
+    t.reshape((n, c, h, w))?.permute((0, 2, 3, 1))
 }
 
 impl ConvForward {
@@ -78,18 +148,13 @@ impl ConvForward {
         for (l, &pool) in net.pools.iter().enumerate() {
             let weight = net.convs[2 * l].var.as_tensor().detach();
             let bias = net.convs[2 * l + 1].var.as_tensor().detach();
-            let (c_out, c_in, k, _) = weight.dims4()?;
+            let (c_out, _, k, _) = weight.dims4()?;
             let (n, h, w, _) = a.dims4()?;
-            let kernel = weight
-                .permute((2, 3, 1, 0))?
-                .reshape((k * k * c_in, c_out))?;
             let cols = patches(&a, k)?;
-            let z = cols.matmul(&kernel)?.broadcast_add(&bias)?.reshape((
-                n,
-                h + 1 - k,
-                w + 1 - k,
-                c_out,
-            ))?;
+            let z = cols
+                .matmul(&kernel_matrix(&weight)?)?
+                .broadcast_add(&bias)?
+                .reshape((n, h + 1 - k, w + 1 - k, c_out))?;
             let mut gate = z.gt(0.0)?.to_dtype(z.dtype())?;
             a = z.relu()?;
             if pool {
@@ -102,7 +167,7 @@ impl ConvForward {
             gates.push(gate);
         }
         let features = a.dims4()?;
-        let flat = a.permute((0, 3, 1, 2))?.flatten_from(1)?;
+        let flat = flatten_features(&a)?;
         Ok(Self {
             weights,
             patches: all_patches,
@@ -118,57 +183,38 @@ impl ConvForward {
         &self.head.outputs
     }
 
-    /// Backpropagates `output_grad` = ∂L/∂f (N, K): ∂L/∂θ, one tensor per parameter in the
-    /// network's order (convolutions, then the head), in the parameters' layouts.
-    pub fn backward(&self, output_grad: Tensor) -> Result<Vec<Tensor>> {
+    /// Backpropagates `output_grad` = ∂L/∂f (N, K).
+    pub fn backward(&self, output_grad: Tensor) -> Result<ConvBackward> {
         let head = self.head.backward_to(output_grad, true)?;
-        let (n, h, w, c) = self.features;
-        let mut u = match head.input_gradient {
-            Some(g) => g.reshape((n, c, h, w))?.permute((0, 2, 3, 1))?,
+        let mut u = match &head.input_gradient {
+            Some(g) => unflatten_features(g, self.features)?,
             None => candle_core::bail!("the dense head returned no input gradient"),
         };
         let layers = self.gates.len();
         let mut gradient = vec![None; 2 * layers];
+        let mut deltas = vec![None; layers];
         for l in (0..layers).rev() {
             let gate = &self.gates[l];
-            let (n, ho, wo, c_out) = gate.dims4()?;
+            let (_, ho, wo, _) = gate.dims4()?;
             if self.pools[l] {
                 u = unpool(&u, ho, wo)?;
             }
             let delta = (&u * gate)?;
-            let rows = delta.reshape((n * ho * wo, c_out))?;
-            let (_, c_in, k, _) = self.weights[l].dims4()?;
-            gradient[2 * l] = Some(
-                self.patches[l]
-                    .t()?
-                    .matmul(&rows)?
-                    .reshape((k, k, c_in, c_out))?
-                    .permute((3, 2, 0, 1))?
-                    .contiguous()?,
-            );
-            gradient[2 * l + 1] = Some(rows.sum(0)?);
+            let k = self.weights[l].dim(2)?;
+            gradient[2 * l] = Some(kernel_gradient(&self.patches[l], &delta, k)?);
+            gradient[2 * l + 1] = Some(delta.flatten_to(2)?.sum(0)?);
             if l > 0 {
-                // ∂L/∂x[p, q] = Σ_{a, b} δ[p − a, q − b] W[:, :, a, b]: the patches of δ padded by
-                // k − 1 against the kernel flipped in both spatial axes.
-                let flipped = self.weights[l]
-                    .flip(&[2, 3])?
-                    .permute((2, 3, 0, 1))?
-                    .reshape((k * k * c_out, c_in))?;
-                let padded =
-                    delta
-                        .pad_with_zeros(1, k - 1, k - 1)?
-                        .pad_with_zeros(2, k - 1, k - 1)?;
-                u = patches(&padded, k)?.matmul(&flipped)?.reshape((
-                    n,
-                    ho + k - 1,
-                    wo + k - 1,
-                    c_in,
-                ))?;
+                u = input_gradient(&delta, &self.weights[l])?;
             }
+            deltas[l] = Some(delta);
         }
         let mut gradient: Vec<Tensor> = gradient.into_iter().flatten().collect();
-        gradient.extend(head.gradient);
-        Ok(gradient)
+        gradient.extend(head.gradient.iter().cloned());
+        Ok(ConvBackward {
+            deltas: deltas.into_iter().flatten().collect(),
+            head,
+            gradient,
+        })
     }
 }
 
@@ -182,8 +228,11 @@ pub fn loss_and_gradient(
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let forward = ConvForward::run(net, inputs)?;
     let (grad, _) = output_gradient(kind, forward.outputs(), targets)?;
-    let gradient = forward.backward(weights.apply(&grad)?)?;
-    Ok((per_sample_loss(kind, forward.outputs(), targets)?, gradient))
+    let backward = forward.backward(weights.apply(&grad)?)?;
+    Ok((
+        per_sample_loss(kind, forward.outputs(), targets)?,
+        backward.gradient,
+    ))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use crate::nn::loss::{per_sample_loss, LossKind};
 use crate::nn::DenseStack;
 
 /// The per-sample factors of a chunk's objective (the mean loss: share / n_c for every sample).
-fn sample_weights(spec: &ChunkSpec) -> candle_core::Result<SampleWeights> {
+pub(super) fn sample_weights(spec: &ChunkSpec) -> candle_core::Result<SampleWeights> {
     Ok(match &spec.weights {
         None => SampleWeights::Uniform(spec.scale / spec.batch.len() as f64),
         Some(w) => SampleWeights::PerSample(w.affine(spec.scale, 0.0)?.unsqueeze(1)?),
@@ -35,13 +35,13 @@ fn sample_weights(spec: &ChunkSpec) -> candle_core::Result<SampleWeights> {
 
 /// What the loss's Hessian in output space needs: H_ℓ r = 2r for the paper's MSE, and
 /// m (p ⊙ r − p (pᵀr)) for cross-entropy with target mass m = Σ_k y_k.
-enum OutputCurvature {
+pub(super) enum OutputCurvature {
     Mse,
     CrossEntropy { probs: Tensor, mass: Tensor },
 }
 
 impl OutputCurvature {
-    fn apply(&self, r: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn apply(&self, r: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Mse => r.affine(2.0, 0.0),
             Self::CrossEntropy { probs, mass } => {
@@ -51,6 +51,30 @@ impl OutputCurvature {
             }
         }
     }
+}
+
+/// The chunk's objective value Σ_i c_i ℓ_i at `outputs`, and the loss's output-space curvature
+/// (`probs`: the softmax for cross-entropy).
+pub(super) fn objective_and_curvature(
+    kind: LossKind,
+    outputs: &Tensor,
+    spec: &ChunkSpec,
+    weights: &SampleWeights,
+    probs: Option<Tensor>,
+) -> Result<(f64, OutputCurvature)> {
+    let targets = &spec.batch.targets;
+    let loss = per_sample_loss(kind, outputs, targets)
+        .and_then(|l| weights.apply(&l.unsqueeze(1)?))
+        .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
+        .ctx("loss")?;
+    let curvature = match probs {
+        None => OutputCurvature::Mse,
+        Some(probs) => OutputCurvature::CrossEntropy {
+            probs,
+            mass: targets.values.sum_keepdim(D::Minus1).ctx("loss")?,
+        },
+    };
+    Ok((loss, curvature))
 }
 
 /// The retained forward and backward pass of one chunk through a dense stack.
@@ -67,24 +91,22 @@ impl DenseChunk {
     /// Runs and keeps the forward and backward pass of `spec`'s chunk.
     pub fn build(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         let ctx = "dense forward and backward pass";
-        let targets = &spec.batch.targets;
         let weights = sample_weights(spec).ctx(ctx)?;
         let DensePass {
             forward,
             backward,
             probs,
-        } = DensePass::run(stack, kind, &spec.batch.inputs, targets, &weights, true).ctx(ctx)?;
-        let loss = per_sample_loss(kind, &forward.outputs, targets)
-            .and_then(|l| weights.apply(&l.unsqueeze(1)?))
-            .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
-            .ctx("loss")?;
-        let curvature = match probs {
-            None => OutputCurvature::Mse,
-            Some(probs) => OutputCurvature::CrossEntropy {
-                probs,
-                mass: targets.values.sum_keepdim(D::Minus1).ctx(ctx)?,
-            },
-        };
+        } = DensePass::run(
+            stack,
+            kind,
+            &spec.batch.inputs,
+            &spec.batch.targets,
+            &weights,
+            true,
+        )
+        .ctx(ctx)?;
+        let (loss, curvature) =
+            objective_and_curvature(kind, &forward.outputs, spec, &weights, probs)?;
         Ok(Self {
             forward,
             backward,
@@ -99,36 +121,13 @@ impl DenseChunk {
         &self.backward.gradient
     }
 
-    /// First-order tangents along V: ż_l of every layer, and ȧ_{l−1} of every layer input (none
-    /// for the input layer): ż_l = ȧ_{l−1} W_l + a_{l−1} V_{W_l} + V_{b_l}, ȧ_l = σ'(z_l) ż_l.
+    /// First-order tangents along V ([`tangents`], the inputs fixed).
     fn tangents(
         &self,
         v: &[Tensor],
         ctx: &'static str,
     ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
-        let DenseForward {
-            params: w,
-            inputs,
-            slopes,
-            ..
-        } = &self.forward;
-        let layers = w.len() / 2;
-        let mut z_dot: Vec<Tensor> = Vec::with_capacity(layers);
-        let mut a_dot: Vec<Option<Tensor>> = vec![None];
-        for l in 0..layers {
-            let mut rz = inputs[l]
-                .matmul(&v[2 * l])
-                .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
-                .ctx(ctx)?;
-            if let Some(ra) = &a_dot[l] {
-                rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
-            }
-            if l + 1 < layers {
-                a_dot.push(Some((&rz * &slopes[l]).ctx(ctx)?));
-            }
-            z_dot.push(rz);
-        }
-        Ok((z_dot, a_dot))
+        tangents(&self.forward, v, None, ctx)
     }
 
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: along θ + tV the
@@ -200,52 +199,135 @@ impl DenseChunk {
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
     pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
-        let ctx = if gauss_newton {
-            "Gauss-Newton-vector product"
-        } else {
-            "Hessian-vector product"
-        };
-        let DenseForward {
-            params: w,
-            inputs,
-            slopes,
-            bends,
-            ..
-        } = &self.forward;
-        let DenseBackward {
-            deltas, upstream, ..
-        } = &self.backward;
+        let ctx = product_context(gauss_newton);
         let v = v.parts();
-        let layers = w.len() / 2;
         let (r_pre, r_inputs) = self.tangents(v, ctx)?;
-        let hr = self.curvature.apply(&r_pre[layers - 1]).ctx(ctx)?;
-        let mut r_delta = self.weights.apply(&hr).ctx(ctx)?;
-        let mut out = vec![None; w.len()];
-        for l in (0..layers).rev() {
-            let mut gw = inputs[l].t().and_then(|x| x.matmul(&r_delta)).ctx(ctx)?;
-            if let (false, Some(ra)) = (gauss_newton, &r_inputs[l]) {
-                let term = ra.t().and_then(|x| x.matmul(&deltas[l])).ctx(ctx)?;
-                gw = (gw + term).ctx(ctx)?;
-            }
-            out[2 * l] = Some(gw);
-            out[2 * l + 1] = Some(r_delta.sum(0).ctx(ctx)?);
-            if l == 0 {
-                break;
-            }
-            let mut r_up = r_delta.matmul(&w[2 * l].t().ctx(ctx)?).ctx(ctx)?;
-            if !gauss_newton {
-                let term = deltas[l].matmul(&v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
-                r_up = (r_up + term).ctx(ctx)?;
-            }
-            let mut next = (r_up * &slopes[l - 1]).ctx(ctx)?;
-            if let (false, Some(bend)) = (gauss_newton, &bends[l - 1]) {
-                let term = (&upstream[l - 1] * bend)
-                    .and_then(|t| t * &r_pre[l - 1])
-                    .ctx(ctx)?;
-                next = (next + term).ctx(ctx)?;
-            }
-            r_delta = next;
-        }
-        Ok(out.into_iter().flatten().collect())
+        let hr = self.curvature.apply(&r_pre[r_pre.len() - 1]).ctx(ctx)?;
+        let r_delta = self.weights.apply(&hr).ctx(ctx)?;
+        let tangents = Tangents {
+            pre: &r_pre,
+            inputs: &r_inputs,
+        };
+        let (out, _) = backward_tangents(
+            &self.forward,
+            &self.backward,
+            v,
+            tangents,
+            r_delta,
+            gauss_newton,
+            ctx,
+        )?;
+        Ok(out)
     }
+}
+
+/// The error context of a product.
+pub(super) fn product_context(gauss_newton: bool) -> &'static str {
+    if gauss_newton {
+        "Gauss-Newton-vector product"
+    } else {
+        "Hessian-vector product"
+    }
+}
+
+/// First-order tangents through a dense stack along V = `v` (its weights and biases), with the
+/// stack's input moving along `input_tangent` (None: fixed, as data is): ż_l of every layer, and
+/// ȧ_{l−1} of every layer input, ż_l = ȧ_{l−1} W_l + a_{l−1} V_{W_l} + V_{b_l}, ȧ_l = σ'(z_l) ż_l.
+pub(super) fn tangents(
+    forward: &DenseForward,
+    v: &[Tensor],
+    input_tangent: Option<Tensor>,
+    ctx: &'static str,
+) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
+    let DenseForward {
+        params: w,
+        inputs,
+        slopes,
+        ..
+    } = forward;
+    let layers = w.len() / 2;
+    let mut z_dot: Vec<Tensor> = Vec::with_capacity(layers);
+    let mut a_dot: Vec<Option<Tensor>> = vec![input_tangent];
+    for l in 0..layers {
+        let mut rz = inputs[l]
+            .matmul(&v[2 * l])
+            .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
+            .ctx(ctx)?;
+        if let Some(ra) = &a_dot[l] {
+            rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
+        }
+        if l + 1 < layers {
+            a_dot.push(Some((&rz * &slopes[l]).ctx(ctx)?));
+        }
+        z_dot.push(rz);
+    }
+    Ok((z_dot, a_dot))
+}
+
+/// The forward tangents of a product: ż_l and ȧ_{l−1} of every layer ([`tangents`]).
+#[derive(Clone, Copy)]
+pub(super) struct Tangents<'t> {
+    pub pre: &'t [Tensor],
+    pub inputs: &'t [Option<Tensor>],
+}
+
+/// The backward tangents of a dense stack from R δ_L = `r_delta`: (H V) per parameter and, when the
+/// stack's input moves (a network whose head this is), R(∂L/∂a₀) = R δ₁ W₁ᵀ + δ₁ V_{W₁}ᵀ. With
+/// `gauss_newton` every term carrying δ or u is dropped.
+pub(super) fn backward_tangents(
+    forward: &DenseForward,
+    backward: &DenseBackward,
+    v: &[Tensor],
+    tangents: Tangents<'_>,
+    mut r_delta: Tensor,
+    gauss_newton: bool,
+    ctx: &'static str,
+) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    let DenseForward {
+        params: w,
+        inputs,
+        slopes,
+        bends,
+        ..
+    } = forward;
+    let DenseBackward {
+        deltas, upstream, ..
+    } = backward;
+    let layers = w.len() / 2;
+    let mut out = vec![None; w.len()];
+    // R u_{l−1} = R δ_l W_lᵀ + δ_l V_{W_l}ᵀ.
+    let r_upstream = |l: usize, r_delta: &Tensor| -> Result<Tensor> {
+        let mut r_up = r_delta.matmul(&w[2 * l].t().ctx(ctx)?).ctx(ctx)?;
+        if !gauss_newton {
+            let term = deltas[l].matmul(&v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
+            r_up = (r_up + term).ctx(ctx)?;
+        }
+        Ok(r_up)
+    };
+    for l in (0..layers).rev() {
+        let mut gw = inputs[l].t().and_then(|x| x.matmul(&r_delta)).ctx(ctx)?;
+        if let (false, Some(ra)) = (gauss_newton, &tangents.inputs[l]) {
+            let term = ra.t().and_then(|x| x.matmul(&deltas[l])).ctx(ctx)?;
+            gw = (gw + term).ctx(ctx)?;
+        }
+        out[2 * l] = Some(gw);
+        out[2 * l + 1] = Some(r_delta.sum(0).ctx(ctx)?);
+        if l == 0 {
+            break;
+        }
+        let mut next = (r_upstream(l, &r_delta)? * &slopes[l - 1]).ctx(ctx)?;
+        if let (false, Some(bend)) = (gauss_newton, &bends[l - 1]) {
+            let term = (&upstream[l - 1] * bend)
+                .and_then(|t| t * &tangents.pre[l - 1])
+                .ctx(ctx)?;
+            next = (next + term).ctx(ctx)?;
+        }
+        r_delta = next;
+    }
+    let r_input = if tangents.inputs[0].is_some() {
+        Some(r_upstream(0, &r_delta)?)
+    } else {
+        None
+    };
+    Ok((out.into_iter().flatten().collect(), r_input))
 }

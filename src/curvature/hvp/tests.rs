@@ -323,12 +323,14 @@ fn dense_mlp_gauss_newton_equals_dense_jt_hz_j() {
     }
 }
 
-#[test]
-fn dense_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
-    let batch = data(7, [3, 1, 1], 2, 50);
+/// The hand-written products of `model` (the default config) against double backward, for both
+/// losses, the mean and a weighted objective, chunks of 3 kept and rebuilt: loss, gradient, H v,
+/// G v and both quadratic forms.
+fn check_passes_against_autodiff(model: &dyn Model, batch: &Batch, v: &ParamVec, what: &str) {
+    let n = batch.len();
     let weights = Tensor::from_vec(
-        normals(&mut ChaCha8Rng::seed_from_u64(51), 7, 1.0),
-        7,
+        normals(&mut ChaCha8Rng::seed_from_u64(51), n, 1.0),
+        n,
         &Device::Cpu,
     )
     .unwrap();
@@ -336,54 +338,92 @@ fn dense_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
         method: HvpMethod::Autodiff,
         ..HvpConfig::default()
     };
-    for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
-        let model = random_mlp(activation, 52 + i as u64);
-        let v = random_vec(&model, 60 + i as u64);
-        for kind in LOSSES {
-            for objective in [Objective::Mean, Objective::Weighted(weights.clone())] {
-                let hess = |cfg: &HvpConfig| {
-                    HessianOperator::new(&model, kind, &batch, &objective, cfg).unwrap()
+    for kind in LOSSES {
+        for objective in [Objective::Mean, Objective::Weighted(weights.clone())] {
+            let hess = |cfg: &HvpConfig| {
+                HessianOperator::new(model, kind, batch, &objective, cfg).unwrap()
+            };
+            let gn = |cfg: &HvpConfig| {
+                GaussNewtonOperator::new(model, kind, batch, &objective, cfg).unwrap()
+            };
+            let (h_ref, gn_ref) = (hess(&autodiff), gn(&autodiff));
+            let hv_ref = h_ref.apply(v).unwrap();
+            let gv_ref = gn_ref.apply(v).unwrap();
+            let scale = hv_ref.norm().unwrap() + gv_ref.norm().unwrap();
+            for retain_graphs in [true, false] {
+                let cfg = HvpConfig {
+                    chunk_size: 3,
+                    retain_graphs,
+                    method: HvpMethod::Auto,
                 };
-                let gn = |cfg: &HvpConfig| {
-                    GaussNewtonOperator::new(&model, kind, &batch, &objective, cfg).unwrap()
-                };
-                let (h_ref, gn_ref) = (hess(&autodiff), gn(&autodiff));
-                let hv_ref = h_ref.apply(&v).unwrap();
-                let gv_ref = gn_ref.apply(&v).unwrap();
-                let scale = hv_ref.norm().unwrap() + gv_ref.norm().unwrap();
-                for retain_graphs in [true, false] {
-                    let cfg = HvpConfig {
-                        chunk_size: 3,
-                        retain_graphs,
-                        method: HvpMethod::Auto,
-                    };
-                    let what = format!("{activation:?} {kind:?} {objective:?} {retain_graphs}");
-                    let (h, g) = (hess(&cfg), gn(&cfg));
-                    assert!((h.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
-                    assert!((g.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
-                    assert!(
-                        max_abs_diff(h.gradient(), h_ref.gradient()) < 1e-12,
-                        "{what}"
-                    );
-                    assert!(
-                        max_abs_diff(g.gradient(), h_ref.gradient()) < 1e-12,
-                        "{what}"
-                    );
-                    let hv = h.apply(&v).unwrap();
-                    assert!(max_abs_diff(&hv, &hv_ref) < 1e-12 * scale, "{what}");
-                    let gv = g.apply(&v).unwrap();
-                    assert!(max_abs_diff(&gv, &gv_ref) < 1e-12 * scale, "{what}");
-                    // The forward-only quadratic forms equal v · (H v) and v · (G v).
-                    let (vhv, vgv) = (v.dot(&hv_ref).unwrap(), v.dot(&gv_ref).unwrap());
-                    let tol = 1e-11 * (vhv.abs() + vgv.abs());
-                    let got = h.quadratic_form(&v).unwrap();
-                    assert!((got - vhv).abs() < tol, "{what}: vᵀHv {got} vs {vhv}");
-                    let got = g.quadratic_form(&v).unwrap();
-                    assert!((got - vgv).abs() < tol, "{what}: vᵀGv {got} vs {vgv}");
-                }
+                let what = format!("{what} {kind:?} {objective:?} {retain_graphs}");
+                let (h, g) = (hess(&cfg), gn(&cfg));
+                assert!((h.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
+                assert!((g.loss() - h_ref.loss()).abs() < 1e-12, "{what}");
+                let grad_scale = h_ref.gradient().norm().unwrap();
+                assert!(
+                    max_abs_diff(h.gradient(), h_ref.gradient()) < 1e-12 * grad_scale,
+                    "{what}"
+                );
+                assert!(
+                    max_abs_diff(g.gradient(), h_ref.gradient()) < 1e-12 * grad_scale,
+                    "{what}"
+                );
+                let hv = h.apply(v).unwrap();
+                assert!(max_abs_diff(&hv, &hv_ref) < 1e-12 * scale, "{what}");
+                let gv = g.apply(v).unwrap();
+                assert!(max_abs_diff(&gv, &gv_ref) < 1e-12 * scale, "{what}");
+                // The quadratic forms equal v · (H v) and v · (G v).
+                let (vhv, vgv) = (v.dot(&hv_ref).unwrap(), v.dot(&gv_ref).unwrap());
+                let tol = 1e-11 * (vhv.abs() + vgv.abs());
+                let got = h.quadratic_form(v).unwrap();
+                assert!((got - vhv).abs() < tol, "{what}: vᵀHv {got} vs {vhv}");
+                let got = g.quadratic_form(v).unwrap();
+                assert!((got - vgv).abs() < tol, "{what}: vᵀGv {got} vs {vgv}");
             }
         }
     }
+}
+
+#[test]
+fn dense_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
+    let batch = data(7, [3, 1, 1], 2, 50);
+    for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
+        let model = random_mlp(activation, 52 + i as u64);
+        let v = random_vec(&model, 60 + i as u64);
+        check_passes_against_autodiff(&model, &batch, &v, &format!("{activation:?}"));
+    }
+}
+
+#[test]
+fn cnn_passes_and_autodiff_products_agree_chunked_rebuilt_and_weighted() {
+    // The real CNN on (2, 13, 14) inputs: both pools drop an odd row or column.
+    let model = crate::nn::ModelSpec::Cnn {}
+        .build(
+            [2, 13, 14],
+            3,
+            1.0,
+            70,
+            candle_core::DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+    for (i, p) in model.params().iter().enumerate() {
+        if p.name.ends_with("bias") {
+            let b = normals(
+                &mut ChaCha8Rng::seed_from_u64(71 + i as u64),
+                p.var.elem_count(),
+                0.1,
+            );
+            p.var
+                .set(&Tensor::from_vec(b, p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    assert!(model.conv_net().is_some());
+    let batch = data(7, [2, 13, 14], 3, 72);
+    let v = random_vec(model.as_ref(), 73);
+    check_passes_against_autodiff(model.as_ref(), &batch, &v, "cnn");
 }
 
 #[test]
