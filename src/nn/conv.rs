@@ -240,7 +240,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::nn::gradcheck::{one_hot_targets, random_tensor};
+    use crate::nn::gradcheck::{flat, flat_all, one_hot_targets, random_tensor};
     use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::loss::mean_loss;
     use crate::nn::{Model, ModelSpec};
@@ -259,13 +259,6 @@ mod tests {
         }
         let x = random_tensor(&[5, 2, 13, 14], seed + 100, 1.0).unwrap();
         (model, x, one_hot_targets(5, 3))
-    }
-
-    fn flat(parts: &[Tensor]) -> Vec<f64> {
-        parts
-            .iter()
-            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
-            .collect()
     }
 
     #[test]
@@ -288,10 +281,7 @@ mod tests {
             assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
             for ((p, got), want) in model.params().iter().zip(&gradient).zip(&expected) {
                 assert_eq!(got.dims(), want.dims(), "{}", p.name);
-                let (got, want) = (
-                    flat(std::slice::from_ref(got)),
-                    flat(std::slice::from_ref(want)),
-                );
+                let (got, want) = (flat(got), flat(want));
                 let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                 assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
                 for (g, w) in got.iter().zip(&want) {
@@ -339,9 +329,9 @@ mod tests {
         };
         let h = 1e-5;
         let fd = (at(h) - at(-h)) / (2.0 * h);
-        let exact: f64 = flat(&gradient)
+        let exact: f64 = flat_all(&gradient)
             .iter()
-            .zip(flat(&d))
+            .zip(flat_all(&d))
             .map(|(g, d)| g * d)
             .sum();
         assert!(
@@ -355,8 +345,8 @@ mod tests {
         let a = random_tensor(&[1, 3, 5, 2], 80, 1.0).unwrap();
         let (pooled, mask) = max_pool(&a).unwrap();
         assert_eq!(pooled.dims(), &[1, 1, 2, 2]);
-        let av = flat(&[a]);
-        let (pv, mv) = (flat(&[pooled]), flat(&[mask]));
+        let av = flat(&a);
+        let (pv, mv) = (flat(&pooled), flat(&mask));
         let at = |i: usize, j: usize, c: usize| (i * 5 + j) * 2 + c;
         for c in 0..2 {
             for j in 0..2 {

@@ -232,7 +232,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::nn::gradcheck::one_hot_targets;
+    use crate::nn::gradcheck::{flat_all, one_hot_targets};
     use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::init::Initializer;
     use crate::nn::loss::mean_loss;
@@ -260,13 +260,6 @@ mod tests {
         (model, x, one_hot_targets(6, 3))
     }
 
-    fn flat(parts: &[Tensor]) -> Vec<f64> {
-        parts
-            .iter()
-            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
-            .collect()
-    }
-
     #[test]
     fn hand_written_gradient_equals_autograd_for_every_activation_and_loss() {
         let activations = [
@@ -292,7 +285,7 @@ mod tests {
                     (loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12,
                     "{what}"
                 );
-                let (got, want) = (flat(&gradient), flat(&expected));
+                let (got, want) = (flat_all(&gradient), flat_all(&expected));
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
@@ -311,7 +304,7 @@ mod tests {
             let (model, x, targets) = setup(Activation::Tanh, 30 + i as u64);
             let (sum, sum_sq) =
                 gradient_moments(model.dense_stack().unwrap(), kind, &x, &targets).unwrap();
-            let mut want_sum = vec![0.0; flat(&sum).len()];
+            let mut want_sum = vec![0.0; flat_all(&sum).len()];
             let mut want_sq = want_sum.clone();
             for s in 0..6 {
                 let xi = x.narrow(0, s, 1).unwrap();
@@ -327,12 +320,12 @@ mod tests {
                     .iter()
                     .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
                     .collect();
-                for (k, v) in flat(&g).into_iter().enumerate() {
+                for (k, v) in flat_all(&g).into_iter().enumerate() {
                     want_sum[k] += v;
                     want_sq[k] += v * v;
                 }
             }
-            for (got, want) in [(flat(&sum), want_sum), (flat(&sum_sq), want_sq)] {
+            for (got, want) in [(flat_all(&sum), want_sum), (flat_all(&sum_sq), want_sq)] {
                 let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() <= 1e-12 * scale, "{kind:?}: {g} vs {w}");
@@ -371,9 +364,9 @@ mod tests {
         };
         let h = 1e-5;
         let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
-        let exact: f64 = flat(&gradient)
+        let exact: f64 = flat_all(&gradient)
             .iter()
-            .zip(flat(&d))
+            .zip(flat_all(&d))
             .map(|(g, d)| g * d)
             .sum();
         assert!(

@@ -24,6 +24,11 @@ pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
     Tensor::from_vec(v, dims, &Device::Cpu)
 }
 
+/// The values of some tensors as f64, one after another.
+pub fn flat_all(parts: &[Tensor]) -> Vec<f64> {
+    parts.iter().flat_map(flat).collect()
+}
+
 /// One-hot f64 targets for `n` samples of `outputs` classes, sample i of class i mod `outputs`.
 pub fn one_hot_targets(n: usize, outputs: usize) -> Targets {
     let labels: Vec<u32> = (0..n as u32).map(|i| i % outputs as u32).collect();
@@ -179,7 +184,8 @@ impl Probe {
     }
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
+/// The values of a tensor as f64.
+pub fn flat(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .unwrap()
         .to_dtype(DType::F64)

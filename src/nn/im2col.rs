@@ -99,11 +99,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::nn::gradcheck::random_tensor;
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
-    }
+    use crate::nn::gradcheck::{flat, random_tensor};
 
     #[test]
     fn patches_hold_each_window_in_row_column_channel_order() {

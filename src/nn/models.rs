@@ -296,7 +296,7 @@ impl Model for ResNet {
 mod tests {
     use super::*;
     use crate::nn::gradcheck::{
-        check_first_order, check_second_order, one_hot_targets, random_tensor, Probe,
+        check_first_order, check_second_order, flat, one_hot_targets, random_tensor, Probe,
     };
     use crate::nn::loss::{mean_loss, LossKind};
     use crate::nn::spec::ModelSpec;
@@ -306,15 +306,6 @@ mod tests {
 
     fn build(spec: ModelSpec, input: [usize; 3], outputs: usize, dtype: DType) -> Box<dyn Model> {
         spec.build(input, outputs, 0.5, 7, dtype, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
             .unwrap()
     }
 
