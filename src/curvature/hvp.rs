@@ -130,11 +130,11 @@ impl PassChunk {
         }
     }
 
-    /// vᵀ H v (or vᵀ G v): by a forward pass alone through a dense stack, as v · (H v) otherwise.
+    /// vᵀ H v (or vᵀ G v), by a forward pass alone.
     fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         match self {
             Self::Dense(c) => c.quadratic_form(v, gauss_newton),
-            Self::Conv(c) => v.dot(&ParamVec::new(c.apply(v, gauss_newton)?)),
+            Self::Conv(c) => c.quadratic_form(v, gauss_newton),
         }
     }
 }

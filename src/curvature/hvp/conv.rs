@@ -20,8 +20,8 @@
 use candle_core::Tensor;
 
 use super::dense::{
-    backward_tangents, objective_and_curvature, product_context, sample_weights, tangents,
-    OutputCurvature, Tangents,
+    backward_tangents, objective_and_curvature, product_context, quadratic_form, sample_weights,
+    tangents, Head, InputTangents, OutputCurvature, Tangents,
 };
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
@@ -42,6 +42,16 @@ pub(super) struct ConvChunk {
     curvature: OutputCurvature,
     /// The chunk's objective value.
     pub loss: f64,
+}
+
+/// Forward tangents through the convolutions.
+struct TrunkTangents {
+    /// ȧ at the trunk's output (N, H, W, C).
+    first: Tensor,
+    /// ä at the trunk's output, when asked for and not zero.
+    second: Option<Tensor>,
+    /// patches(ȧ_{l−1}) of every convolution (none for the first: the data does not move).
+    patch_dots: Vec<Option<Tensor>>,
 }
 
 impl ConvChunk {
@@ -72,6 +82,107 @@ impl ConvChunk {
         &self.backward.gradient
     }
 
+    /// Tangents along `v_conv` through the convolutions: ż_l = patches(ȧ_{l−1}) K_l + P_l K(V_l) +
+    /// V_{b_l} and, with `second`, z̈_l = patches(ä_{l−1}) K_l + 2 patches(ȧ_{l−1}) K(V_l); each
+    /// gated and, at a pool, summed over its windows.
+    fn trunk_tangents(
+        &self,
+        v_conv: &[Tensor],
+        second: bool,
+        ctx: &'static str,
+    ) -> Result<TrunkTangents> {
+        let ConvForward {
+            weights,
+            patches: kept,
+            gates,
+            pools,
+            ..
+        } = &self.forward;
+        let gate = |l: usize, t: Tensor| -> candle_core::Result<Tensor> {
+            let gated = (t.reshape(gates[l].shape())? * &gates[l])?;
+            if pools[l] {
+                window_sum(&gated)
+            } else {
+                Ok(gated)
+            }
+        };
+        let mut a_dot: Option<Tensor> = None;
+        let mut a_ddot: Option<Tensor> = None;
+        let mut patch_dots = Vec::with_capacity(gates.len());
+        for l in 0..gates.len() {
+            let k = weights[l].dim(2).ctx(ctx)?;
+            let kernel = kernel_matrix(&weights[l]).ctx(ctx)?;
+            let v_kernel = kernel_matrix(&v_conv[2 * l]).ctx(ctx)?;
+            let mut z_dot = kept[l]
+                .matmul(&v_kernel)
+                .and_then(|t| t.broadcast_add(&v_conv[2 * l + 1]))
+                .ctx(ctx)?;
+            let patch_dot = a_dot
+                .as_ref()
+                .map(|ad| patches(ad, k))
+                .transpose()
+                .ctx(ctx)?;
+            if let Some(p) = &patch_dot {
+                z_dot = (z_dot + p.matmul(&kernel).ctx(ctx)?).ctx(ctx)?;
+            }
+            if second {
+                let mut z_ddot = match &patch_dot {
+                    Some(p) => Some(
+                        p.matmul(&v_kernel)
+                            .and_then(|t| t.affine(2.0, 0.0))
+                            .ctx(ctx)?,
+                    ),
+                    None => None,
+                };
+                if let Some(add) = &a_ddot {
+                    let term = patches(add, k).and_then(|p| p.matmul(&kernel)).ctx(ctx)?;
+                    z_ddot = Some(match z_ddot {
+                        Some(t) => (t + term).ctx(ctx)?,
+                        None => term,
+                    });
+                }
+                a_ddot = z_ddot.map(|t| gate(l, t)).transpose().ctx(ctx)?;
+            }
+            patch_dots.push(patch_dot);
+            a_dot = Some(gate(l, z_dot).ctx(ctx)?);
+        }
+        let Some(first) = a_dot else {
+            return Err(candle_core::Error::Msg(
+                "a conv net without convolutions".into(),
+            ))
+            .ctx(ctx);
+        };
+        Ok(TrunkTangents {
+            first,
+            second: a_ddot,
+            patch_dots,
+        })
+    }
+
+    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
+    /// tangents through the convolutions ([`Self::trunk_tangents`]; ReLU and the pools have no
+    /// second derivative), then through the head ([`quadratic_form`]).
+    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+        let ctx = "curvature quadratic form";
+        let (v_conv, v_head) = v.parts().split_at(2 * self.forward.gates.len());
+        let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
+        let input = InputTangents {
+            first: Some(flatten_features(&trunk.first).ctx(ctx)?),
+            second: trunk
+                .second
+                .map(|t| flatten_features(&t))
+                .transpose()
+                .ctx(ctx)?,
+        };
+        let head = Head {
+            forward: &self.forward.head,
+            backward: &self.backward.head,
+            weights: &self.weights,
+            curvature: &self.curvature,
+        };
+        quadratic_form(head, v_head, input, gauss_newton)
+    }
+
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
     pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
@@ -86,38 +197,9 @@ impl ConvChunk {
         let convs = gates.len();
         let (v_conv, v_head) = v.parts().split_at(2 * convs);
 
-        // Forward tangents through the convolutions; patches(ȧ_{l−1}) kept for the backward.
-        let mut a_dot: Option<Tensor> = None;
-        let mut patch_dots: Vec<Option<Tensor>> = Vec::with_capacity(convs);
-        for l in 0..convs {
-            let k = weights[l].dim(2).ctx(ctx)?;
-            let mut z_dot = kernel_matrix(&v_conv[2 * l])
-                .and_then(|kv| kept[l].matmul(&kv))
-                .and_then(|t| t.broadcast_add(&v_conv[2 * l + 1]))
-                .ctx(ctx)?;
-            let patch_dot = match &a_dot {
-                Some(ad) => {
-                    let p = patches(ad, k).ctx(ctx)?;
-                    let term = kernel_matrix(&weights[l])
-                        .and_then(|kw| p.matmul(&kw))
-                        .ctx(ctx)?;
-                    z_dot = (z_dot + term).ctx(ctx)?;
-                    Some(p)
-                }
-                None => None,
-            };
-            patch_dots.push(patch_dot);
-            let gated = z_dot
-                .reshape(gates[l].shape())
-                .and_then(|t| t * &gates[l])
-                .ctx(ctx)?;
-            a_dot = Some(if pools[l] {
-                window_sum(&gated).ctx(ctx)?
-            } else {
-                gated
-            });
-        }
-        let head_input = a_dot.map(|t| flatten_features(&t)).transpose().ctx(ctx)?;
+        let trunk = self.trunk_tangents(v_conv, false, ctx)?;
+        let patch_dots = trunk.patch_dots;
+        let head_input = Some(flatten_features(&trunk.first).ctx(ctx)?);
 
         // The head, forward and back, down to R(∂L/∂a) at its input.
         let (r_pre, r_inputs) = tangents(head, v_head, head_input, ctx)?;

@@ -130,71 +130,15 @@ impl DenseChunk {
         tangents(&self.forward, v, None, ctx)
     }
 
-    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: along θ + tV the
-    /// outputs have first and second derivatives ḟ, f̈ ([`Self::tangents`] for ḟ;
-    /// z̈_l = ä_{l−1} W_l + 2 ȧ_{l−1} V_{W_l}, ä_l = σ' z̈_l + σ'' ż_l²), and
-    /// vᵀHv = Σ_i c_i (ḟ_iᵀ H_ℓ ḟ_i + ∂ℓ_i/∂f · f̈_i); the Gauss–Newton form keeps the first term.
-    /// No backward tangents: about half the matrix products of [`Self::apply`] and a dot.
+    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone ([`quadratic_form`]).
     pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
-        let ctx = "curvature quadratic form";
-        let v = v.parts();
-        let (z_dot, a_dot) = self.tangents(v, ctx)?;
-        let layers = z_dot.len();
-        let f_dot = &z_dot[layers - 1];
-        let sum = |t: Tensor| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>();
-        let mut total = self
-            .curvature
-            .apply(f_dot)
-            .and_then(|hf| self.weights.apply(&hf))
-            .and_then(|t| sum((t * f_dot)?))
-            .ctx(ctx)?;
-        if gauss_newton {
-            return Ok(total);
-        }
-        let DenseForward {
-            params: w,
-            slopes,
-            bends,
-            ..
-        } = &self.forward;
-        // Second-order tangents z̈_l, and ä of the current layer's input (none while zero).
-        let mut a_ddot: Option<Tensor> = None;
-        for l in 0..layers {
-            let mut z_ddot = match &a_dot[l] {
-                Some(ad) => Some(
-                    ad.matmul(&v[2 * l])
-                        .and_then(|t| t.affine(2.0, 0.0))
-                        .ctx(ctx)?,
-                ),
-                None => None,
-            };
-            if let Some(add) = &a_ddot {
-                let term = add.matmul(&w[2 * l]).ctx(ctx)?;
-                z_ddot = Some(match z_ddot {
-                    Some(t) => (t + term).ctx(ctx)?,
-                    None => term,
-                });
-            }
-            if l + 1 == layers {
-                if let Some(f_ddot) = z_ddot {
-                    total += sum((&self.backward.deltas[l] * f_ddot).ctx(ctx)?).ctx(ctx)?;
-                }
-                break;
-            }
-            let mut next = match &z_ddot {
-                Some(t) => Some((t * &slopes[l]).ctx(ctx)?),
-                None => None,
-            };
-            if let Some(bend) = &bends[l] {
-                let term = z_dot[l].sqr().and_then(|t| t * bend).ctx(ctx)?;
-                next = Some(match next {
-                    Some(t) => (t + term).ctx(ctx)?,
-                    None => term,
-                });
-            }
-            a_ddot = next;
-        }
-        Ok(total)
+        let head = Head {
+            forward: &self.forward,
+            backward: &self.backward,
+            weights: &self.weights,
+            curvature: &self.curvature,
+        };
+        quadratic_form(head, v.parts(), InputTangents::default(), gauss_newton)
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
@@ -219,6 +163,93 @@ impl DenseChunk {
         )?;
         Ok(out)
     }
+}
+
+/// The retained passes of a dense stack with its objective's weights and output curvature.
+#[derive(Clone, Copy)]
+pub(super) struct Head<'h> {
+    pub forward: &'h DenseForward,
+    pub backward: &'h DenseBackward,
+    pub weights: &'h SampleWeights,
+    pub curvature: &'h OutputCurvature,
+}
+
+/// First and second tangents ȧ₀, ä₀ of a dense stack's input (None: zero, as for data).
+#[derive(Default)]
+pub(super) struct InputTangents {
+    pub first: Option<Tensor>,
+    pub second: Option<Tensor>,
+}
+
+/// vᵀ H v of a stack's objective (or vᵀ G v) by a forward pass alone: along θ + tV the
+/// outputs have first and second derivatives ḟ, f̈ ([`tangents`] for ḟ;
+/// z̈_l = ä_{l−1} W_l + 2 ȧ_{l−1} V_{W_l}, ä_l = σ' z̈_l + σ'' ż_l², from the input's ȧ₀, ä₀), and
+/// vᵀHv = Σ_i c_i (ḟ_iᵀ H_ℓ ḟ_i + ∂ℓ_i/∂f · f̈_i); the Gauss–Newton form keeps the first term.
+/// No backward tangents: about half the matrix products of a product and a dot.
+pub(super) fn quadratic_form(
+    head: Head<'_>,
+    v: &[Tensor],
+    input: InputTangents,
+    gauss_newton: bool,
+) -> Result<f64> {
+    let ctx = "curvature quadratic form";
+    let (z_dot, a_dot) = tangents(head.forward, v, input.first, ctx)?;
+    let layers = z_dot.len();
+    let f_dot = &z_dot[layers - 1];
+    let sum = |t: Tensor| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>();
+    let mut total = head
+        .curvature
+        .apply(f_dot)
+        .and_then(|hf| head.weights.apply(&hf))
+        .and_then(|t| sum((t * f_dot)?))
+        .ctx(ctx)?;
+    if gauss_newton {
+        return Ok(total);
+    }
+    let DenseForward {
+        params: w,
+        slopes,
+        bends,
+        ..
+    } = head.forward;
+    // Second-order tangents z̈_l, and ä of the current layer's input (none while zero).
+    let mut a_ddot: Option<Tensor> = input.second;
+    for l in 0..layers {
+        let mut z_ddot = match &a_dot[l] {
+            Some(ad) => Some(
+                ad.matmul(&v[2 * l])
+                    .and_then(|t| t.affine(2.0, 0.0))
+                    .ctx(ctx)?,
+            ),
+            None => None,
+        };
+        if let Some(add) = &a_ddot {
+            let term = add.matmul(&w[2 * l]).ctx(ctx)?;
+            z_ddot = Some(match z_ddot {
+                Some(t) => (t + term).ctx(ctx)?,
+                None => term,
+            });
+        }
+        if l + 1 == layers {
+            if let Some(f_ddot) = z_ddot {
+                total += sum((&head.backward.deltas[l] * f_ddot).ctx(ctx)?).ctx(ctx)?;
+            }
+            break;
+        }
+        let mut next = match &z_ddot {
+            Some(t) => Some((t * &slopes[l]).ctx(ctx)?),
+            None => None,
+        };
+        if let Some(bend) = &bends[l] {
+            let term = z_dot[l].sqr().and_then(|t| t * bend).ctx(ctx)?;
+            next = Some(match next {
+                Some(t) => (t + term).ctx(ctx)?,
+                None => term,
+            });
+        }
+        a_ddot = next;
+    }
+    Ok(total)
 }
 
 /// The error context of a product.
