@@ -240,7 +240,9 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::nn::gradcheck::{flat, flat_all, one_hot_targets, random_tensor};
+    use crate::nn::gradcheck::{
+        directional_difference, dot_all, flat, one_hot_targets, random_tensor,
+    };
     use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::loss::mean_loss;
     use crate::nn::{Model, ModelSpec};
@@ -311,29 +313,14 @@ mod tests {
                 .unwrap()
         };
         let (_, gradient) = loss_and_gradient(net, LossKind::Mse, &x, &targets, &weights).unwrap();
-        let theta: Vec<Tensor> = model
+        let d: Vec<Tensor> = model
             .params()
             .iter()
-            .map(|p| p.var.as_tensor().copy().unwrap())
-            .collect();
-        let d: Vec<Tensor> = theta
-            .iter()
             .enumerate()
-            .map(|(i, t)| random_tensor(t.dims(), 60 + i as u64, 0.05).unwrap())
+            .map(|(i, p)| random_tensor(p.var.dims(), 60 + i as u64, 0.05).unwrap())
             .collect();
-        let at = |h: f64| {
-            for ((p, t), d) in model.params().iter().zip(&theta).zip(&d) {
-                p.var.set(&(t + (d * h).unwrap()).unwrap()).unwrap();
-            }
-            objective(model.as_ref())
-        };
-        let h = 1e-5;
-        let fd = (at(h) - at(-h)) / (2.0 * h);
-        let exact: f64 = flat_all(&gradient)
-            .iter()
-            .zip(flat_all(&d))
-            .map(|(g, d)| g * d)
-            .sum();
+        let fd = directional_difference(model.params(), &d, 1e-5, || objective(model.as_ref()));
+        let exact = dot_all(&gradient, &d);
         assert!(
             (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
             "{fd} vs {exact}"

@@ -232,7 +232,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::nn::gradcheck::{flat_all, one_hot_targets};
+    use crate::nn::gradcheck::{directional_difference, dot_all, flat_all, one_hot_targets};
     use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::init::Initializer;
     use crate::nn::loss::mean_loss;
@@ -349,26 +349,12 @@ mod tests {
                 Tensor::from_vec(normals(&mut rng, t.elem_count()), t.shape(), t.device()).unwrap()
             })
             .collect();
-        let theta: Vec<Tensor> = model
-            .params()
-            .iter()
-            .map(|p| p.var.as_tensor().copy().unwrap())
-            .collect();
-        let loss_at = |h: f64| {
-            for ((p, t), d) in model.params().iter().zip(&theta).zip(&d) {
-                p.var.set(&(t + (d * h).unwrap()).unwrap()).unwrap();
-            }
+        let fd = directional_difference(model.params(), &d, 1e-5, || {
             mean_loss_and_gradient(&model, LossKind::CrossEntropy, &x, &targets)
                 .unwrap()
                 .0
-        };
-        let h = 1e-5;
-        let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
-        let exact: f64 = flat_all(&gradient)
-            .iter()
-            .zip(flat_all(&d))
-            .map(|(g, d)| g * d)
-            .sum();
+        });
+        let exact = dot_all(&gradient, &d);
         assert!(
             (fd - exact).abs() < 1e-8 * exact.abs().max(1.0),
             "{fd} vs {exact}"

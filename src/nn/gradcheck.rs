@@ -13,6 +13,7 @@ use rand_distr::StandardNormal;
 
 use crate::data::LabelEncoding;
 use crate::nn::loss::Targets;
+use crate::nn::Param;
 
 /// A seeded standard-normal f64 tensor on the CPU, times `scale`.
 pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
@@ -27,6 +28,40 @@ pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
 /// The values of some tensors as f64, one after another.
 pub fn flat_all(parts: &[Tensor]) -> Vec<f64> {
     parts.iter().flat_map(flat).collect()
+}
+
+/// Σ ⟨a_p, b_p⟩ over paired tensors, in f64.
+pub fn dot_all(a: &[Tensor], b: &[Tensor]) -> f64 {
+    flat_all(a)
+        .iter()
+        .zip(flat_all(b))
+        .map(|(x, y)| x * y)
+        .sum()
+}
+
+/// The derivative of `f` along `direction` at the parameters' current values, by the central
+/// difference (f(θ + h d) − f(θ − h d)) / 2h; the parameters are restored afterwards.
+pub fn directional_difference(
+    params: &[Param],
+    direction: &[Tensor],
+    h: f64,
+    f: impl Fn() -> f64,
+) -> f64 {
+    let theta: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect();
+    let at = |step: f64| {
+        for ((p, t), d) in params.iter().zip(&theta).zip(direction) {
+            p.var.set(&(t + (d * step).unwrap()).unwrap()).unwrap();
+        }
+        f()
+    };
+    let difference = (at(h) - at(-h)) / (2.0 * h);
+    for (p, t) in params.iter().zip(&theta) {
+        p.var.set(t).unwrap();
+    }
+    difference
 }
 
 /// One-hot f64 targets for `n` samples of `outputs` classes, sample i of class i mod `outputs`.
