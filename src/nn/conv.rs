@@ -218,6 +218,38 @@ impl ConvForward {
     }
 }
 
+/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
+/// outputs for cross-entropy (its output-space Hessian needs it): [`super::dense::DensePass`] for a
+/// conv net.
+pub struct ConvPass {
+    /// The forward pass.
+    pub forward: ConvForward,
+    /// The backward pass of the weighted objective.
+    pub backward: ConvBackward,
+    /// softmax(f) for cross-entropy, `None` for MSE.
+    pub probs: Option<Tensor>,
+}
+
+impl ConvPass {
+    /// Runs both passes.
+    pub fn run(
+        net: ConvNet<'_>,
+        kind: LossKind,
+        inputs: &Tensor,
+        targets: &Targets,
+        weights: &SampleWeights,
+    ) -> Result<Self> {
+        let forward = ConvForward::run(net, inputs)?;
+        let (grad, probs) = output_gradient(kind, forward.outputs(), targets)?;
+        let backward = forward.backward(weights.apply(&grad)?)?;
+        Ok(Self {
+            forward,
+            backward,
+            probs,
+        })
+    }
+}
+
 /// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
 pub fn loss_and_gradient(
     net: ConvNet<'_>,
@@ -226,13 +258,9 @@ pub fn loss_and_gradient(
     targets: &Targets,
     weights: &SampleWeights,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let forward = ConvForward::run(net, inputs)?;
-    let (grad, _) = output_gradient(kind, forward.outputs(), targets)?;
-    let backward = forward.backward(weights.apply(&grad)?)?;
-    Ok((
-        per_sample_loss(kind, forward.outputs(), targets)?,
-        backward.gradient,
-    ))
+    let pass = ConvPass::run(net, kind, inputs, targets, weights)?;
+    let losses = per_sample_loss(kind, pass.forward.outputs(), targets)?;
+    Ok((losses, pass.backward.gradient))
 }
 
 #[cfg(test)]

@@ -27,9 +27,9 @@ use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
     flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features, unpool,
-    window_sum, ConvBackward, ConvForward,
+    window_sum, ConvBackward, ConvForward, ConvPass,
 };
-use crate::nn::dense::{output_gradient, SampleWeights};
+use crate::nn::dense::SampleWeights;
 use crate::nn::im2col::patches;
 use crate::nn::loss::LossKind;
 use crate::nn::ConvNet;
@@ -59,13 +59,11 @@ impl ConvChunk {
     pub fn build(net: ConvNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         let ctx = "conv forward and backward pass";
         let weights = sample_weights(spec).ctx(ctx)?;
-        let forward = ConvForward::run(net, &spec.batch.inputs).ctx(ctx)?;
-        let (grad, probs) =
-            output_gradient(kind, forward.outputs(), &spec.batch.targets).ctx(ctx)?;
-        let backward = weights
-            .apply(&grad)
-            .and_then(|g| forward.backward(g))
-            .ctx(ctx)?;
+        let ConvPass {
+            forward,
+            backward,
+            probs,
+        } = ConvPass::run(net, kind, &spec.batch.inputs, &spec.batch.targets, &weights).ctx(ctx)?;
         let (loss, curvature) =
             objective_and_curvature(kind, forward.outputs(), spec, &weights, probs)?;
         Ok(Self {

@@ -121,15 +121,6 @@ impl DenseChunk {
         &self.backward.gradient
     }
 
-    /// First-order tangents along V ([`tangents`], the inputs fixed).
-    fn tangents(
-        &self,
-        v: &[Tensor],
-        ctx: &'static str,
-    ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>)> {
-        tangents(&self.forward, v, None, ctx)
-    }
-
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone ([`quadratic_form`]).
     pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let head = Head {
@@ -145,7 +136,7 @@ impl DenseChunk {
     pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
         let v = v.parts();
-        let (r_pre, r_inputs) = self.tangents(v, ctx)?;
+        let (r_pre, r_inputs) = tangents(&self.forward, v, None, ctx)?;
         let hr = self.curvature.apply(&r_pre[r_pre.len() - 1]).ctx(ctx)?;
         let r_delta = self.weights.apply(&hr).ctx(ctx)?;
         let tangents = Tangents {
