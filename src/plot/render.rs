@@ -172,6 +172,53 @@ fn points_on(s: &super::figure::Series, xs: Scale, ys: Scale) -> Vec<(f64, f64)>
         .collect()
 }
 
+/// Size of the legend box assumed when choosing its corner, as fractions of the plotting area.
+const LEGEND_BOX: (f64, f64) = (0.35, 0.30);
+
+/// The legend corner whose [`LEGEND_BOX`]-sized region holds the fewest of `points` (normalised
+/// to [0, 1]² of the plotting area); ties go to upper left, upper right, lower right, lower left.
+fn legend_corner(points: impl Iterator<Item = (f64, f64)>) -> SeriesLabelPosition {
+    let mut counts = [0usize; 4];
+    for (u, v) in points {
+        let (left, right) = (u <= LEGEND_BOX.0, u >= 1.0 - LEGEND_BOX.0);
+        let (low, high) = (v <= LEGEND_BOX.1, v >= 1.0 - LEGEND_BOX.1);
+        let inside = [high && left, high && right, low && right, low && left];
+        for (count, hit) in counts.iter_mut().zip(inside) {
+            *count += usize::from(hit);
+        }
+    }
+    let corners = [
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::LowerLeft,
+    ];
+    // `min_by_key` keeps the first of equal minima, which is the tie order.
+    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
+    corners[best].clone()
+}
+
+/// The legend corner for `panel` drawn on the drawing-coordinate ranges `x`, `y` (left axis) and
+/// `y2` (right axis): every series' points, each mapped through the range of its own y axis.
+fn legend_position(
+    panel: &Panel,
+    x: &std::ops::Range<f64>,
+    y: &std::ops::Range<f64>,
+    y2: &std::ops::Range<f64>,
+) -> SeriesLabelPosition {
+    let unit = |v: f64, r: &std::ops::Range<f64>| (v - r.start) / (r.end - r.start);
+    let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
+    legend_corner(panel.series.iter().flat_map(|s| {
+        let (scale, yr) = match s.axis {
+            Axis::Left => (panel.y.scale, y),
+            Axis::Right => (y2s, y2),
+        };
+        points_on(s, panel.x.scale, scale)
+            .into_iter()
+            .map(move |(px, py)| (unit(px, x), unit(py, yr)))
+    }))
+}
+
 fn rgb(style: &Style) -> RGBColor {
     RGBColor(style.color.0, style.color.1, style.color.2)
 }
@@ -314,7 +361,7 @@ fn draw_panel<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend_position(panel, &xr, &yr, &y2r))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK.mix(0.5))
         .label_font((FONT, 12))
@@ -454,6 +501,66 @@ mod tests {
             ["1e-8", "1e-6", "1e-4", "0.01", "1", "100"]
         );
         assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
+    }
+
+    #[test]
+    fn legend_avoids_the_corners_a_rising_curve_crosses() {
+        use SeriesLabelPosition::{LowerRight, UpperLeft};
+        let rising = |f: fn(f64) -> f64| {
+            (0..=50).map(move |i| {
+                let t = f64::from(i) / 50.0;
+                (t, f(t))
+            })
+        };
+        let curves: [fn(f64) -> f64; 3] = [|t| t, |t| t * t, f64::sqrt];
+        for f in curves {
+            let corner = legend_corner(rising(f));
+            assert!(matches!(corner, UpperLeft | LowerRight), "{corner:?}");
+        }
+        // With a point in the upper left too, the lower right is the free corner.
+        assert_eq!(legend_corner(rising(|t| t).chain([(0.1, 0.9)])), LowerRight);
+    }
+
+    #[test]
+    fn legend_leaves_a_filled_corner() {
+        use SeriesLabelPosition::{LowerLeft, UpperLeft, UpperRight};
+        assert_eq!(legend_corner(std::iter::empty()), UpperLeft);
+        let grid = |u0: f64, v0: f64| {
+            (0..10).flat_map(move |i| {
+                (0..10).map(move |j| (u0 + 0.03 * f64::from(i), v0 + 0.03 * f64::from(j)))
+            })
+        };
+        assert_eq!(legend_corner(grid(0.0, 0.72)), UpperRight);
+        // Upper left full, one point at upper right and lower right each: lower left wins.
+        let more = grid(0.0, 0.72).chain([(0.9, 0.9), (0.9, 0.1)]);
+        assert_eq!(legend_corner(more), LowerLeft);
+    }
+
+    #[test]
+    fn legend_counts_twin_axis_series_on_their_own_range() {
+        let mut panel = figure().panels.remove(0);
+        panel.series = vec![
+            Series {
+                name: "λmax".into(),
+                style: column_style("lambda_max", 0),
+                axis: Axis::Left,
+                points: (0..=20).map(|i| (f64::from(i), f64::from(i))).collect(),
+            },
+            // 1e-2 tops the log twin axis (upper left) but is 0 on the left axis (lower left).
+            Series {
+                name: "loss".into(),
+                style: column_style("loss", 1),
+                axis: Axis::Right,
+                points: (0..=5)
+                    .map(|i| (f64::from(i), 1e-2))
+                    .chain([(20.0, 1e-4)])
+                    .collect(),
+            },
+        ];
+        assert_eq!(
+            legend_position(&panel, &(0.0..20.0), &(0.0..20.0), &(-4.0..-2.0)),
+            SeriesLabelPosition::LowerRight
+        );
     }
 
     #[test]

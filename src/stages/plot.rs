@@ -145,36 +145,79 @@ fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageE
     Ok(out)
 }
 
+/// The value at `x` of a step function given by its sorted corner points (the last point at or
+/// before `x`), `None` before its first point.
+fn step_value(line: &[(f64, f64)], x: f64) -> Option<f64> {
+    line.iter().take_while(|p| p.0 <= x).last().map(|p| p.1)
+}
+
+/// The panels of a `time_series` plot. Runs in one panel (e.g. a `train` run and the `measure`
+/// stages on its checkpoints) each contribute the columns they have values for (a column no run
+/// of the panel has is an error); a series names its
+/// run only when several runs in the panel draw the same column, and a 2/η line equal to one already
+/// drawn is drawn once.
 fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
+    let columns: Vec<(&String, Axis)> = params
+        .columns
+        .iter()
+        .map(|c| (c, Axis::Left))
+        .chain(params.secondary.iter().map(|c| (c, Axis::Right)))
+        .collect();
     let mut panels = Vec::new();
     for (title, members) in group_runs(runs, &params.panel_by, RUNS)? {
-        let many = members.len() > 1;
-        let mut series = Vec::new();
-        for (ri, run) in members.iter().enumerate() {
-            let suffix = if many {
+        let suffix = |run: &RunMetrics, shared: bool| {
+            if shared {
                 format!(" ({})", run.stage)
             } else {
                 String::new()
-            };
-            if params.threshold {
+            }
+        };
+        let mut series = Vec::new();
+        if params.threshold {
+            let mut lines: Vec<(&RunMetrics, Vec<(f64, f64)>)> = Vec::new();
+            for &run in &members {
+                let points = threshold_points(run, &params.x)?;
+                let covered = lines
+                    .iter()
+                    .any(|(_, line)| points.iter().all(|&(x, y)| step_value(line, x) == Some(y)));
+                if !points.is_empty() && !covered {
+                    lines.push((run, points));
+                }
+            }
+            let shared = lines.len() > 1;
+            for (run, points) in lines {
                 series.push(Series {
-                    name: format!("2/η{suffix}"),
+                    name: format!("2/η{}", suffix(run, shared)),
                     style: threshold_style(),
                     axis: Axis::Left,
-                    points: threshold_points(run, &params.x)?,
+                    points,
                 });
             }
-            let columns = params.columns.iter().map(|c| (c, Axis::Left));
-            let secondary = params.secondary.iter().map(|c| (c, Axis::Right));
-            for (ci, (column, axis)) in columns.chain(secondary).enumerate() {
-                let mut style = column_style(column, ci);
-                if many && ri > 0 {
-                    style.color = CYCLE[(ri + ci) % CYCLE.len()];
-                }
-                let mut points = run
+        }
+        for (ci, &(column, axis)) in columns.iter().enumerate() {
+            // A column missing from every run of the panel is an error (a typo); from some, not.
+            if !members.iter().any(|r| r.table.has(column)) {
+                members[0]
+                    .table
+                    .column(column)
+                    .map_err(|e| input_error(RUNS, e))?;
+            }
+            let mut drawn = Vec::new();
+            for &run in members.iter().filter(|r| r.table.has(column)) {
+                let points = run
                     .table
                     .pairs(&params.x, column)
                     .map_err(|e| input_error(RUNS, e))?;
+                if !points.is_empty() {
+                    drawn.push((run, points));
+                }
+            }
+            let shared = drawn.len() > 1;
+            for (k, (run, mut points)) in drawn.into_iter().enumerate() {
+                let mut style = column_style(column, ci);
+                if k > 0 {
+                    style.color = CYCLE[(k + ci) % CYCLE.len()];
+                }
                 let mut name = display_name(column);
                 if let Some(&window) = params.smooth.get(column.as_str()) {
                     let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
@@ -184,7 +227,7 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
                     name = format!("{name}, mean of {window}");
                 }
                 series.push(Series {
-                    name: format!("{name}{suffix}"),
+                    name: format!("{name}{}", suffix(run, shared)),
                     style,
                     axis,
                     points,
@@ -438,7 +481,9 @@ impl Stage for PlotStage {
         // 3: dashed legend entries for dashed lines.
         // 4: titles shrink to fit the canvas.
         // 5: the mini-batch loss in light grey, the full-batch loss in grey.
-        5
+        // 6: runs sharing a panel merge their columns (2/η once, run names only where needed);
+        //    legends go to the corner with the least data.
+        6
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -558,6 +603,49 @@ mod tests {
             "{}",
             &text[..200]
         );
+    }
+
+    #[test]
+    fn runs_sharing_a_panel_merge_their_columns() {
+        // A train run and a measure-like run on its checkpoints: λmax at two of them, the Hessian
+        // trace (a column the train run lacks) at three.
+        let mut inputs = fixture_runs();
+        let runs = inputs.get_mut("runs").unwrap();
+        runs.truncate(1);
+        let measured = tempfile::tempdir().unwrap();
+        std::fs::write(
+            measured.path().join("metrics.csv"),
+            "step,epoch,lr,batch_size,loss,lambda_max,batch_sharpness,hessian_trace\n\
+             10,,0.04,8,,3.5,,700\n20,,0.04,8,,,,800\n30,,0.04,8,,4.5,,900\n",
+        )
+        .unwrap();
+        let mut measure = runs[0].clone();
+        measure.stage = "trace[batch_size=8]".into();
+        measure.dir = measured.path().to_path_buf();
+        runs.push(measure);
+        let params = json!({"panel_by": "batch_size", "secondary": ["hessian_trace"]});
+        let (dir, r) = run_stage(&PlotStage, params, &inputs);
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let names: std::collections::BTreeSet<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap())
+            .collect();
+        let expected = [
+            "2/η",
+            "Batch Sharpness",
+            "Hessian trace",
+            "Step Sharpness",
+            "λmax (trace[batch_size=8])",
+            "λmax (train[batch_size=8])",
+        ];
+        assert_eq!(names, expected.into_iter().collect());
+        assert_eq!(text.matches(",Hessian trace,right,").count(), 3);
+
+        let params = json!({"panel_by": "batch_size", "columns": ["lambda_mx"]});
+        let err = run_stage(&PlotStage, params, &inputs).1.unwrap_err();
+        assert!(err.to_string().contains("lambda_mx"), "{err}");
     }
 
     #[test]
