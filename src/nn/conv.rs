@@ -15,6 +15,7 @@ use candle_core::{Result, Tensor};
 use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
 use super::im2col::patches;
 use super::loss::{per_sample_loss, LossKind, Targets};
+use super::reduce::column_sums;
 use super::ConvNet;
 
 /// The retained forward pass of a batch.
@@ -202,7 +203,7 @@ impl ConvForward {
             let delta = (&u * gate)?;
             let k = self.weights[l].dim(2)?;
             gradient[2 * l] = Some(kernel_gradient(&self.patches[l], &delta, k)?);
-            gradient[2 * l + 1] = Some(delta.flatten_to(2)?.sum(0)?);
+            gradient[2 * l + 1] = Some(column_sums(&delta.flatten_to(2)?)?);
             if l > 0 {
                 u = input_gradient(&delta, &self.weights[l])?;
             }

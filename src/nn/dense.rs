@@ -10,6 +10,7 @@
 use candle_core::{Result, Tensor, D};
 
 use super::loss::{per_sample_loss, LossKind, Targets};
+use super::reduce::column_sums;
 use super::DenseStack;
 
 /// The retained forward pass of a batch.
@@ -90,7 +91,7 @@ impl DenseForward {
         let mut upstream = Vec::with_capacity(layers);
         for l in (0..layers).rev() {
             gradient[2 * l] = Some(self.inputs[l].t()?.matmul(&delta)?);
-            gradient[2 * l + 1] = Some(delta.sum(0)?);
+            gradient[2 * l + 1] = Some(column_sums(&delta)?);
             if l > 0 {
                 let u = delta.matmul(&self.params[2 * l].t()?)?;
                 let below = (&u * &self.slopes[l - 1])?;
@@ -220,7 +221,7 @@ pub fn gradient_moments(
     for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
         let delta_sq = delta.sqr()?;
         squares.push(a.sqr()?.t()?.matmul(&delta_sq)?);
-        squares.push(delta_sq.sum(0)?);
+        squares.push(column_sums(&delta_sq)?);
     }
     Ok((backward.gradient, squares))
 }

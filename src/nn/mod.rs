@@ -15,6 +15,7 @@ pub mod layers;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod reduce;
 pub mod spec;
 
 pub use layers::Activation;

@@ -32,6 +32,7 @@ use crate::nn::conv::{
 use crate::nn::dense::SampleWeights;
 use crate::nn::im2col::patches;
 use crate::nn::loss::LossKind;
+use crate::nn::reduce::column_sums;
 use crate::nn::ConvNet;
 
 /// The retained forward and backward pass of one chunk through a conv net.
@@ -243,7 +244,12 @@ impl ConvChunk {
                 gw = (gw + term).ctx(ctx)?;
             }
             out[2 * l] = Some(gw);
-            out[2 * l + 1] = Some(r_delta.flatten_to(2).and_then(|t| t.sum(0)).ctx(ctx)?);
+            out[2 * l + 1] = Some(
+                r_delta
+                    .flatten_to(2)
+                    .and_then(|t| column_sums(&t))
+                    .ctx(ctx)?,
+            );
             if l > 0 {
                 r_u = input_gradient(&r_delta, &weights[l]).ctx(ctx)?;
                 if !gauss_newton {

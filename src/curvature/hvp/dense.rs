@@ -23,6 +23,7 @@ use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::dense::{DenseBackward, DenseForward, DensePass, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind};
+use crate::nn::reduce::column_sums;
 use crate::nn::DenseStack;
 
 /// The per-sample factors of a chunk's objective (the mean loss: share / n_c for every sample).
@@ -333,7 +334,7 @@ pub(super) fn backward_tangents(
             gw = (gw + term).ctx(ctx)?;
         }
         out[2 * l] = Some(gw);
-        out[2 * l + 1] = Some(r_delta.sum(0).ctx(ctx)?);
+        out[2 * l + 1] = Some(column_sums(&r_delta).ctx(ctx)?);
         if l == 0 {
             break;
         }
