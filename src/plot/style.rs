@@ -44,6 +44,9 @@ pub fn display_name(column: &str) -> String {
         "lambda_max_gn" => "λmax (Gauss–Newton)",
         "batch_sharpness_gn" => "Batch Sharpness (Gauss–Newton)",
         "lambda_max_b_gn" => "λmax^b (Gauss–Newton)",
+        "smc_eq37" => "λmax(E[(I − ηH_B)²])",
+        "smc_eq39" => "λmax(−2ηH + η²E[H_B²])",
+        "grad_norm_sq" => "‖∇L‖²",
         other => other,
     }
     .to_string()

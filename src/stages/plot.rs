@@ -108,9 +108,16 @@ pub struct PlotParams {
     /// Draw the dashed 2/η (default true).
     #[serde(default = "default_true")]
     pub threshold: bool,
+    /// A dashed horizontal line at this left-axis level across each panel, for quantities whose
+    /// threshold is not 2/η (e.g. 1 for the second-moment contraction of eq. 37); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<f64>,
     /// Log scale on the left y axis (default false).
     #[serde(default)]
     pub log_y: bool,
+    /// Log scale on the right y axis (default true, for losses; e.g. false for the Hessian trace).
+    #[serde(default = "default_true")]
+    pub log_secondary: bool,
     /// Final-value protocol for `lambda_vs_batch` (default `final_epoch`).
     #[serde(default = "default_protocol")]
     pub protocol: FinalProtocol,
@@ -234,6 +241,20 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
                 });
             }
         }
+        if let Some(level) = params.reference {
+            let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+            let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x), hi.max(x))
+            });
+            if lo <= hi {
+                series.push(Series {
+                    name: format!("threshold {level}"),
+                    style: threshold_style(),
+                    axis: Axis::Left,
+                    points: vec![(lo, level), (hi, level)],
+                });
+            }
+        }
         let y_label = if params.columns.len() == 1 {
             display_name(&params.columns[0])
         } else {
@@ -248,11 +269,16 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
                 AxisSpec::linear(&y_label)
             },
             y2: (!params.secondary.is_empty()).then(|| {
-                AxisSpec::log(&if params.secondary.len() == 1 {
+                let label = if params.secondary.len() == 1 {
                     display_name(&params.secondary[0])
                 } else {
                     "loss".to_string()
-                })
+                };
+                if params.log_secondary {
+                    AxisSpec::log(&label)
+                } else {
+                    AxisSpec::linear(&label)
+                }
             }),
             series,
         });
@@ -483,7 +509,8 @@ impl Stage for PlotStage {
         // 5: the mini-batch loss in light grey, the full-batch loss in grey.
         // 6: runs sharing a panel merge their columns (2/η once, run names only where needed);
         //    legends go to the corner with the least data.
-        6
+        // 7: names for the second-moment contraction and gradient-norm columns.
+        7
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -642,6 +669,27 @@ mod tests {
         ];
         assert_eq!(names, expected.into_iter().collect());
         assert_eq!(text.matches(",Hessian trace,right,").count(), 3);
+
+        let params = json!({"panel_by": "batch_size", "threshold": false, "reference": 1.0});
+        let (dir, r) = run_stage(&PlotStage, params, &inputs);
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        assert!(!text.contains("2/η"));
+        // The reference line spans the x range of what else is drawn, at its level.
+        let (mut reference, mut xs) = (Vec::new(), Vec::new());
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            let (x, y): (f64, f64) = (f[3].parse().unwrap(), f[4].parse().unwrap());
+            if f[1] == "threshold 1" {
+                reference.push((x, y));
+            } else {
+                xs.push(x);
+            }
+        }
+        let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(lo < hi);
+        assert_eq!(reference, [(lo, 1.0), (hi, 1.0)]);
 
         let params = json!({"panel_by": "batch_size", "columns": ["lambda_mx"]});
         let err = run_stage(&PlotStage, params, &inputs).1.unwrap_err();
