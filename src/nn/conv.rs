@@ -13,6 +13,7 @@
 use candle_core::{Result, Tensor};
 
 use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
+use super::gate::{activate, gate_gradient};
 use super::im2col::patches;
 use super::loss::{per_sample_loss, LossKind, Targets};
 use super::reduce::column_sums;
@@ -43,39 +44,6 @@ pub struct ConvBackward {
     pub head: DenseBackward,
     /// ∂L/∂θ, one tensor per parameter in the network's order (convolutions, then the head).
     pub gradient: Vec<Tensor>,
-}
-
-/// 2×2 max pooling with stride 2 of `a` (N, H, W, C), dropping an odd last row or column: the pooled
-/// tensor and the 0/1 mask (N, H, W, C) of the window maxima.
-fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (n, h, w, c) = a.dims4()?;
-    let (ho, wo) = (h / 2, w / 2);
-    if ho == 0 || wo == 0 {
-        candle_core::bail!("max pool: input {h}×{w} is too small for a 2×2 window");
-    }
-    let windows = a
-        .narrow(1, 0, 2 * ho)?
-        .narrow(2, 0, 2 * wo)?
-        .reshape((n, ho, 2, wo, 2, c))?;
-    let pooled = windows.max_keepdim(4)?.max_keepdim(2)?;
-    let mask = windows
-        .broadcast_eq(&pooled)?
-        .to_dtype(a.dtype())?
-        .reshape((n, 2 * ho, 2 * wo, c))?
-        .pad_with_zeros(1, 0, h - 2 * ho)?
-        .pad_with_zeros(2, 0, w - 2 * wo)?;
-    Ok((pooled.reshape((n, ho, wo, c))?, mask))
-}
-
-/// Spreads the gradient `u` (N, H/2, W/2, C) of a pooled tensor over its 2×2 windows, (N, H, W, C)
-/// (zeros in a dropped odd row or column); the pool's mask then picks the maxima.
-pub fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (n, ho, wo, c) = u.dims4()?;
-    u.reshape((n, ho, 1, wo, 1, c))?
-        .broadcast_as((n, ho, 2, wo, 2, c))?
-        .reshape((n, 2 * ho, 2 * wo, c))?
-        .pad_with_zeros(1, 0, h - 2 * ho)?
-        .pad_with_zeros(2, 0, w - 2 * wo)
 }
 
 /// Sums `t` (N, H, W, C) over 2×2 windows, dropping an odd last row or column: with `t` already
@@ -152,17 +120,11 @@ impl ConvForward {
             let (c_out, _, k, _) = weight.dims4()?;
             let (n, h, w, _) = a.dims4()?;
             let cols = patches(&a, k)?;
-            let z = cols
-                .matmul(&kernel_matrix(&weight)?)?
-                .broadcast_add(&bias)?
-                .reshape((n, h + 1 - k, w + 1 - k, c_out))?;
-            let mut gate = z.gt(0.0)?.to_dtype(z.dtype())?;
-            a = z.relu()?;
-            if pool {
-                let (pooled, mask) = max_pool(&a)?;
-                gate = (gate * mask)?;
-                a = pooled;
-            }
+            let y =
+                cols.matmul(&kernel_matrix(&weight)?)?
+                    .reshape((n, h + 1 - k, w + 1 - k, c_out))?;
+            let (activated, gate) = activate(&y, &bias, pool)?;
+            a = activated;
             weights.push(weight);
             all_patches.push(cols);
             gates.push(gate);
@@ -195,12 +157,7 @@ impl ConvForward {
         let mut gradient = vec![None; 2 * layers];
         let mut deltas = vec![None; layers];
         for l in (0..layers).rev() {
-            let gate = &self.gates[l];
-            let (_, ho, wo, _) = gate.dims4()?;
-            if self.pools[l] {
-                u = unpool(&u, ho, wo)?;
-            }
-            let delta = (&u * gate)?;
+            let delta = gate_gradient(&u, &self.gates[l], self.pools[l])?;
             let k = self.weights[l].dim(2)?;
             gradient[2 * l] = Some(kernel_gradient(&self.patches[l], &delta, k)?);
             gradient[2 * l + 1] = Some(column_sums(&delta.flatten_to(2)?)?);
@@ -354,36 +311,5 @@ mod tests {
             (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
             "{fd} vs {exact}"
         );
-    }
-
-    #[test]
-    fn max_pool_keeps_the_window_maxima() {
-        let a = random_tensor(&[1, 3, 5, 2], 80, 1.0).unwrap();
-        let (pooled, mask) = max_pool(&a).unwrap();
-        assert_eq!(pooled.dims(), &[1, 1, 2, 2]);
-        let av = flat(&a);
-        let (pv, mv) = (flat(&pooled), flat(&mask));
-        let at = |i: usize, j: usize, c: usize| (i * 5 + j) * 2 + c;
-        for c in 0..2 {
-            for j in 0..2 {
-                let window = [
-                    at(0, 2 * j, c),
-                    at(0, 2 * j + 1, c),
-                    at(1, 2 * j, c),
-                    at(1, 2 * j + 1, c),
-                ];
-                let max = window.iter().map(|&w| av[w]).fold(f64::MIN, f64::max);
-                assert_eq!(pv[j * 2 + c], max);
-                for &w in &window {
-                    assert_eq!(mv[w], if av[w] == max { 1.0 } else { 0.0 });
-                }
-            }
-            // The dropped last row and column pass nothing back.
-            for j in 0..5 {
-                assert_eq!(mv[at(2, j, c)], 0.0);
-            }
-            assert_eq!(mv[at(0, 4, c)], 0.0);
-            assert_eq!(mv[at(1, 4, c)], 0.0);
-        }
     }
 }

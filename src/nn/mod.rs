@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod conv;
 pub mod dense;
+pub mod gate;
 #[cfg(test)]
 mod gradcheck;
 pub mod gradient;

@@ -26,10 +26,11 @@ use super::dense::{
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
-    flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features, unpool,
+    flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features,
     window_sum, ConvBackward, ConvForward, ConvPass,
 };
 use crate::nn::dense::SampleWeights;
+use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::patches;
 use crate::nn::loss::LossKind;
 use crate::nn::reduce::column_sums;
@@ -232,12 +233,8 @@ impl ConvChunk {
         let deltas = &self.backward.deltas;
         let mut out = vec![None; 2 * convs];
         for l in (0..convs).rev() {
-            let (_, ho, wo, _) = gates[l].dims4().ctx(ctx)?;
             let k = weights[l].dim(2).ctx(ctx)?;
-            if pools[l] {
-                r_u = unpool(&r_u, ho, wo).ctx(ctx)?;
-            }
-            let r_delta = (&r_u * &gates[l]).ctx(ctx)?;
+            let r_delta = gate_gradient(&r_u, &gates[l], pools[l]).ctx(ctx)?;
             let mut gw = kernel_gradient(&kept[l], &r_delta, k).ctx(ctx)?;
             if let (false, Some(p)) = (gauss_newton, &patch_dots[l]) {
                 let term = kernel_gradient(p, &deltas[l], k).ctx(ctx)?;
