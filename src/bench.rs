@@ -1,8 +1,9 @@
 //! `eoss bench`: times the operations that dominate a run — the SGD step, the Hessian-vector
 //! product, a λmax solve (cold and warm-started) and a batch-sharpness estimate — for the paper's
 //! MLP 3072-512-512-10 and 5-layer CNN, in f32 on the CPU or a CUDA GPU, and, when a Python with
-//! PyTorch is given, times exactly the same cases in PyTorch in the same run
-//! (`bench/torch_reference.py`, embedded in the binary) and prints the ratio eoss / PyTorch.
+//! PyTorch is given, times exactly the same cases in PyTorch in the same run, each case right before
+//! eoss times it (`bench/torch_reference.py`, embedded in the binary), and prints the ratio
+//! eoss / PyTorch.
 //!
 //! Every case runs on fixed random inputs (seeded) of CIFAR-10's shape with one-hot MSE targets;
 //! times are medians over repetitions after one warm-up, with the device synchronised around each.
@@ -445,7 +446,7 @@ fn gradient_step(setup: &mut Setup, lr: f64) -> candle_core::Result<()> {
     setup.device.synchronize()
 }
 
-/// Runs the PyTorch reference on `cases`; returns name → (ms, hvps).
+/// Runs the PyTorch reference on `cases` in one interpreter; returns name → (ms, hvps).
 fn run_torch(
     python: &Path,
     device: DeviceClass,
@@ -507,25 +508,28 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Timing>, Box<BenchError>> {
         .into_iter()
         .filter(|c| opts.filter.as_ref().is_none_or(|f| c.name().contains(f)))
         .collect();
-    let torch = match &opts.torch {
-        Some(python) => {
-            eprintln!(
-                "timing {} cases in PyTorch ({})",
-                cases.len(),
-                python.display()
-            );
-            Some(run_torch(python, opts.device, &cases, opts.seconds)?)
-        }
-        None => None,
-    };
+    if let Some(python) = &opts.torch {
+        eprintln!(
+            "timing each case in PyTorch ({}) right before eoss",
+            python.display()
+        );
+    }
     println!(
         "{:<28} {:>11} {:>6} {:>12} {:>6} {:>7}",
         "case", "eoss ms", "hvps", "pytorch ms", "hvps", "ratio"
     );
     let mut timings = Vec::new();
     for case in &cases {
+        // Case by case, PyTorch then eoss: the machine's speed drifts over a long run, and a ratio
+        // should compare two timings taken minutes apart at most.
+        let reference = match &opts.torch {
+            Some(python) => {
+                run_torch(python, opts.device, &[*case], opts.seconds)?.remove(&case.name())
+            }
+            None => None,
+        };
         let mut t = run_case(case, opts, &device)?;
-        if let Some(reference) = torch.as_ref().and_then(|m| m.get(&t.name)) {
+        if let Some(reference) = reference {
             t.torch_ms = reference["ms"].as_f64();
             t.torch_hvps = reference["hvps"].as_u64().map(|h| h as usize);
         }
