@@ -107,7 +107,7 @@ pub enum Lookup {
 /// The right to compute one key: its lock and its work directory.
 #[derive(Debug)]
 pub struct Claim {
-    _lock: KeyLock,
+    lock: KeyLock,
     work_dir: PathBuf,
     artifact_dir: PathBuf,
 }
@@ -168,12 +168,14 @@ impl Store {
         let lock_path = self.root.join("tmp").join(format!("{kind}-{key}.lock"));
         let lock = KeyLock::acquire(&lock_path, on_wait).map_err(io_err(&lock_path))?;
         if let Some(m) = self.published(kind, key)? {
+            // Published while we waited: the lock file we just made is not needed.
+            lock.remove().map_err(io_err(&lock_path))?;
             return Ok(Lookup::Hit(Box::new(m)));
         }
         let work_dir = self.work_dir(kind, key);
         make_dir(&work_dir)?;
         Ok(Lookup::Miss(Claim {
-            _lock: lock,
+            lock,
             work_dir,
             artifact_dir: self.artifact_dir(kind, key),
         }))
@@ -405,6 +407,10 @@ impl Claim {
         if let Ok(d) = std::fs::File::open(kind_dir) {
             let _ = d.sync_all();
         }
+        // The key is published: its lock file goes too (removed while held, so a waiter retries on
+        // a fresh file and then finds the artifact), leaving tmp/ empty of finished keys.
+        let lock_path = self.lock.path().to_path_buf();
+        self.lock.remove().map_err(io_err(&lock_path))?;
         Ok(manifest)
     }
 }
@@ -459,6 +465,9 @@ mod tests {
             }
         );
         assert!(m.outputs.contains_key(SUMMARY) && !m.outputs.contains_key(LOG));
+        // Nothing of the finished key is left in tmp/: no work directory, no lock file.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
         assert_eq!(m.summary, Some(serde_json::json!({"diverged_at": 12})));
         let art = store.artifact_dir("dataset", &key);
         let mode = std::fs::metadata(art.join("sub/x.bin"))

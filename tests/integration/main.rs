@@ -245,6 +245,12 @@ fn two_concurrent_runs_compute_each_key_once() {
     let mut both = vec![ra[0].1.clone(), rb[0].1.clone()];
     both.sort();
     assert_eq!(both, ["cached", "computed"]);
+    // The published key leaves no lock file behind, whichever run waited.
+    let locks: Vec<_> = std::fs::read_dir(env.store().join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(locks.is_empty(), "{locks:?}");
 }
 
 #[test]
