@@ -713,6 +713,15 @@ fn gc(store: &Store, keep: &[String], delete: bool, registry: &Registry) -> Resu
         count += 1;
         total += size;
     }
+    let mut locks = 0;
+    for path in store.idle_lock_files()? {
+        if !delete || store.remove_lock_file(&path)? {
+            locks += 1;
+        }
+    }
+    if locks > 0 {
+        out.push_str(&format!("{verb} {locks} idle lock file(s) under tmp/\n"));
+    }
     out.push_str(&if delete {
         format!("gc: removed {count} item(s), {}\n", human_size(total))
     } else {

@@ -255,6 +255,25 @@ impl Store {
         Ok(true)
     }
 
+    /// Lock files under `tmp/` with no work directory beside them (left by keys published before
+    /// publishing removed its lock file, or by a process killed between the two).
+    pub fn idle_lock_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+        Ok(sorted_entries(&self.root.join("tmp"))?
+            .into_iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "lock") && !p.with_extension("").is_dir()
+            })
+            .collect())
+    }
+
+    /// Removes a lock file if nobody holds it. Returns whether it did.
+    pub fn remove_lock_file(&self, path: &Path) -> Result<bool, StoreError> {
+        match KeyLock::try_acquire(path).map_err(io_err(path))? {
+            Some(lock) => lock.remove().map_err(io_err(path)).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// The directory holding the external-file hash memo.
     pub fn memo_dir(&self) -> PathBuf {
         self.root.join("memo")

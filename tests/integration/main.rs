@@ -396,14 +396,21 @@ fn gc_keeps_what_the_kept_pipelines_reach() {
     let drop = env.pipeline("drop.yaml", &other);
     env.run(&keep, &[], 0);
     env.run(&drop, &[], 0);
+    // A lock file of a key published by an older eoss (which left them behind).
+    let idle = env.store().join("tmp/dataset-0000.lock");
+    std::fs::write(&idle, b"").unwrap();
     // `small` is shared by both pipelines; only swept[seed=3] is unreached.
     let (code, out, err) = env.eoss(&["gc", "--keep", "keep.yaml"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.lines()
-            .filter(|l| l.starts_with("would remove "))
+            .filter(|l| l.starts_with("would remove ") && !l.contains("lock file"))
             .count(),
         1,
+        "{out}"
+    );
+    assert!(
+        out.contains("would remove 1 idle lock file(s)") && idle.exists(),
         "{out}"
     );
     assert!(
@@ -413,6 +420,7 @@ fn gc_keeps_what_the_kept_pipelines_reach() {
     let (code, out, _) = env.eoss(&["gc", "--keep", "keep*.yaml", "--delete"]);
     assert_eq!(code, 0);
     assert!(out.contains("removed 1 item(s)"), "{out}");
+    assert!(!idle.exists(), "{out}");
     assert!(env.run(&keep, &[], 0).iter().all(|(_, s)| s == "cached"));
     assert_eq!(env.plan(&drop, &[])[1].1, "stale");
     let (code, out, _) = env.eoss(&["verify"]);
