@@ -167,13 +167,10 @@ fn unpool_cpu(
 }
 
 /// 2×2 max pooling with stride 2 of `a` (N, H, W, C), dropping an odd last row or column: the pooled
-/// tensor and the 0/1 mask (N, H, W, C) of the window maxima.
-pub fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
+/// tensor and the 0/1 mask (N, H, W, C) of the window maxima ([`activate`] checks the size).
+fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, h, w, c) = a.dims4()?;
     let (ho, wo) = (h / 2, w / 2);
-    if ho == 0 || wo == 0 {
-        candle_core::bail!("max pool: input {h}×{w} is too small for a 2×2 window");
-    }
     let windows = a
         .narrow(1, 0, 2 * ho)?
         .narrow(2, 0, 2 * wo)?
@@ -190,7 +187,7 @@ pub fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// Spreads the gradient `u` (N, H/2, W/2, C) of a pooled tensor over its 2×2 windows, (N, H, W, C)
 /// (zeros in a dropped odd row or column); the pool's mask then picks the maxima.
-pub fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+fn unpool(u: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (n, ho, wo, c) = u.dims4()?;
     u.reshape((n, ho, 1, wo, 1, c))?
         .broadcast_as((n, ho, 2, wo, 2, c))?

@@ -160,9 +160,8 @@ fn step_value(line: &[(f64, f64)], x: f64) -> Option<f64> {
 
 /// The panels of a `time_series` plot. Runs in one panel (e.g. a `train` run and the `measure`
 /// stages on its checkpoints) each contribute the columns they have values for (a column no run
-/// of the panel has is an error); a series names its
-/// run only when several runs in the panel draw the same column, and a 2/η line equal to one already
-/// drawn is drawn once.
+/// of the panel has is an error); a series names its run only when several runs in the panel draw
+/// the same column, and a 2/η line equal to one already drawn is drawn once.
 fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
     let columns: Vec<(&String, Axis)> = params
         .columns

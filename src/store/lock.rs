@@ -53,11 +53,6 @@ impl KeyLock {
         }
     }
 
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Removes the lock file while holding the lock (waiters notice and retry on a fresh file).
     pub fn remove(self) -> io::Result<()> {
         std::fs::remove_file(&self.path)
