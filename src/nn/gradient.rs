@@ -1,12 +1,12 @@
 //! The gradient of a batch objective Σ_i c_i ℓ_i by the fastest passes a model has: hand-written
-//! ones for a dense stack ([`super::dense`]) or a conv net ([`super::conv`]), candle's autograd for
-//! every other model.
+//! ones for a dense stack ([`super::dense`]), a conv net ([`super::conv`]) or, on the CPU, a
+//! residual net ([`super::residual`]); candle's autograd otherwise.
 
 use candle_core::{DType, Result, Tensor};
 
 use super::dense::SampleWeights;
 use super::loss::{per_sample_loss, LossKind, Targets};
-use super::{conv, dense, Model};
+use super::{conv, dense, residual, Model};
 
 /// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, one detached tensor
 /// per parameter in the model's order.
@@ -22,6 +22,9 @@ pub fn loss_and_gradient(
     }
     if let Some(net) = model.conv_net() {
         return conv::loss_and_gradient(net, kind, inputs, targets, weights);
+    }
+    if let (Some(net), true) = (model.residual_net(), inputs.device().is_cpu()) {
+        return residual::loss_and_gradient(net, kind, inputs, targets, weights);
     }
     let losses = per_sample_loss(kind, &model.forward(inputs)?, targets)?;
     let objective = match weights {

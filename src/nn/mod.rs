@@ -17,6 +17,7 @@ pub mod loss;
 pub mod models;
 pub mod optim;
 pub mod reduce;
+pub mod residual;
 pub mod spec;
 
 pub use layers::Activation;
@@ -64,6 +65,11 @@ pub trait Model: Send + Sync {
     fn conv_net(&self) -> Option<ConvNet<'_>> {
         None
     }
+    /// The model as a residual network (the CIFAR ResNets), so that its gradients and curvature
+    /// products can use hand-written passes instead of candle's autograd.
+    fn residual_net(&self) -> Option<ResidualNet<'_>> {
+        None
+    }
 }
 
 /// A network that flattens its input, then applies dense layers `x ↦ x W + b` (weights stored
@@ -85,5 +91,28 @@ pub struct ConvNet<'a> {
     /// Whether a 2×2 max pool follows each convolution's ReLU.
     pub pools: &'a [bool],
     /// The dense layers after the flatten.
+    pub head: DenseStack<'a>,
+}
+
+/// One BasicBlock of a [`ResidualNet`]: conv3×3(stride)–ReLU–conv3×3 (padding 1, no bias) plus the
+/// option-A shortcut (`::stride` subsampling, channels zero-padded to `out_channels`), then ReLU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidualBlock {
+    /// Stride of the block's first convolution and of its shortcut (1 or 2).
+    pub stride: usize,
+    /// Channels of the block's output.
+    pub out_channels: usize,
+}
+
+/// A CIFAR ResNet without BatchNorm: a 3×3 stem convolution (padding 1, no bias) and ReLU,
+/// [`ResidualBlock`]s, a global average pool and a dense head.
+#[derive(Clone, Copy)]
+pub struct ResidualNet<'a> {
+    /// The stem's weight, then both weights of each block: `[W₀, W₁₁, W₁₂, W₂₁, ...]`, each
+    /// (C_out, C_in, 3, 3).
+    pub convs: &'a [Param],
+    /// The blocks, in order.
+    pub blocks: &'a [ResidualBlock],
+    /// The linear layer after the pool.
     pub head: DenseStack<'a>,
 }

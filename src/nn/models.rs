@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 
 use super::init::{Fan, Initializer};
 use super::layers::{conv2d, global_avg_pool, linear, max_pool2, option_a_shortcut, Activation};
-use super::{ConvNet, DenseStack, Model, Param};
+use super::{ConvNet, DenseStack, Model, Param, ResidualBlock, ResidualNet};
 
 /// A fully connected network: flatten (C, H, W order), then `depth` hidden layers of `width` units
 /// with `activation`, then a linear output layer. Weights Kaiming-normal (fan_in, ReLU gain √2 for
@@ -173,14 +173,6 @@ impl Model for Cnn {
     }
 }
 
-/// One BasicBlock: conv3×3(stride)–ReLU–conv3×3 plus the option-A shortcut, then ReLU.
-struct Block {
-    conv1: usize,
-    conv2: usize,
-    stride: usize,
-    out_channels: usize,
-}
-
 /// He et al.'s CIFAR ResNet (6n+2 layers) with BatchNorm replaced by the identity: stem conv 3×3
 /// C→16 + ReLU; three stages of n BasicBlocks with 16, 32, 64 channels, stride 2 entering stages 2
 /// and 3; option-A shortcuts (`::2` subsampling, zero-padded channels); global average pool; linear
@@ -222,7 +214,7 @@ struct Block {
 /// ```
 pub struct ResNet {
     params: Vec<Param>,
-    blocks: Vec<Block>,
+    blocks: Vec<ResidualBlock>,
 }
 
 impl ResNet {
@@ -236,7 +228,6 @@ impl ResNet {
     ) -> Result<Self> {
         init.weight("conv1.weight", &[16, channels, 3, 3], Fan::Out)?;
         let mut blocks = Vec::new();
-        let mut index = 1;
         let mut inp = 16;
         for (s, planes) in [16usize, 32, 64].into_iter().enumerate() {
             for b in 0..blocks_per_stage {
@@ -252,13 +243,10 @@ impl ResNet {
                     &[planes, planes, 3, 3],
                     Fan::Out,
                 )?;
-                blocks.push(Block {
-                    conv1: index,
-                    conv2: index + 1,
+                blocks.push(ResidualBlock {
                     stride,
                     out_channels: planes,
                 });
-                index += 2;
                 inp = planes;
             }
         }
@@ -278,9 +266,9 @@ impl ResNet {
 impl Model for ResNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = conv2d(x, self.p(0), None, 1, 1)?.relu()?;
-        for b in &self.blocks {
-            let out = conv2d(&x, self.p(b.conv1), None, b.stride, 1)?.relu()?;
-            let out = conv2d(&out, self.p(b.conv2), None, 1, 1)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let out = conv2d(&x, self.p(1 + 2 * i), None, b.stride, 1)?.relu()?;
+            let out = conv2d(&out, self.p(2 + 2 * i), None, 1, 1)?;
             x = (out + option_a_shortcut(&x, b.out_channels, b.stride)?)?.relu()?;
         }
         let n = self.params.len();
@@ -289,6 +277,18 @@ impl Model for ResNet {
 
     fn params(&self) -> &[Param] {
         &self.params
+    }
+
+    fn residual_net(&self) -> Option<ResidualNet<'_>> {
+        let n = self.params.len();
+        Some(ResidualNet {
+            convs: &self.params[..n - 2],
+            blocks: &self.blocks,
+            head: DenseStack {
+                params: &self.params[n - 2..],
+                activation: Activation::Relu,
+            },
+        })
     }
 }
 

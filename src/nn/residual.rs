@@ -1,0 +1,438 @@
+//! Hand-written forward and backward passes through a [`ResidualNet`] (the CIFAR ResNets without
+//! BatchNorm), without candle's autograd, whose CPU convolutions (and their double backward) are
+//! many times slower than PyTorch's: the SGD step and the curvature products of the ResNets take
+//! their derivatives here, on the CPU.
+//!
+//! As in [`super::conv`], activations are channels-last (N, H, W, C) and a convolution is one
+//! matrix product of its input's patches ([`window_patches`], here with padding 1 and stride 1 or 2)
+//! with the kernel as a (9·C_in, C_out) matrix. Its weight gradient is patchesᵀ δ; its input gradient
+//! sums the patch gradients δ Kᵀ back onto the image ([`col2im`], the adjoint of the patches), which
+//! serves every stride and padding. Each convolution is followed by a ReLU (the block's second after
+//! the shortcut is added), so each keeps one 0/1 gate. The option-A shortcut and the global average
+//! pool are linear maps with exact adjoints ([`shortcut`], [`shortcut_adjoint`], [`average_pool`],
+//! [`average_pool_adjoint`]). The linear layer runs through [`DenseForward`]. Every tensor is detached.
+
+use candle_core::{Result, Tensor};
+
+use super::conv::{kernel_gradient, kernel_matrix};
+use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
+use super::gate::{activate, gate_gradient};
+use super::im2col::{col2im, window_patches, Window};
+use super::loss::{per_sample_loss, LossKind, Targets};
+use super::{ResidualBlock, ResidualNet};
+
+/// Image dimensions (N, H, W, C).
+pub type Dims = (usize, usize, usize, usize);
+
+/// Every convolution of the ResNets: 3×3, padding 1.
+fn window(stride: usize) -> Window {
+    Window { k: 3, stride, pad: 1 }
+}
+
+/// The option-A shortcut on channels-last `x` (N, H, W, C): `x[:, ::stride, ::stride]` (⌈H/2⌉ rows
+/// for stride 2), then zero channels up to `out_channels`, half of the extra ones before.
+pub fn shortcut(x: &Tensor, out_channels: usize, stride: usize) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    if out_channels < c {
+        candle_core::bail!("option-A shortcut: cannot shrink {c} channels to {out_channels}");
+    }
+    let x = match stride {
+        1 => x.clone(),
+        2 => {
+            let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
+            x.pad_with_zeros(1, 0, 2 * ho - h)?
+                .pad_with_zeros(2, 0, 2 * wo - w)?
+                .reshape((n, ho, 2, wo, 2, c))?
+                .narrow(4, 0, 1)?
+                .narrow(2, 0, 1)?
+                .reshape((n, ho, wo, c))?
+        }
+        s => candle_core::bail!("option-A shortcut: stride {s} is not supported (1 or 2)"),
+    };
+    let extra = out_channels - c;
+    if extra == 0 {
+        return Ok(x);
+    }
+    x.pad_with_zeros(3, extra / 2, extra - extra / 2)
+}
+
+/// The adjoint of [`shortcut`]: `g` (N, H_o, W_o, C_out) back onto an input of `input_dims`.
+pub fn shortcut_adjoint(g: &Tensor, input_dims: Dims, stride: usize) -> Result<Tensor> {
+    let (n, h, w, c) = input_dims;
+    let (_, ho, wo, c_out) = g.dims4()?;
+    let g = g.narrow(3, (c_out - c) / 2, c)?;
+    match stride {
+        1 => g.contiguous(),
+        2 => g
+            .reshape((n, ho, 1, wo, 1, c))?
+            .pad_with_zeros(4, 0, 1)?
+            .pad_with_zeros(2, 0, 1)?
+            .reshape((n, 2 * ho, 2 * wo, c))?
+            .narrow(1, 0, h)?
+            .narrow(2, 0, w)?
+            .contiguous(),
+        s => candle_core::bail!("option-A shortcut: stride {s} is not supported (1 or 2)"),
+    }
+}
+
+/// The mean over the spatial axes of `x` (N, H, W, C): (N, C).
+pub fn average_pool(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    x.reshape((n, h * w, c))?.mean(1)
+}
+
+/// The adjoint of [`average_pool`]: `g` (N, C) spread evenly over an image of `dims`.
+pub fn average_pool_adjoint(g: &Tensor, dims: Dims) -> Result<Tensor> {
+    let (n, h, w, c) = dims;
+    g.affine(1.0 / (h * w) as f64, 0.0)?
+        .reshape((n, 1, c))?
+        .broadcast_as((n, h * w, c))?
+        .reshape(dims)
+}
+
+/// The patch gradients δ Kᵀ (N·H_o·W_o, 9·C_in) of a convolution with `weight` (C_out, C_in, 3, 3)
+/// for δ (N, H_o, W_o, C_out); [`col2im`] of their sum is the input gradient.
+pub fn patch_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (n, ho, wo, c_out) = delta.dims4()?;
+    delta
+        .reshape((n * ho * wo, c_out))?
+        .matmul(&kernel_matrix(weight)?.t()?)
+}
+
+/// One convolution of the network as the passes see it.
+pub struct ConvLayer {
+    /// The detached weight (C_out, C_in, 3, 3).
+    pub weight: Tensor,
+    /// Its window (stride 1 or 2, padding 1).
+    pub window: Window,
+    /// (N, H, W, C_in) of its input.
+    pub input_dims: Dims,
+    /// The patches of its input, (N·H_o·W_o, 9·C_in).
+    pub patches: Tensor,
+    /// ReLU' of the pre-activation that follows it (for a block's second convolution, after the
+    /// shortcut is added): (N, H_o, W_o, C_out).
+    pub gate: Tensor,
+}
+
+impl ConvLayer {
+    /// The layer's convolution of `x`, plus `add` when given, then ReLU: the layer and its
+    /// activation.
+    fn run(weight: Tensor, x: &Tensor, stride: usize, add: Option<&Tensor>) -> Result<(Self, Tensor)> {
+        let window = window(stride);
+        let input_dims = x.dims4()?;
+        let (n, h, w, _) = input_dims;
+        let c_out = weight.dim(0)?;
+        let patches = window_patches(x, window)?;
+        let y = patches.matmul(&kernel_matrix(&weight)?)?.reshape((
+            n,
+            window.output_len(h)?,
+            window.output_len(w)?,
+            c_out,
+        ))?;
+        let z = match add {
+            Some(t) => (y + t)?,
+            None => y,
+        };
+        let zero = Tensor::zeros(c_out, z.dtype(), z.device())?;
+        let (a, gate) = activate(&z, &zero, false)?;
+        let layer = Self {
+            weight,
+            window,
+            input_dims,
+            patches,
+            gate,
+        };
+        Ok((layer, a))
+    }
+
+    /// conv(`t`, `kernel`) on this layer's window, for a tangent `t` of its input.
+    pub fn apply(&self, t: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+        self.patches_apply(&window_patches(t, self.window)?, kernel)
+    }
+
+    /// `patches` (of this layer's input or of a tangent of it) times `kernel` (C_out, C_in, 3, 3),
+    /// shaped like the layer's output.
+    pub fn patches_apply(&self, patches: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+        patches
+            .matmul(&kernel_matrix(kernel)?)?
+            .reshape(self.gate.shape())
+    }
+
+    /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ, weight) pairs on this layer's window.
+    pub fn input_gradient(&self, terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+        let mut cols: Option<Tensor> = None;
+        for (delta, weight) in terms {
+            let term = patch_gradient(delta, weight)?;
+            cols = Some(match cols {
+                Some(c) => (c + term)?,
+                None => term,
+            });
+        }
+        match cols {
+            Some(c) => col2im(&c, self.input_dims, self.window),
+            None => candle_core::bail!("input gradient of no terms"),
+        }
+    }
+}
+
+/// The retained forward pass of a batch.
+pub struct ResidualForward {
+    /// Every convolution in the network's order: the stem, then both of each block.
+    pub convs: Vec<ConvLayer>,
+    /// The blocks.
+    pub blocks: Vec<ResidualBlock>,
+    /// The linear layer's forward pass.
+    pub head: DenseForward,
+    /// (N, H, W, C) of the last block's output (the pool's input).
+    pub features: Dims,
+}
+
+/// The backward pass of a batch.
+pub struct ResidualBackward {
+    /// δ = ∂L/∂z of each convolution's ReLU input, in the network's order.
+    pub deltas: Vec<Tensor>,
+    /// The linear layer's backward pass (with its input gradient).
+    pub head: DenseBackward,
+    /// ∂L/∂θ, one tensor per parameter in the network's order (convolutions, then the head).
+    pub gradient: Vec<Tensor>,
+}
+
+impl ResidualForward {
+    /// Runs `x` (N, C, H, W) through the network.
+    pub fn run(net: ResidualNet<'_>, x: &Tensor) -> Result<Self> {
+        let weights: Vec<Tensor> = net.convs.iter().map(|p| p.var.as_tensor().detach()).collect();
+        if weights.len() != 1 + 2 * net.blocks.len() {
+            candle_core::bail!(
+                "a residual net of {} blocks needs {} convolutions, not {}",
+                net.blocks.len(),
+                1 + 2 * net.blocks.len(),
+                weights.len()
+            );
+        }
+        let x = x.detach().permute((0, 2, 3, 1))?.contiguous()?;
+        let mut convs = Vec::with_capacity(weights.len());
+        let (stem, mut a) = ConvLayer::run(weights[0].clone(), &x, 1, None)?;
+        convs.push(stem);
+        for (b, block) in net.blocks.iter().enumerate() {
+            let (first, h) = ConvLayer::run(weights[1 + 2 * b].clone(), &a, block.stride, None)?;
+            let skip = shortcut(&a, block.out_channels, block.stride)?;
+            let (second, out) = ConvLayer::run(weights[2 + 2 * b].clone(), &h, 1, Some(&skip))?;
+            a = out;
+            convs.push(first);
+            convs.push(second);
+        }
+        let features = a.dims4()?;
+        Ok(Self {
+            convs,
+            blocks: net.blocks.to_vec(),
+            head: DenseForward::run(net.head, &average_pool(&a)?, false)?,
+            features,
+        })
+    }
+
+    /// The outputs f (N, K).
+    pub fn outputs(&self) -> &Tensor {
+        &self.head.outputs
+    }
+
+    /// Backpropagates `output_grad` = ∂L/∂f (N, K).
+    pub fn backward(&self, output_grad: Tensor) -> Result<ResidualBackward> {
+        let head = self.head.backward_to(output_grad, true)?;
+        let mut u = match &head.input_gradient {
+            Some(g) => average_pool_adjoint(g, self.features)?,
+            None => candle_core::bail!("the linear layer returned no input gradient"),
+        };
+        let convs = &self.convs;
+        let mut deltas = vec![None; convs.len()];
+        for (b, block) in self.blocks.iter().enumerate().rev() {
+            let (first, second) = (&convs[1 + 2 * b], &convs[2 + 2 * b]);
+            let out = gate_gradient(&u, &second.gate, false)?;
+            let inner = gate_gradient(&second.input_gradient(&[(&out, &second.weight)])?, &first.gate, false)?;
+            u = (first.input_gradient(&[(&inner, &first.weight)])?
+                + shortcut_adjoint(&out, first.input_dims, block.stride)?)?;
+            deltas[1 + 2 * b] = Some(inner);
+            deltas[2 + 2 * b] = Some(out);
+        }
+        deltas[0] = Some(gate_gradient(&u, &convs[0].gate, false)?);
+        let deltas: Vec<Tensor> = deltas.into_iter().flatten().collect();
+        let mut gradient = convs
+            .iter()
+            .zip(&deltas)
+            .map(|(conv, delta)| kernel_gradient(&conv.patches, delta, conv.window.k))
+            .collect::<Result<Vec<_>>>()?;
+        gradient.extend(head.gradient.iter().cloned());
+        Ok(ResidualBackward {
+            deltas,
+            head,
+            gradient,
+        })
+    }
+}
+
+/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
+/// outputs for cross-entropy: [`super::dense::DensePass`] for a residual net.
+pub struct ResidualPass {
+    /// The forward pass.
+    pub forward: ResidualForward,
+    /// The backward pass of the weighted objective.
+    pub backward: ResidualBackward,
+    /// softmax(f) for cross-entropy, `None` for MSE.
+    pub probs: Option<Tensor>,
+}
+
+impl ResidualPass {
+    /// Runs both passes.
+    pub fn run(
+        net: ResidualNet<'_>,
+        kind: LossKind,
+        inputs: &Tensor,
+        targets: &Targets,
+        weights: &SampleWeights,
+    ) -> Result<Self> {
+        let forward = ResidualForward::run(net, inputs)?;
+        let (grad, probs) = output_gradient(kind, forward.outputs(), targets)?;
+        let backward = forward.backward(weights.apply(&grad)?)?;
+        Ok(Self {
+            forward,
+            backward,
+            probs,
+        })
+    }
+}
+
+/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
+pub fn loss_and_gradient(
+    net: ResidualNet<'_>,
+    kind: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    weights: &SampleWeights,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let pass = ResidualPass::run(net, kind, inputs, targets, weights)?;
+    let losses = per_sample_loss(kind, pass.forward.outputs(), targets)?;
+    Ok((losses, pass.backward.gradient))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::nn::gradcheck::{
+        directional_difference, dot_all, flat, one_hot_targets, random_tensor,
+    };
+    use crate::nn::gradient::mean_loss_and_gradient;
+    use crate::nn::layers::{global_avg_pool, option_a_shortcut};
+    use crate::nn::loss::mean_loss;
+    use crate::nn::{Model, ModelSpec};
+
+    /// ResNet-8 in f64 on (2, h, w) inputs, with random linear biases, and a batch of 5 samples of
+    /// 3 classes.
+    fn setup(seed: u64, h: usize, w: usize) -> (Box<dyn Model>, Tensor, Targets) {
+        let model = ModelSpec::Resnet { depth: 8 }
+            .build([2, h, w], 3, 1.0, seed, DType::F64, &Device::Cpu)
+            .unwrap();
+        for (i, p) in model.params().iter().enumerate() {
+            if p.name.ends_with("bias") {
+                let b = random_tensor(p.var.dims(), seed + i as u64, 0.1).unwrap();
+                p.var.set(&b).unwrap();
+            }
+        }
+        let x = random_tensor(&[5, 2, h, w], seed + 100, 1.0).unwrap();
+        (model, x, one_hot_targets(5, 3))
+    }
+
+    fn to_nhwc(t: &Tensor) -> Tensor {
+        t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+    }
+
+    #[test]
+    fn shortcut_and_pool_match_the_channels_first_layers_and_their_adjoints() {
+        for (h, w, stride) in [(5, 4, 2), (4, 4, 2), (3, 5, 1)] {
+            let x = random_tensor(&[2, 3, h, w], 7, 1.0).unwrap();
+            let want = to_nhwc(&option_a_shortcut(&x, 6, stride).unwrap());
+            let got = shortcut(&to_nhwc(&x), 6, stride).unwrap();
+            assert_eq!(flat(&got), flat(&want), "{h}×{w}, stride {stride}");
+            // ⟨S x, g⟩ = ⟨x, Sᵀ g⟩.
+            let g = random_tensor(got.dims(), 8, 1.0).unwrap();
+            let back = shortcut_adjoint(&g, to_nhwc(&x).dims4().unwrap(), stride).unwrap();
+            let (lhs, rhs) = (dot_all(&[got], &[g]), dot_all(&[to_nhwc(&x)], &[back]));
+            assert!((lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        }
+        let x = random_tensor(&[2, 3, 5, 4], 9, 1.0).unwrap();
+        let pooled = average_pool(&to_nhwc(&x)).unwrap();
+        let want = flat(&global_avg_pool(&x).unwrap());
+        for (a, b) in flat(&pooled).iter().zip(&want) {
+            assert!((a - b).abs() < 1e-14);
+        }
+        let g = random_tensor(&[2, 3], 10, 1.0).unwrap();
+        let back = average_pool_adjoint(&g, (2, 5, 4, 3)).unwrap();
+        let (lhs, rhs) = (dot_all(&[pooled], &[g]), dot_all(&[to_nhwc(&x)], &[back]));
+        assert!((lhs - rhs).abs() < 1e-12, "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn hand_written_gradient_equals_autograd() {
+        for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
+            .into_iter()
+            .enumerate()
+        {
+            // 8 → 4 → 2 rows (candle's autograd fails on some odd sizes, see below).
+            let (model, x, targets) = setup(40 + i as u64, 8, 8);
+            assert!(model.residual_net().is_some());
+            let (loss, gradient) =
+                mean_loss_and_gradient(model.as_ref(), kind, &x, &targets).unwrap();
+            let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
+            let grads = reference.backward().unwrap();
+            assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+            for (p, got) in model.params().iter().zip(&gradient) {
+                let want = grads.get(p.var.as_tensor()).unwrap();
+                assert_eq!(got.dims(), want.dims(), "{}", p.name);
+                let (got, want) = (flat(got), flat(want));
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-11 * scale,
+                        "{kind:?} {}: {g} vs {w}",
+                        p.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_gradient_on_odd_sizes_matches_a_central_finite_difference() {
+        // 7 × 6 inputs: the stride-2 stages keep ⌈H/2⌉ rows (4 × 3, then 2 × 2), where candle's
+        // strided conv2d backward returns a wrongly shaped gradient.
+        let (model, x, targets) = setup(50, 7, 6);
+        let net = model.residual_net().unwrap();
+        let w = random_tensor(&[5, 1], 51, 1.0).unwrap();
+        let weights = SampleWeights::PerSample(w.clone());
+        for kind in [LossKind::Mse, LossKind::CrossEntropy] {
+            let objective = |model: &dyn Model| -> f64 {
+                let losses = per_sample_loss(kind, &model.forward(&x).unwrap(), &targets);
+                (losses.unwrap() * w.squeeze(1).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            let (_, gradient) = loss_and_gradient(net, kind, &x, &targets, &weights).unwrap();
+            let d: Vec<Tensor> = model
+                .params()
+                .iter()
+                .enumerate()
+                .map(|(i, p)| random_tensor(p.var.dims(), 60 + i as u64, 0.05).unwrap())
+                .collect();
+            let fd = directional_difference(model.params(), &d, 1e-5, || objective(model.as_ref()));
+            let exact = dot_all(&gradient, &d);
+            assert!(
+                (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
+                "{kind:?}: {fd} vs {exact}"
+            );
+        }
+    }
+}
