@@ -55,13 +55,56 @@ class CNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class BasicBlock(nn.Module):
+    def __init__(self, inp, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.pad = planes - inp
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(x)))
+        short = x[:, :, ::self.stride, ::self.stride]
+        short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + short)
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNet without BatchNorm, option-A shortcuts (eoss's `nn::models::ResNet`)."""
+
+    def __init__(self, depth=20, channels=3, outputs=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(channels, 16, 3, 1, 1, bias=False)
+        blocks, inp = [], 16
+        for s, planes in enumerate([16, 32, 64]):
+            for b in range(n):
+                blocks.append(BasicBlock(inp, planes, 2 if (s > 0 and b == 0) else 1))
+                inp = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = nn.Linear(64, outputs)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.conv1(x)))
+        return self.linear(x.mean((2, 3)))
+
+
+def build(name):
+    if name == "cnn":
+        return CNN()
+    if name == "resnet20":
+        return ResNet(20)
+    return MLP()
+
+
 def mse(out, y):
     return ((out - y) ** 2).sum(1).mean()
 
 
 def setup(case, device):
     torch.manual_seed(0)
-    model = (CNN() if case["model"] == "cnn" else MLP()).to(device)
+    model = build(case["model"]).to(device)
     n = case["size"]
     x = torch.randn(n, 3, 32, 32).to(device)
     y = F.one_hot(torch.arange(n) % 10, 10).float().to(device)
@@ -169,7 +212,7 @@ def run_case(case, spec, device):
             return None
 
         return median_ms(device, seconds, step)
-    if op in ("hvp", "hvp_autodiff") and case["model"] == "cnn" and x.shape[0] > spec["cnn_chunk"]:
+    if op in ("hvp", "hvp_autodiff") and case["model"] != "mlp" and x.shape[0] > spec["cnn_chunk"]:
         return median_ms(device, seconds, lambda: (chunked_hvp(model, x, y, spec["cnn_chunk"]), 1)[1])
     if op in ("hvp", "hvp_autodiff"):
         params, grads = grad_with_graph(model, x, y)

@@ -60,7 +60,7 @@ pub enum Op {
 pub struct Case {
     /// The operation.
     pub op: Op,
-    /// `mlp` or `cnn`.
+    /// `mlp`, `cnn` or `resnet20`.
     pub model: &'static str,
     /// Batch size or number of samples.
     pub size: usize,
@@ -91,7 +91,7 @@ pub const SHARPNESS_BATCH_SIZE: usize = 16;
 pub const LANCZOS_TOL: f64 = 0.005;
 /// Iteration cap of the λmax cases.
 pub const LANCZOS_MAX_ITER: usize = 100;
-/// Samples per forward graph in the CNN's curvature cases; on more samples than this both sides
+/// Samples per forward graph in the conv nets' curvature cases; on more samples than this both sides
 /// rebuild each chunk's graph for every product (all chunks' graphs of 8,192 CNN samples would not
 /// fit in a laptop's memory).
 pub const CNN_CHUNK: usize = 1024;
@@ -110,6 +110,8 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
         Case::new(SgdStep, "mlp", 512),
         Case::new(SgdStep, "cnn", 8),
         Case::new(SgdStep, "cnn", 64),
+        Case::new(SgdStep, "resnet20", 8),
+        Case::new(SgdStep, "resnet20", 64),
     ];
     let curvature: Vec<Case> = match device {
         DeviceClass::Cpu => vec![
@@ -125,6 +127,9 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
             Case::new(LambdaMaxCold, "cnn", 256),
             Case::new(LambdaMaxWarm, "cnn", 256),
             Case::new(BatchSharpness, "cnn", 8192),
+            Case::new(Hvp, "resnet20", 512),
+            Case::new(LambdaMaxCold, "resnet20", 256),
+            Case::new(BatchSharpness, "resnet20", 8192),
         ],
         DeviceClass::Cuda => vec![
             Case::new(Hvp, "mlp", 512),
@@ -236,6 +241,7 @@ struct Setup {
 fn model_spec(name: &str) -> ModelSpec {
     match name {
         "cnn" => ModelSpec::Cnn {},
+        "resnet20" => ModelSpec::Resnet { depth: 20 },
         _ => ModelSpec::Mlp {
             depth: 2,
             width: 512,
@@ -274,13 +280,13 @@ impl Setup {
         })
     }
 
-    /// The MLP's products run on the whole batch at once, like PyTorch's; the CNN's in chunks of
-    /// [`CNN_CHUNK`] samples, kept when there is only one and rebuilt per product otherwise.
+    /// The MLP's products run on the whole batch at once, like PyTorch's; the conv nets' in chunks
+    /// of [`CNN_CHUNK`] samples, kept when there is only one and rebuilt per product otherwise.
     fn full(&self) -> FullBatchConfig {
         let n = self.data.len();
         let chunk_size = match self.spec {
-            ModelSpec::Cnn {} => CNN_CHUNK,
-            _ => n,
+            ModelSpec::Mlp { .. } => n,
+            _ => CNN_CHUNK,
         };
         FullBatchConfig {
             subsample: None,

@@ -86,10 +86,8 @@ pub fn col2im(
     if !cols.device().is_cpu() {
         candle_core::bail!("col2im runs on the CPU only");
     }
-    cols.contiguous()?.apply_op1_no_bwd(&Col2im {
-        window,
-        image_dims,
-    })
+    cols.contiguous()?
+        .apply_op1_no_bwd(&Col2im { window, image_dims })
 }
 
 /// [`patches`] from k² shifted views of `x`, on any device (on the CPU candle copies the views a
@@ -343,7 +341,10 @@ mod tests {
             assert_eq!(back.dims(), x.dims());
             let lhs: f64 = gv.iter().zip(flat(&y)).map(|(p, y)| p * y).sum();
             let rhs: f64 = xv.iter().zip(flat(&back)).map(|(x, b)| x * b).sum();
-            assert!((lhs - rhs).abs() < 1e-12 * lhs.abs(), "{window:?}: {lhs} vs {rhs}");
+            assert!(
+                (lhs - rhs).abs() < 1e-12 * lhs.abs(),
+                "{window:?}: {lhs} vs {rhs}"
+            );
         }
         let valid = Window::valid(3);
         assert_eq!(

@@ -26,7 +26,11 @@ pub type Dims = (usize, usize, usize, usize);
 
 /// Every convolution of the ResNets: 3×3, padding 1.
 fn window(stride: usize) -> Window {
-    Window { k: 3, stride, pad: 1 }
+    Window {
+        k: 3,
+        stride,
+        pad: 1,
+    }
 }
 
 /// The option-A shortcut on channels-last `x` (N, H, W, C): `x[:, ::stride, ::stride]` (⌈H/2⌉ rows
@@ -117,7 +121,12 @@ pub struct ConvLayer {
 impl ConvLayer {
     /// The layer's convolution of `x`, plus `add` when given, then ReLU: the layer and its
     /// activation.
-    fn run(weight: Tensor, x: &Tensor, stride: usize, add: Option<&Tensor>) -> Result<(Self, Tensor)> {
+    fn run(
+        weight: Tensor,
+        x: &Tensor,
+        stride: usize,
+        add: Option<&Tensor>,
+    ) -> Result<(Self, Tensor)> {
         let window = window(stride);
         let input_dims = x.dims4()?;
         let (n, h, w, _) = input_dims;
@@ -200,7 +209,11 @@ pub struct ResidualBackward {
 impl ResidualForward {
     /// Runs `x` (N, C, H, W) through the network.
     pub fn run(net: ResidualNet<'_>, x: &Tensor) -> Result<Self> {
-        let weights: Vec<Tensor> = net.convs.iter().map(|p| p.var.as_tensor().detach()).collect();
+        let weights: Vec<Tensor> = net
+            .convs
+            .iter()
+            .map(|p| p.var.as_tensor().detach())
+            .collect();
         if weights.len() != 1 + 2 * net.blocks.len() {
             candle_core::bail!(
                 "a residual net of {} blocks needs {} convolutions, not {}",
@@ -247,7 +260,11 @@ impl ResidualForward {
         for (b, block) in self.blocks.iter().enumerate().rev() {
             let (first, second) = (&convs[1 + 2 * b], &convs[2 + 2 * b]);
             let out = gate_gradient(&u, &second.gate, false)?;
-            let inner = gate_gradient(&second.input_gradient(&[(&out, &second.weight)])?, &first.gate, false)?;
+            let inner = gate_gradient(
+                &second.input_gradient(&[(&out, &second.weight)])?,
+                &first.gate,
+                false,
+            )?;
             u = (first.input_gradient(&[(&inner, &first.weight)])?
                 + shortcut_adjoint(&out, first.input_dims, block.stride)?)?;
             deltas[1 + 2 * b] = Some(inner);
@@ -357,7 +374,10 @@ mod tests {
             let g = random_tensor(got.dims(), 8, 1.0).unwrap();
             let back = shortcut_adjoint(&g, to_nhwc(&x).dims4().unwrap(), stride).unwrap();
             let (lhs, rhs) = (dot_all(&[got], &[g]), dot_all(&[to_nhwc(&x)], &[back]));
-            assert!((lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+            assert!(
+                (lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
         }
         let x = random_tensor(&[2, 3, 5, 4], 9, 1.0).unwrap();
         let pooled = average_pool(&to_nhwc(&x)).unwrap();

@@ -54,11 +54,11 @@ impl Stage for TrainStage {
     fn version(&self, params: &serde_json::Value) -> u32 {
         // 2: the `epoch` column of full-batch dynamics counts steps.
         // 3: the final state is measured where due; MLP curvature by hand-written passes.
-        // 4 (the CNN only): gradients by hand-written passes (same values to rounding).
-        if params["model"]["arch"] == "cnn" {
-            4
-        } else {
-            3
+        // 4 (the CNN and the ResNets only): gradients and curvature by hand-written passes (same
+        // values to rounding).
+        match params["model"]["arch"].as_str() {
+            Some("cnn" | "resnet") => 4,
+            _ => 3,
         }
     }
 
@@ -198,9 +198,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_cnn_runs_take_the_version_of_the_cnn_passes() {
-        // Resolved params, as keys see them: the MLP's and ResNet's results did not change when
-        // the CNN's gradients moved to hand-written passes, so their keys must not either.
+    fn only_conv_runs_take_the_version_of_the_hand_written_conv_passes() {
+        // Resolved params, as keys see them: the MLP's results did not change when the CNN's and
+        // the ResNets' gradients moved to hand-written passes, so their keys must not either.
         let resolved = |model: serde_json::Value| {
             let raw = serde_json::json!({
                 "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
@@ -212,6 +212,6 @@ mod tests {
         assert_eq!(TrainStage.version(&resolved(json!({"arch": "cnn"}))), 4);
         assert_eq!(TrainStage.version(&resolved(json!({"arch": "mlp"}))), 3);
         let resnet = json!({"arch": "resnet", "depth": 14});
-        assert_eq!(TrainStage.version(&resolved(resnet)), 3);
+        assert_eq!(TrainStage.version(&resolved(resnet)), 4);
     }
 }

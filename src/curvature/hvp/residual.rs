@@ -1,0 +1,271 @@
+//! Hessian- and Gauss–Newton-vector products of a [`ResidualNet`] (the CIFAR ResNets) by the
+//! R-operator, forward over reverse, on the hand-written passes of [`crate::nn::residual`], instead
+//! of candle's double backward (CPU only, like those passes).
+//!
+//! Convolutions are linear in their input and weight, ReLU has σ'' = 0, and the shortcut S and the
+//! average pool are linear, so along a direction V the forward tangents of a block with input x,
+//! inner activation h and output x' are
+//!
+//!   ḣ = g_h ⊙ (conv(ẋ, W₁) + conv(x, V₁)),   ẋ' = g_o ⊙ (conv(ḣ, W₂) + conv(h, V₂) + S ẋ),
+//!
+//! with g the ReLU gates and conv(x, V) = P(x) K(V) on the retained patches P. The pooled ẋ enters
+//! the linear layer ([`super::dense::tangents`]), whose backward tangents return R(∂L/∂pool). Back
+//! through a block, with δ_o, δ_h the retained deltas of its two ReLUs and u = ∂L/∂x':
+//!
+//!   R δ_o = g_o ⊙ R u,   (H V)_{W₂} = P(h)ᵀ R δ_o + P(ḣ)ᵀ δ_o,
+//!   R δ_h = g_h ⊙ (∂ᵀ_x(R δ_o, W₂) + ∂ᵀ_x(δ_o, V₂)),   (H V)_{W₁} = P(x)ᵀ R δ_h + P(ẋ)ᵀ δ_h,
+//!   R u_x = ∂ᵀ_x(R δ_h, W₁) + ∂ᵀ_x(δ_h, V₁) + Sᵀ R δ_o,
+//!
+//! ∂ᵀ_x a convolution's input gradient. The Gauss–Newton product drops the terms in δ.
+
+use candle_core::Tensor;
+
+use super::dense::{
+    backward_tangents, objective_and_curvature, product_context, quadratic_form, sample_weights,
+    tangents, Head, InputTangents, OutputCurvature, Tangents,
+};
+use super::{ChunkSpec, Result};
+use crate::curvature::{CandleContext, ParamVec};
+use crate::nn::conv::kernel_gradient;
+use crate::nn::dense::SampleWeights;
+use crate::nn::gate::gate_gradient;
+use crate::nn::im2col::window_patches;
+use crate::nn::loss::LossKind;
+use crate::nn::residual::{
+    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualBackward,
+    ResidualForward, ResidualPass,
+};
+use crate::nn::ResidualNet;
+
+/// The retained forward and backward pass of one chunk through a residual net.
+pub(super) struct ResidualChunk {
+    forward: ResidualForward,
+    backward: ResidualBackward,
+    weights: SampleWeights,
+    curvature: OutputCurvature,
+    /// The chunk's objective value.
+    pub loss: f64,
+}
+
+/// Forward tangents through the convolutions.
+struct TrunkTangents {
+    /// ẋ at the last block's output (N, H, W, C).
+    first: Tensor,
+    /// ẍ there, when asked for.
+    second: Option<Tensor>,
+    /// The patches of each convolution's input tangent (none for the stem: the data does not
+    /// move).
+    patch_dots: Vec<Option<Tensor>>,
+}
+
+/// `a + b`, where `b` may be absent.
+fn add_some(a: Tensor, b: Option<Tensor>) -> candle_core::Result<Tensor> {
+    match b {
+        Some(b) => a + b,
+        None => Ok(a),
+    }
+}
+
+impl ResidualChunk {
+    /// Runs and keeps the forward and backward pass of `spec`'s chunk.
+    pub fn build(net: ResidualNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
+        let ctx = "residual forward and backward pass";
+        let weights = sample_weights(spec).ctx(ctx)?;
+        let ResidualPass {
+            forward,
+            backward,
+            probs,
+        } = ResidualPass::run(net, kind, &spec.batch.inputs, &spec.batch.targets, &weights)
+            .ctx(ctx)?;
+        let (loss, curvature) =
+            objective_and_curvature(kind, forward.outputs(), spec, &weights, probs)?;
+        Ok(Self {
+            forward,
+            backward,
+            weights,
+            curvature,
+            loss,
+        })
+    }
+
+    /// The chunk's objective gradient, one tensor per parameter.
+    pub fn gradient(&self) -> &[Tensor] {
+        &self.backward.gradient
+    }
+
+    /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
+    /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated.
+    fn trunk_tangents(
+        &self,
+        v_conv: &[Tensor],
+        second: bool,
+        ctx: &'static str,
+    ) -> Result<TrunkTangents> {
+        let convs = &self.forward.convs;
+        let stem = &convs[0];
+        let mut a_dot = stem
+            .patches_apply(&stem.patches, &v_conv[0])
+            .and_then(|t| t * &stem.gate)
+            .ctx(ctx)?;
+        // The stem's second tangent is zero (its input is data).
+        let mut a_ddot: Option<Tensor> = None;
+        let mut patch_dots = vec![None];
+        for (b, block) in self.forward.blocks.iter().enumerate() {
+            let (first, last) = (&convs[1 + 2 * b], &convs[2 + 2 * b]);
+            let (v1, v2) = (&v_conv[1 + 2 * b], &v_conv[2 + 2 * b]);
+            let step = || -> candle_core::Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
+                let p_a = window_patches(&a_dot, first.window)?;
+                let h_pre = (first.patches_apply(&first.patches, v1)?
+                    + first.patches_apply(&p_a, &first.weight)?)?;
+                let h_dot = (h_pre * &first.gate)?;
+                let p_h = window_patches(&h_dot, last.window)?;
+                let skip = shortcut(&a_dot, block.out_channels, block.stride)?;
+                let o = ((last.patches_apply(&last.patches, v2)?
+                    + last.patches_apply(&p_h, &last.weight)?)?
+                    + skip)?;
+                let next = (o * &last.gate)?;
+                let next_second = if second {
+                    let h2 = add_some(
+                        first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?,
+                        a_ddot
+                            .as_ref()
+                            .map(|t| first.apply(t, &first.weight))
+                            .transpose()?,
+                    )?;
+                    let h_ddot = (h2 * &first.gate)?;
+                    let o2 = add_some(
+                        (last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?
+                            + last.apply(&h_ddot, &last.weight)?)?,
+                        a_ddot
+                            .as_ref()
+                            .map(|t| shortcut(t, block.out_channels, block.stride))
+                            .transpose()?,
+                    )?;
+                    Some((o2 * &last.gate)?)
+                } else {
+                    None
+                };
+                Ok((next, next_second, p_a, p_h))
+            };
+            let (next, next_second, p_a, p_h) = step().ctx(ctx)?;
+            a_dot = next;
+            a_ddot = next_second;
+            patch_dots.push(Some(p_a));
+            patch_dots.push(Some(p_h));
+        }
+        Ok(TrunkTangents {
+            first: a_dot,
+            second: a_ddot,
+            patch_dots,
+        })
+    }
+
+    /// The linear layer's view of this chunk.
+    fn head(&self) -> Head<'_> {
+        Head {
+            forward: &self.forward.head,
+            backward: &self.backward.head,
+            weights: &self.weights,
+            curvature: &self.curvature,
+        }
+    }
+
+    /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
+    /// tangents through the convolutions, then through the linear layer ([`quadratic_form`]).
+    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+        let ctx = "curvature quadratic form";
+        let (v_conv, v_head) = v.parts().split_at(self.forward.convs.len());
+        let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
+        let input = InputTangents {
+            first: Some(average_pool(&trunk.first).ctx(ctx)?),
+            second: trunk
+                .second
+                .map(|t| average_pool(&t))
+                .transpose()
+                .ctx(ctx)?,
+        };
+        quadratic_form(self.head(), v_head, input, gauss_newton)
+    }
+
+    /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
+    pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
+        let ctx = product_context(gauss_newton);
+        let ResidualForward {
+            convs,
+            blocks,
+            head,
+            features,
+        } = &self.forward;
+        let (v_conv, v_head) = v.parts().split_at(convs.len());
+        let trunk = self.trunk_tangents(v_conv, false, ctx)?;
+        let head_input = Some(average_pool(&trunk.first).ctx(ctx)?);
+
+        // The linear layer, forward and back, down to R(∂L/∂pool).
+        let (r_pre, r_inputs) = tangents(head, v_head, head_input, ctx)?;
+        let r_delta = self
+            .curvature
+            .apply(&r_pre[r_pre.len() - 1])
+            .and_then(|hr| self.weights.apply(&hr))
+            .ctx(ctx)?;
+        let head_tangents = Tangents {
+            pre: &r_pre,
+            inputs: &r_inputs,
+        };
+        let (head_out, r_input) = backward_tangents(
+            head,
+            &self.backward.head,
+            v_head,
+            head_tangents,
+            r_delta,
+            gauss_newton,
+            ctx,
+        )?;
+        let Some(r_input) = r_input else {
+            return Err(candle_core::Error::Msg(
+                "the linear layer's input tangent is missing".into(),
+            ))
+            .ctx(ctx);
+        };
+
+        // Backward tangents through the blocks.
+        let deltas = &self.backward.deltas;
+        let patch_dots = &trunk.patch_dots;
+        let mut out = vec![None; convs.len()];
+        let mut weight_term = |l: usize, r_delta: &Tensor| -> candle_core::Result<()> {
+            let conv = &convs[l];
+            let mut g = kernel_gradient(&conv.patches, r_delta, conv.window.k)?;
+            if let (false, Some(p)) = (gauss_newton, &patch_dots[l]) {
+                g = (g + kernel_gradient(p, &deltas[l], conv.window.k)?)?;
+            }
+            out[l] = Some(g);
+            Ok(())
+        };
+        let mut back = || -> candle_core::Result<()> {
+            let mut r_u = average_pool_adjoint(&r_input, *features)?;
+            for (b, block) in blocks.iter().enumerate().rev() {
+                let (l1, l2) = (1 + 2 * b, 2 + 2 * b);
+                let (first, last) = (&convs[l1], &convs[l2]);
+                let r_out = gate_gradient(&r_u, &last.gate, false)?;
+                weight_term(l2, &r_out)?;
+                let mut terms = vec![(&r_out, &last.weight)];
+                if !gauss_newton {
+                    terms.push((&deltas[l2], &v_conv[l2]));
+                }
+                let r_inner = gate_gradient(&last.input_gradient(&terms)?, &first.gate, false)?;
+                weight_term(l1, &r_inner)?;
+                let mut terms = vec![(&r_inner, &first.weight)];
+                if !gauss_newton {
+                    terms.push((&deltas[l1], &v_conv[l1]));
+                }
+                r_u = (first.input_gradient(&terms)?
+                    + shortcut_adjoint(&r_out, first.input_dims, block.stride)?)?;
+            }
+            let r_stem = gate_gradient(&r_u, &convs[0].gate, false)?;
+            weight_term(0, &r_stem)
+        };
+        back().ctx(ctx)?;
+        let mut out: Vec<Tensor> = out.into_iter().flatten().collect();
+        out.extend(head_out);
+        Ok(out)
+    }
+}
