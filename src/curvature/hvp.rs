@@ -23,15 +23,16 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::{Batch, CandleContext, CurvatureError, ParamVec, Result};
 use crate::data::LabelEncoding;
+use crate::nn::conv::ConvForward;
+use crate::nn::dense::DenseForward;
 use crate::nn::loss::{mean_loss, weighted_loss, LossKind, Targets};
+use crate::nn::residual::ResidualForward;
 use crate::nn::{ConvNet, DenseStack, Model, Param, ResidualNet, TorchLayout};
 
 mod conv;
 mod dense;
 mod residual;
-use conv::ConvChunk;
-use dense::DenseChunk;
-use residual::ResidualChunk;
+use dense::Chunk;
 
 /// Which scalar objective of a batch is differentiated.
 #[derive(Debug, Clone)]
@@ -107,17 +108,17 @@ enum Passes<'a> {
 
 /// The retained passes of one chunk, whichever structure took them.
 enum PassChunk {
-    Dense(DenseChunk),
-    Conv(ConvChunk),
-    Residual(ResidualChunk),
+    Dense(Chunk<DenseForward>),
+    Conv(Chunk<ConvForward>),
+    Residual(Chunk<ResidualForward>),
 }
 
 impl PassChunk {
     fn build(passes: Passes<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         Ok(match passes {
-            Passes::Dense(stack) => Self::Dense(DenseChunk::build(stack, kind, spec)?),
-            Passes::Conv(net) => Self::Conv(ConvChunk::build(net, kind, spec)?),
-            Passes::Residual(net) => Self::Residual(ResidualChunk::build(net, kind, spec)?),
+            Passes::Dense(stack) => Self::Dense(Chunk::dense(stack, kind, spec)?),
+            Passes::Conv(net) => Self::Conv(Chunk::conv(net, kind, spec)?),
+            Passes::Residual(net) => Self::Residual(Chunk::residual(net, kind, spec)?),
         })
     }
 

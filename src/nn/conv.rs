@@ -12,10 +12,10 @@
 
 use candle_core::{Result, Tensor};
 
-use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
+use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::patches;
-use super::loss::{per_sample_loss, LossKind, Targets};
+use super::pass::{head_backward, Forward, TrunkBackward};
 use super::reduce::column_sums;
 use super::ConvNet;
 
@@ -34,16 +34,6 @@ pub struct ConvForward {
     pub head: DenseForward,
     /// (N, H, W, C) of the trunk's output (the head's input before flattening).
     pub features: (usize, usize, usize, usize),
-}
-
-/// The backward pass of a batch.
-pub struct ConvBackward {
-    /// δ_l = ∂L/∂z_l of each convolution's output, (N, H_o, W_o, C_out).
-    pub deltas: Vec<Tensor>,
-    /// The dense head's backward pass (with its input gradient).
-    pub head: DenseBackward,
-    /// ∂L/∂θ, one tensor per parameter in the network's order (convolutions, then the head).
-    pub gradient: Vec<Tensor>,
 }
 
 /// Sums `t` (N, H, W, C) over 2×2 windows, dropping an odd last row or column: with `t` already
@@ -140,19 +130,19 @@ impl ConvForward {
             features,
         })
     }
+}
 
-    /// The outputs f (N, K).
-    pub fn outputs(&self) -> &Tensor {
-        &self.head.outputs
+impl Forward for ConvForward {
+    type Backward = TrunkBackward;
+
+    fn head(&self) -> &DenseForward {
+        &self.head
     }
 
-    /// Backpropagates `output_grad` = ∂L/∂f (N, K).
-    pub fn backward(&self, output_grad: Tensor) -> Result<ConvBackward> {
-        let head = self.head.backward_to(output_grad, true)?;
-        let mut u = match &head.input_gradient {
-            Some(g) => unflatten_features(g, self.features)?,
-            None => candle_core::bail!("the dense head returned no input gradient"),
-        };
+    fn backward(&self, output_grad: Tensor) -> Result<TrunkBackward> {
+        let (head, mut u) = head_backward(&self.head, output_grad, |g| {
+            unflatten_features(g, self.features)
+        })?;
         let layers = self.gates.len();
         let mut gradient = vec![None; 2 * layers];
         let mut deltas = vec![None; layers];
@@ -168,57 +158,12 @@ impl ConvForward {
         }
         let mut gradient: Vec<Tensor> = gradient.into_iter().flatten().collect();
         gradient.extend(head.gradient.iter().cloned());
-        Ok(ConvBackward {
+        Ok(TrunkBackward {
             deltas: deltas.into_iter().flatten().collect(),
             head,
             gradient,
         })
     }
-}
-
-/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
-/// outputs for cross-entropy (its output-space Hessian needs it): [`super::dense::DensePass`] for a
-/// conv net.
-pub struct ConvPass {
-    /// The forward pass.
-    pub forward: ConvForward,
-    /// The backward pass of the weighted objective.
-    pub backward: ConvBackward,
-    /// softmax(f) for cross-entropy, `None` for MSE.
-    pub probs: Option<Tensor>,
-}
-
-impl ConvPass {
-    /// Runs both passes.
-    pub fn run(
-        net: ConvNet<'_>,
-        kind: LossKind,
-        inputs: &Tensor,
-        targets: &Targets,
-        weights: &SampleWeights,
-    ) -> Result<Self> {
-        let forward = ConvForward::run(net, inputs)?;
-        let (grad, probs) = output_gradient(kind, forward.outputs(), targets)?;
-        let backward = forward.backward(weights.apply(&grad)?)?;
-        Ok(Self {
-            forward,
-            backward,
-            probs,
-        })
-    }
-}
-
-/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
-pub fn loss_and_gradient(
-    net: ConvNet<'_>,
-    kind: LossKind,
-    inputs: &Tensor,
-    targets: &Targets,
-    weights: &SampleWeights,
-) -> Result<(Tensor, Vec<Tensor>)> {
-    let pass = ConvPass::run(net, kind, inputs, targets, weights)?;
-    let losses = per_sample_loss(kind, pass.forward.outputs(), targets)?;
-    Ok((losses, pass.backward.gradient))
 }
 
 #[cfg(test)]
@@ -227,10 +172,10 @@ mod tests {
 
     use super::*;
     use crate::nn::gradcheck::{
-        directional_difference, dot_all, flat, one_hot_targets, random_tensor,
+        assert_gradient_equals_autograd, assert_weighted_gradient_matches_finite_difference,
+        one_hot_targets, random_tensor,
     };
-    use crate::nn::gradient::mean_loss_and_gradient;
-    use crate::nn::loss::mean_loss;
+    use crate::nn::loss::{LossKind, Targets};
     use crate::nn::{Model, ModelSpec};
 
     /// The CNN in f64 on (2, 13, 14) inputs (odd sizes: the pools drop a row or a column), with
@@ -251,65 +196,18 @@ mod tests {
 
     #[test]
     fn hand_written_gradient_equals_autograd() {
-        for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
-            .into_iter()
-            .enumerate()
-        {
-            let (model, x, targets) = setup(40 + i as u64);
-            assert!(model.conv_net().is_some());
-            let (loss, gradient) =
-                mean_loss_and_gradient(model.as_ref(), kind, &x, &targets).unwrap();
-            let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
-            let grads = reference.backward().unwrap();
-            let expected: Vec<Tensor> = model
-                .params()
-                .iter()
-                .map(|p| grads.get(p.var.as_tensor()).unwrap().clone())
-                .collect();
-            assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
-            for ((p, got), want) in model.params().iter().zip(&gradient).zip(&expected) {
-                assert_eq!(got.dims(), want.dims(), "{}", p.name);
-                let (got, want) = (flat(got), flat(want));
-                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-11 * scale,
-                        "{kind:?} {}: {g} vs {w}",
-                        p.name
-                    );
-                }
-            }
-        }
+        assert!(setup(0).0.conv_net().is_some());
+        assert_gradient_equals_autograd(setup);
     }
 
     #[test]
     fn weighted_gradient_matches_a_central_finite_difference() {
         let (model, x, targets) = setup(50);
-        let net = model.conv_net().unwrap();
-        let w = random_tensor(&[5, 1], 51, 1.0).unwrap();
-        let weights = SampleWeights::PerSample(w.clone());
-        let objective = |model: &dyn Model| -> f64 {
-            let losses = per_sample_loss(LossKind::Mse, &model.forward(&x).unwrap(), &targets);
-            (losses.unwrap() * w.squeeze(1).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let (_, gradient) = loss_and_gradient(net, LossKind::Mse, &x, &targets, &weights).unwrap();
-        let d: Vec<Tensor> = model
-            .params()
-            .iter()
-            .enumerate()
-            .map(|(i, p)| random_tensor(p.var.dims(), 60 + i as u64, 0.05).unwrap())
-            .collect();
-        let fd = directional_difference(model.params(), &d, 1e-5, || objective(model.as_ref()));
-        let exact = dot_all(&gradient, &d);
-        assert!(
-            (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
-            "{fd} vs {exact}"
+        assert_weighted_gradient_matches_finite_difference(
+            model.as_ref(),
+            &x,
+            &targets,
+            LossKind::Mse,
         );
     }
 }

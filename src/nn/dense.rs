@@ -9,7 +9,8 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::loss::{per_sample_loss, LossKind, Targets};
+use super::loss::{LossKind, Targets};
+use super::pass::Pass;
 use super::reduce::column_sums;
 use super::DenseStack;
 
@@ -73,11 +74,6 @@ impl DenseForward {
             bends: kept_bends,
             outputs: a,
         })
-    }
-
-    /// Backpropagates `output_grad` = ∂L/∂f (N, K).
-    pub fn backward(&self, output_grad: Tensor) -> Result<DenseBackward> {
-        self.backward_to(output_grad, false)
     }
 
     /// Backpropagates `output_grad` = ∂L/∂f (N, K); `to_input` also gives ∂L/∂a₀, the gradient with
@@ -153,51 +149,6 @@ impl SampleWeights {
     }
 }
 
-/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
-/// outputs for cross-entropy (its output-space Hessian needs it).
-pub struct DensePass {
-    /// The forward pass.
-    pub forward: DenseForward,
-    /// The backward pass of the weighted objective.
-    pub backward: DenseBackward,
-    /// softmax(f) for cross-entropy, `None` for MSE.
-    pub probs: Option<Tensor>,
-}
-
-impl DensePass {
-    /// Runs both passes; `bends` also keeps σ''(z_l) (second-order passes).
-    pub fn run(
-        stack: DenseStack<'_>,
-        kind: LossKind,
-        inputs: &Tensor,
-        targets: &Targets,
-        weights: &SampleWeights,
-        bends: bool,
-    ) -> Result<Self> {
-        let forward = DenseForward::run(stack, inputs, bends)?;
-        let (grad, probs) = output_gradient(kind, &forward.outputs, targets)?;
-        let backward = forward.backward(weights.apply(&grad)?)?;
-        Ok(Self {
-            forward,
-            backward,
-            probs,
-        })
-    }
-}
-
-/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
-pub fn loss_and_gradient(
-    stack: DenseStack<'_>,
-    kind: LossKind,
-    inputs: &Tensor,
-    targets: &Targets,
-    weights: &SampleWeights,
-) -> Result<(Tensor, Vec<Tensor>)> {
-    let pass = DensePass::run(stack, kind, inputs, targets, weights, false)?;
-    let losses = per_sample_loss(kind, &pass.forward.outputs, targets)?;
-    Ok((losses, pass.backward.gradient))
-}
-
 /// Σ_i g_i and Σ_i g_i ⊙ g_i over the per-sample gradients g_i = ∇ℓ_i of a batch, without forming
 /// any g_i: a dense layer's g_i is the outer product a_{i} δ_iᵀ, so Σ_i g_i ⊙ g_i = (a ⊙ a)ᵀ (δ ⊙ δ)
 /// and, for its bias, Σ_i δ_i ⊙ δ_i.
@@ -207,16 +158,10 @@ pub fn gradient_moments(
     inputs: &Tensor,
     targets: &Targets,
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-    let DensePass {
+    let forward = DenseForward::run(stack, inputs, false)?;
+    let Pass {
         forward, backward, ..
-    } = DensePass::run(
-        stack,
-        kind,
-        inputs,
-        targets,
-        &SampleWeights::Uniform(1.0),
-        false,
-    )?;
+    } = Pass::new(forward, kind, targets, &SampleWeights::Uniform(1.0))?;
     let mut squares = Vec::with_capacity(backward.gradient.len());
     for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
         let delta_sq = delta.sqr()?;

@@ -12,8 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use crate::data::LabelEncoding;
-use crate::nn::loss::Targets;
-use crate::nn::Param;
+use crate::nn::dense::SampleWeights;
+use crate::nn::gradient::{loss_and_gradient, mean_loss_and_gradient};
+use crate::nn::loss::{mean_loss, per_sample_loss, LossKind, Targets};
+use crate::nn::{Model, Param};
 
 /// A seeded standard-normal f64 tensor on the CPU, times `scale`.
 pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
@@ -315,5 +317,71 @@ pub fn check_second_order(name: &str, probe: &Probe) {
     assert!(
         (uhv - vhu).abs() <= 1e-10 * (1.0 + uhv.abs()),
         "{name}: uᵀHv = {uhv} but vᵀHu = {vhu}"
+    );
+}
+
+/// Asserts that a model's gradient by [`crate::nn::gradient::mean_loss_and_gradient`] (its
+/// hand-written passes) equals candle's autograd, for MSE and cross-entropy, in f64; `setup`
+/// builds the model, inputs and targets from a seed.
+pub fn assert_gradient_equals_autograd(setup: impl Fn(u64) -> (Box<dyn Model>, Tensor, Targets)) {
+    for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
+        .into_iter()
+        .enumerate()
+    {
+        let (model, x, targets) = setup(40 + i as u64);
+        let (loss, gradient) = mean_loss_and_gradient(model.as_ref(), kind, &x, &targets).unwrap();
+        let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
+        let grads = reference.backward().unwrap();
+        assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+        for (p, got) in model.params().iter().zip(&gradient) {
+            let want = grads.get(p.var.as_tensor()).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{}", p.name);
+            let (got, want) = (flat(got), flat(want));
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-11 * scale,
+                    "{kind:?} {}: {g} vs {w}",
+                    p.name
+                );
+            }
+        }
+    }
+}
+
+/// Asserts that the gradient of Σ_i c_i ℓ_i (random c_i) by
+/// [`crate::nn::gradient::loss_and_gradient`] matches a central finite difference of the objective
+/// along a random direction, in f64, for `model` on `x` with one row of `targets` per sample.
+pub fn assert_weighted_gradient_matches_finite_difference(
+    model: &dyn Model,
+    x: &Tensor,
+    targets: &Targets,
+    kind: LossKind,
+) {
+    let n = x.dim(0).unwrap();
+    let w = random_tensor(&[n, 1], 51, 1.0).unwrap();
+    let weights = SampleWeights::PerSample(w.clone());
+    let objective = |model: &dyn Model| -> f64 {
+        let losses = per_sample_loss(kind, &model.forward(x).unwrap(), targets);
+        (losses.unwrap() * w.squeeze(1).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let (_, gradient) = loss_and_gradient(model, kind, x, targets, &weights).unwrap();
+    let d: Vec<Tensor> = model
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| random_tensor(p.var.dims(), 60 + i as u64, 0.05).unwrap())
+        .collect();
+    let fd = directional_difference(model.params(), &d, 1e-5, || objective(model));
+    let exact = dot_all(&gradient, &d);
+    assert!(
+        (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
+        "{kind:?}: {fd} vs {exact}"
     );
 }

@@ -4,9 +4,22 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::dense::SampleWeights;
+use super::conv::ConvForward;
+use super::dense::{DenseForward, SampleWeights};
 use super::loss::{per_sample_loss, LossKind, Targets};
-use super::{conv, dense, residual, Model};
+use super::pass::{Forward, Pass};
+use super::residual::ResidualForward;
+use super::Model;
+
+/// [`loss_and_gradient`] by a model's hand-written passes.
+fn by_hand<F: Forward>(
+    forward: Result<F>,
+    kind: LossKind,
+    targets: &Targets,
+    weights: &SampleWeights,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    Pass::new(forward?, kind, targets, weights)?.losses_and_gradient(kind, targets)
+}
 
 /// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, one detached tensor
 /// per parameter in the model's order.
@@ -18,13 +31,14 @@ pub fn loss_and_gradient(
     weights: &SampleWeights,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     if let Some(stack) = model.dense_stack() {
-        return dense::loss_and_gradient(stack, kind, inputs, targets, weights);
+        let forward = DenseForward::run(stack, inputs, false);
+        return by_hand(forward, kind, targets, weights);
     }
     if let Some(net) = model.conv_net() {
-        return conv::loss_and_gradient(net, kind, inputs, targets, weights);
+        return by_hand(ConvForward::run(net, inputs), kind, targets, weights);
     }
     if let (Some(net), true) = (model.residual_net(), inputs.device().is_cpu()) {
-        return residual::loss_and_gradient(net, kind, inputs, targets, weights);
+        return by_hand(ResidualForward::run(net, inputs), kind, targets, weights);
     }
     let losses = per_sample_loss(kind, &model.forward(inputs)?, targets)?;
     let objective = match weights {

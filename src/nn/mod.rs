@@ -16,6 +16,7 @@ pub mod layers;
 pub mod loss;
 pub mod models;
 pub mod optim;
+pub mod pass;
 pub mod reduce;
 pub mod residual;
 pub mod spec;

@@ -15,10 +15,10 @@
 use candle_core::{Result, Tensor};
 
 use super::conv::{kernel_gradient, kernel_matrix};
-use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
+use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::{col2im, window_patches, Window};
-use super::loss::{per_sample_loss, LossKind, Targets};
+use super::pass::{head_backward, Forward, TrunkBackward};
 use super::{ResidualBlock, ResidualNet};
 
 /// Image dimensions (N, H, W, C).
@@ -196,16 +196,6 @@ pub struct ResidualForward {
     pub features: Dims,
 }
 
-/// The backward pass of a batch.
-pub struct ResidualBackward {
-    /// δ = ∂L/∂z of each convolution's ReLU input, in the network's order.
-    pub deltas: Vec<Tensor>,
-    /// The linear layer's backward pass (with its input gradient).
-    pub head: DenseBackward,
-    /// ∂L/∂θ, one tensor per parameter in the network's order (convolutions, then the head).
-    pub gradient: Vec<Tensor>,
-}
-
 impl ResidualForward {
     /// Runs `x` (N, C, H, W) through the network.
     pub fn run(net: ResidualNet<'_>, x: &Tensor) -> Result<Self> {
@@ -242,19 +232,19 @@ impl ResidualForward {
             features,
         })
     }
+}
 
-    /// The outputs f (N, K).
-    pub fn outputs(&self) -> &Tensor {
-        &self.head.outputs
+impl Forward for ResidualForward {
+    type Backward = TrunkBackward;
+
+    fn head(&self) -> &DenseForward {
+        &self.head
     }
 
-    /// Backpropagates `output_grad` = ∂L/∂f (N, K).
-    pub fn backward(&self, output_grad: Tensor) -> Result<ResidualBackward> {
-        let head = self.head.backward_to(output_grad, true)?;
-        let mut u = match &head.input_gradient {
-            Some(g) => average_pool_adjoint(g, self.features)?,
-            None => candle_core::bail!("the linear layer returned no input gradient"),
-        };
+    fn backward(&self, output_grad: Tensor) -> Result<TrunkBackward> {
+        let (head, mut u) = head_backward(&self.head, output_grad, |g| {
+            average_pool_adjoint(g, self.features)
+        })?;
         let convs = &self.convs;
         let mut deltas = vec![None; convs.len()];
         for (b, block) in self.blocks.iter().enumerate().rev() {
@@ -278,56 +268,12 @@ impl ResidualForward {
             .map(|(conv, delta)| kernel_gradient(&conv.patches, delta, conv.window.k))
             .collect::<Result<Vec<_>>>()?;
         gradient.extend(head.gradient.iter().cloned());
-        Ok(ResidualBackward {
+        Ok(TrunkBackward {
             deltas,
             head,
             gradient,
         })
     }
-}
-
-/// The forward pass of a batch and the backward pass of Σ_i c_i ℓ_i, with the softmax of the
-/// outputs for cross-entropy: [`super::dense::DensePass`] for a residual net.
-pub struct ResidualPass {
-    /// The forward pass.
-    pub forward: ResidualForward,
-    /// The backward pass of the weighted objective.
-    pub backward: ResidualBackward,
-    /// softmax(f) for cross-entropy, `None` for MSE.
-    pub probs: Option<Tensor>,
-}
-
-impl ResidualPass {
-    /// Runs both passes.
-    pub fn run(
-        net: ResidualNet<'_>,
-        kind: LossKind,
-        inputs: &Tensor,
-        targets: &Targets,
-        weights: &SampleWeights,
-    ) -> Result<Self> {
-        let forward = ResidualForward::run(net, inputs)?;
-        let (grad, probs) = output_gradient(kind, forward.outputs(), targets)?;
-        let backward = forward.backward(weights.apply(&grad)?)?;
-        Ok(Self {
-            forward,
-            backward,
-            probs,
-        })
-    }
-}
-
-/// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, by hand.
-pub fn loss_and_gradient(
-    net: ResidualNet<'_>,
-    kind: LossKind,
-    inputs: &Tensor,
-    targets: &Targets,
-    weights: &SampleWeights,
-) -> Result<(Tensor, Vec<Tensor>)> {
-    let pass = ResidualPass::run(net, kind, inputs, targets, weights)?;
-    let losses = per_sample_loss(kind, pass.forward.outputs(), targets)?;
-    Ok((losses, pass.backward.gradient))
 }
 
 #[cfg(test)]
@@ -336,11 +282,11 @@ mod tests {
 
     use super::*;
     use crate::nn::gradcheck::{
-        directional_difference, dot_all, flat, one_hot_targets, random_tensor,
+        assert_gradient_equals_autograd, assert_weighted_gradient_matches_finite_difference,
+        dot_all, flat, one_hot_targets, random_tensor,
     };
-    use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::layers::{global_avg_pool, option_a_shortcut};
-    use crate::nn::loss::mean_loss;
+    use crate::nn::loss::{LossKind, Targets};
     use crate::nn::{Model, ModelSpec};
 
     /// ResNet-8 in f64 on (2, h, w) inputs, with random linear biases, and a batch of 5 samples of
@@ -393,33 +339,9 @@ mod tests {
 
     #[test]
     fn hand_written_gradient_equals_autograd() {
-        for (i, kind) in [LossKind::Mse, LossKind::CrossEntropy]
-            .into_iter()
-            .enumerate()
-        {
-            // 8 → 4 → 2 rows (candle's autograd fails on some odd sizes, see below).
-            let (model, x, targets) = setup(40 + i as u64, 8, 8);
-            assert!(model.residual_net().is_some());
-            let (loss, gradient) =
-                mean_loss_and_gradient(model.as_ref(), kind, &x, &targets).unwrap();
-            let reference = mean_loss(kind, &model.forward(&x).unwrap(), &targets).unwrap();
-            let grads = reference.backward().unwrap();
-            assert!((loss - reference.to_scalar::<f64>().unwrap()).abs() < 1e-12);
-            for (p, got) in model.params().iter().zip(&gradient) {
-                let want = grads.get(p.var.as_tensor()).unwrap();
-                assert_eq!(got.dims(), want.dims(), "{}", p.name);
-                let (got, want) = (flat(got), flat(want));
-                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                assert!(scale > 0.0, "{kind:?} {}: zero gradient", p.name);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-11 * scale,
-                        "{kind:?} {}: {g} vs {w}",
-                        p.name
-                    );
-                }
-            }
-        }
+        // 8 → 4 → 2 rows (candle's autograd fails on some odd sizes, see below).
+        assert!(setup(0, 8, 8).0.residual_net().is_some());
+        assert_gradient_equals_autograd(|seed| setup(seed, 8, 8));
     }
 
     #[test]
@@ -427,32 +349,8 @@ mod tests {
         // 7 × 6 inputs: the stride-2 stages keep ⌈H/2⌉ rows (4 × 3, then 2 × 2), where candle's
         // strided conv2d backward returns a wrongly shaped gradient.
         let (model, x, targets) = setup(50, 7, 6);
-        let net = model.residual_net().unwrap();
-        let w = random_tensor(&[5, 1], 51, 1.0).unwrap();
-        let weights = SampleWeights::PerSample(w.clone());
         for kind in [LossKind::Mse, LossKind::CrossEntropy] {
-            let objective = |model: &dyn Model| -> f64 {
-                let losses = per_sample_loss(kind, &model.forward(&x).unwrap(), &targets);
-                (losses.unwrap() * w.squeeze(1).unwrap())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
-            let (_, gradient) = loss_and_gradient(net, kind, &x, &targets, &weights).unwrap();
-            let d: Vec<Tensor> = model
-                .params()
-                .iter()
-                .enumerate()
-                .map(|(i, p)| random_tensor(p.var.dims(), 60 + i as u64, 0.05).unwrap())
-                .collect();
-            let fd = directional_difference(model.params(), &d, 1e-5, || objective(model.as_ref()));
-            let exact = dot_all(&gradient, &d);
-            assert!(
-                (fd - exact).abs() < 1e-7 * exact.abs().max(1.0),
-                "{kind:?}: {fd} vs {exact}"
-            );
+            assert_weighted_gradient_matches_finite_difference(model.as_ref(), &x, &targets, kind);
         }
     }
 }

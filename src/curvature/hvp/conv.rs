@@ -19,67 +19,35 @@
 
 use candle_core::Tensor;
 
-use super::dense::{
-    backward_tangents, objective_and_curvature, product_context, quadratic_form, sample_weights,
-    tangents, Head, InputTangents, OutputCurvature, Tangents,
-};
+use super::dense::{product_context, quadratic_form, Chunk, InputTangents};
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
     flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features,
-    window_sum, ConvBackward, ConvForward, ConvPass,
+    window_sum, ConvForward,
 };
-use crate::nn::dense::SampleWeights;
 use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::patches;
 use crate::nn::loss::LossKind;
 use crate::nn::reduce::column_sums;
 use crate::nn::ConvNet;
 
-/// The retained forward and backward pass of one chunk through a conv net.
-pub(super) struct ConvChunk {
-    forward: ConvForward,
-    backward: ConvBackward,
-    weights: SampleWeights,
-    curvature: OutputCurvature,
-    /// The chunk's objective value.
-    pub loss: f64,
-}
-
-/// Forward tangents through the convolutions.
-struct TrunkTangents {
+/// Forward tangents through the convolutions of a network (the CNN, the ResNets).
+pub(super) struct TrunkTangents {
     /// ȧ at the trunk's output (N, H, W, C).
-    first: Tensor,
+    pub first: Tensor,
     /// ä at the trunk's output, when asked for and not zero.
-    second: Option<Tensor>,
-    /// patches(ȧ_{l−1}) of every convolution (none for the first: the data does not move).
-    patch_dots: Vec<Option<Tensor>>,
+    pub second: Option<Tensor>,
+    /// The patches of each convolution's input tangent (none for the first: the data does not
+    /// move).
+    pub patch_dots: Vec<Option<Tensor>>,
 }
 
-impl ConvChunk {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk.
-    pub fn build(net: ConvNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let ctx = "conv forward and backward pass";
-        let weights = sample_weights(spec).ctx(ctx)?;
-        let ConvPass {
-            forward,
-            backward,
-            probs,
-        } = ConvPass::run(net, kind, &spec.batch.inputs, &spec.batch.targets, &weights).ctx(ctx)?;
-        let (loss, curvature) =
-            objective_and_curvature(kind, forward.outputs(), spec, &weights, probs)?;
-        Ok(Self {
-            forward,
-            backward,
-            weights,
-            curvature,
-            loss,
-        })
-    }
-
-    /// The chunk's objective gradient, one tensor per parameter.
-    pub fn gradient(&self) -> &[Tensor] {
-        &self.backward.gradient
+impl Chunk<ConvForward> {
+    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `net`.
+    pub fn conv(net: ConvNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
+        let forward = |x: &Tensor| ConvForward::run(net, x);
+        Self::build(forward, kind, spec, "conv forward and backward pass")
     }
 
     /// Tangents along `v_conv` through the convolutions: ż_l = patches(ȧ_{l−1}) K_l + P_l K(V_l) +
@@ -166,21 +134,9 @@ impl ConvChunk {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(2 * self.forward.gates.len());
         let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
-        let input = InputTangents {
-            first: Some(flatten_features(&trunk.first).ctx(ctx)?),
-            second: trunk
-                .second
-                .map(|t| flatten_features(&t))
-                .transpose()
-                .ctx(ctx)?,
-        };
-        let head = Head {
-            forward: &self.forward.head,
-            backward: &self.backward.head,
-            weights: &self.weights,
-            curvature: &self.curvature,
-        };
-        quadratic_form(head, v_head, input, gauss_newton)
+        let input =
+            InputTangents::through(&trunk.first, trunk.second, flatten_features).ctx(ctx)?;
+        quadratic_form(self.head(), v_head, input, gauss_newton)
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
@@ -191,42 +147,20 @@ impl ConvChunk {
             patches: kept,
             gates,
             pools,
-            head,
             features,
+            ..
         } = &self.forward;
         let convs = gates.len();
         let (v_conv, v_head) = v.parts().split_at(2 * convs);
 
         let trunk = self.trunk_tangents(v_conv, false, ctx)?;
         let patch_dots = trunk.patch_dots;
-        let head_input = Some(flatten_features(&trunk.first).ctx(ctx)?);
+        let head_input = flatten_features(&trunk.first).ctx(ctx)?;
 
         // The head, forward and back, down to R(∂L/∂a) at its input.
-        let (r_pre, r_inputs) = tangents(head, v_head, head_input, ctx)?;
-        let r_delta = self
-            .curvature
-            .apply(&r_pre[r_pre.len() - 1])
-            .and_then(|hr| self.weights.apply(&hr))
-            .ctx(ctx)?;
-        let head_tangents = Tangents {
-            pre: &r_pre,
-            inputs: &r_inputs,
-        };
-        let (head_out, r_input) = backward_tangents(
-            head,
-            &self.backward.head,
-            v_head,
-            head_tangents,
-            r_delta,
-            gauss_newton,
-            ctx,
-        )?;
-        let Some(r_input) = r_input else {
-            return Err(candle_core::Error::Msg(
-                "the head's input tangent is missing".into(),
-            ))
-            .ctx(ctx);
-        };
+        let (head_out, r_input) =
+            self.head()
+                .products_to_input(v_head, head_input, gauss_newton, ctx)?;
         let mut r_u = unflatten_features(&r_input, *features).ctx(ctx)?;
 
         // Backward tangents through the convolutions.

@@ -21,8 +21,9 @@ use candle_core::{DType, Tensor, D};
 
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
-use crate::nn::dense::{DenseBackward, DenseForward, DensePass, SampleWeights};
+use crate::nn::dense::{DenseBackward, DenseForward, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind};
+use crate::nn::pass::{Backward, Forward, Pass};
 use crate::nn::reduce::column_sums;
 use crate::nn::DenseStack;
 
@@ -78,36 +79,35 @@ pub(super) fn objective_and_curvature(
     Ok((loss, curvature))
 }
 
-/// The retained forward and backward pass of one chunk through a dense stack.
-pub(super) struct DenseChunk {
-    forward: DenseForward,
-    backward: DenseBackward,
+/// The retained forward and backward pass of one chunk, with its objective's per-sample factors
+/// and output-space curvature: the state every network's products start from.
+pub(super) struct Chunk<F: Forward> {
+    pub forward: F,
+    pub backward: F::Backward,
     weights: SampleWeights,
     curvature: OutputCurvature,
     /// The chunk's objective value.
     pub loss: f64,
 }
 
-impl DenseChunk {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk.
-    pub fn build(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let ctx = "dense forward and backward pass";
+impl<F: Forward> Chunk<F> {
+    /// Runs `forward` on `spec`'s chunk and keeps it with the backward pass of its objective.
+    pub fn build(
+        forward: impl FnOnce(&Tensor) -> candle_core::Result<F>,
+        kind: LossKind,
+        spec: &ChunkSpec,
+        ctx: &'static str,
+    ) -> Result<Self> {
         let weights = sample_weights(spec).ctx(ctx)?;
-        let DensePass {
+        let Pass {
             forward,
             backward,
             probs,
-        } = DensePass::run(
-            stack,
-            kind,
-            &spec.batch.inputs,
-            &spec.batch.targets,
-            &weights,
-            true,
-        )
-        .ctx(ctx)?;
+        } = forward(&spec.batch.inputs)
+            .and_then(|f| Pass::new(f, kind, &spec.batch.targets, &weights))
+            .ctx(ctx)?;
         let (loss, curvature) =
-            objective_and_curvature(kind, &forward.outputs, spec, &weights, probs)?;
+            objective_and_curvature(kind, forward.outputs(), spec, &weights, probs)?;
         Ok(Self {
             forward,
             backward,
@@ -119,40 +119,41 @@ impl DenseChunk {
 
     /// The chunk's objective gradient, one tensor per parameter.
     pub fn gradient(&self) -> &[Tensor] {
-        &self.backward.gradient
+        self.backward.gradient()
+    }
+
+    /// The dense layers at the top of the network, with the objective.
+    pub fn head(&self) -> Head<'_> {
+        Head {
+            forward: self.forward.head(),
+            backward: self.backward.head(),
+            weights: &self.weights,
+            curvature: &self.curvature,
+        }
+    }
+}
+
+impl Chunk<DenseForward> {
+    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `stack`.
+    pub fn dense(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
+        let forward = |x: &Tensor| DenseForward::run(stack, x, true);
+        Self::build(forward, kind, spec, "dense forward and backward pass")
     }
 
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone ([`quadratic_form`]).
     pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
-        let head = Head {
-            forward: &self.forward,
-            backward: &self.backward,
-            weights: &self.weights,
-            curvature: &self.curvature,
-        };
-        quadratic_form(head, v.parts(), InputTangents::default(), gauss_newton)
+        quadratic_form(
+            self.head(),
+            v.parts(),
+            InputTangents::default(),
+            gauss_newton,
+        )
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
     pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
-        let v = v.parts();
-        let (r_pre, r_inputs) = tangents(&self.forward, v, None, ctx)?;
-        let hr = self.curvature.apply(&r_pre[r_pre.len() - 1]).ctx(ctx)?;
-        let r_delta = self.weights.apply(&hr).ctx(ctx)?;
-        let tangents = Tangents {
-            pre: &r_pre,
-            inputs: &r_inputs,
-        };
-        let (out, _) = backward_tangents(
-            &self.forward,
-            &self.backward,
-            v,
-            tangents,
-            r_delta,
-            gauss_newton,
-            ctx,
-        )?;
+        let (out, _) = self.head().products(v.parts(), None, gauss_newton, ctx)?;
         Ok(out)
     }
 }
@@ -166,11 +167,76 @@ pub(super) struct Head<'h> {
     pub curvature: &'h OutputCurvature,
 }
 
+impl Head<'_> {
+    /// The head's share of a product along `v` (its weights and biases) with its input moving
+    /// along `input_tangent` (None: fixed, as data is): forward tangents, R δ_L = c ⊙ H_ℓ R f,
+    /// and [`backward_tangents`]: (H V) per head parameter and, when the input moves, R(∂L/∂a₀).
+    pub fn products(
+        self,
+        v: &[Tensor],
+        input_tangent: Option<Tensor>,
+        gauss_newton: bool,
+        ctx: &'static str,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let (r_pre, r_inputs) = tangents(self.forward, v, input_tangent, ctx)?;
+        let r_delta = self
+            .curvature
+            .apply(&r_pre[r_pre.len() - 1])
+            .and_then(|hr| self.weights.apply(&hr))
+            .ctx(ctx)?;
+        let tangents = Tangents {
+            pre: &r_pre,
+            inputs: &r_inputs,
+        };
+        backward_tangents(
+            self.forward,
+            self.backward,
+            v,
+            tangents,
+            r_delta,
+            gauss_newton,
+            ctx,
+        )
+    }
+
+    /// [`Self::products`] for a head whose input moves along `input_tangent`, with R(∂L/∂a₀).
+    pub fn products_to_input(
+        self,
+        v: &[Tensor],
+        input_tangent: Tensor,
+        gauss_newton: bool,
+        ctx: &'static str,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        match self.products(v, Some(input_tangent), gauss_newton, ctx)? {
+            (out, Some(r_input)) => Ok((out, r_input)),
+            (_, None) => Err(candle_core::Error::Msg(
+                "the head's input tangent is missing".into(),
+            ))
+            .ctx(ctx),
+        }
+    }
+}
+
 /// First and second tangents ȧ₀, ä₀ of a dense stack's input (None: zero, as for data).
 #[derive(Default)]
 pub(super) struct InputTangents {
     pub first: Option<Tensor>,
     pub second: Option<Tensor>,
+}
+
+impl InputTangents {
+    /// The head's input tangents from the first and second tangents of the trunk's output,
+    /// through the linear map `to_head` between them (a flatten, a pool).
+    pub fn through(
+        first: &Tensor,
+        second: Option<Tensor>,
+        to_head: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            first: Some(to_head(first)?),
+            second: second.map(|t| to_head(&t)).transpose()?,
+        })
+    }
 }
 
 /// vᵀ H v of a stack's objective (or vᵀ G v) by a forward pass alone: along θ + tV the

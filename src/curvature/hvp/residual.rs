@@ -20,43 +20,18 @@
 
 use candle_core::Tensor;
 
-use super::dense::{
-    backward_tangents, objective_and_curvature, product_context, quadratic_form, sample_weights,
-    tangents, Head, InputTangents, OutputCurvature, Tangents,
-};
+use super::conv::TrunkTangents;
+use super::dense::{product_context, quadratic_form, Chunk, InputTangents};
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::kernel_gradient;
-use crate::nn::dense::SampleWeights;
 use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::window_patches;
 use crate::nn::loss::LossKind;
 use crate::nn::residual::{
-    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualBackward,
-    ResidualForward, ResidualPass,
+    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualForward,
 };
 use crate::nn::ResidualNet;
-
-/// The retained forward and backward pass of one chunk through a residual net.
-pub(super) struct ResidualChunk {
-    forward: ResidualForward,
-    backward: ResidualBackward,
-    weights: SampleWeights,
-    curvature: OutputCurvature,
-    /// The chunk's objective value.
-    pub loss: f64,
-}
-
-/// Forward tangents through the convolutions.
-struct TrunkTangents {
-    /// ẋ at the last block's output (N, H, W, C).
-    first: Tensor,
-    /// ẍ there, when asked for.
-    second: Option<Tensor>,
-    /// The patches of each convolution's input tangent (none for the stem: the data does not
-    /// move).
-    patch_dots: Vec<Option<Tensor>>,
-}
 
 /// `a + b`, where `b` may be absent.
 fn add_some(a: Tensor, b: Option<Tensor>) -> candle_core::Result<Tensor> {
@@ -66,31 +41,11 @@ fn add_some(a: Tensor, b: Option<Tensor>) -> candle_core::Result<Tensor> {
     }
 }
 
-impl ResidualChunk {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk.
-    pub fn build(net: ResidualNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let ctx = "residual forward and backward pass";
-        let weights = sample_weights(spec).ctx(ctx)?;
-        let ResidualPass {
-            forward,
-            backward,
-            probs,
-        } = ResidualPass::run(net, kind, &spec.batch.inputs, &spec.batch.targets, &weights)
-            .ctx(ctx)?;
-        let (loss, curvature) =
-            objective_and_curvature(kind, forward.outputs(), spec, &weights, probs)?;
-        Ok(Self {
-            forward,
-            backward,
-            weights,
-            curvature,
-            loss,
-        })
-    }
-
-    /// The chunk's objective gradient, one tensor per parameter.
-    pub fn gradient(&self) -> &[Tensor] {
-        &self.backward.gradient
+impl Chunk<ResidualForward> {
+    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `net`.
+    pub fn residual(net: ResidualNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
+        let forward = |x: &Tensor| ResidualForward::run(net, x);
+        Self::build(forward, kind, spec, "residual forward and backward pass")
     }
 
     /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
@@ -160,30 +115,13 @@ impl ResidualChunk {
         })
     }
 
-    /// The linear layer's view of this chunk.
-    fn head(&self) -> Head<'_> {
-        Head {
-            forward: &self.forward.head,
-            backward: &self.backward.head,
-            weights: &self.weights,
-            curvature: &self.curvature,
-        }
-    }
-
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
     /// tangents through the convolutions, then through the linear layer ([`quadratic_form`]).
     pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(self.forward.convs.len());
         let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
-        let input = InputTangents {
-            first: Some(average_pool(&trunk.first).ctx(ctx)?),
-            second: trunk
-                .second
-                .map(|t| average_pool(&t))
-                .transpose()
-                .ctx(ctx)?,
-        };
+        let input = InputTangents::through(&trunk.first, trunk.second, average_pool).ctx(ctx)?;
         quadratic_form(self.head(), v_head, input, gauss_newton)
     }
 
@@ -193,39 +131,17 @@ impl ResidualChunk {
         let ResidualForward {
             convs,
             blocks,
-            head,
             features,
+            ..
         } = &self.forward;
         let (v_conv, v_head) = v.parts().split_at(convs.len());
         let trunk = self.trunk_tangents(v_conv, false, ctx)?;
-        let head_input = Some(average_pool(&trunk.first).ctx(ctx)?);
+        let head_input = average_pool(&trunk.first).ctx(ctx)?;
 
         // The linear layer, forward and back, down to R(∂L/∂pool).
-        let (r_pre, r_inputs) = tangents(head, v_head, head_input, ctx)?;
-        let r_delta = self
-            .curvature
-            .apply(&r_pre[r_pre.len() - 1])
-            .and_then(|hr| self.weights.apply(&hr))
-            .ctx(ctx)?;
-        let head_tangents = Tangents {
-            pre: &r_pre,
-            inputs: &r_inputs,
-        };
-        let (head_out, r_input) = backward_tangents(
-            head,
-            &self.backward.head,
-            v_head,
-            head_tangents,
-            r_delta,
-            gauss_newton,
-            ctx,
-        )?;
-        let Some(r_input) = r_input else {
-            return Err(candle_core::Error::Msg(
-                "the linear layer's input tangent is missing".into(),
-            ))
-            .ctx(ctx);
-        };
+        let (head_out, r_input) =
+            self.head()
+                .products_to_input(v_head, head_input, gauss_newton, ctx)?;
 
         // Backward tangents through the blocks.
         let deltas = &self.backward.deltas;
