@@ -149,8 +149,9 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         mirror: Option<String>,
     },
-    /// Times the SGD step, HVPs, λmax solves and batch sharpness of the paper's MLP and CNN, next to
-    /// PyTorch when `--torch` names a Python that has it (the ratio column is eoss / PyTorch).
+    /// Times the SGD step, HVPs, λmax solves and batch sharpness of the paper's MLP, CNN and
+    /// ResNet-20, next to PyTorch when `--torch` names a Python that has it (the ratio column is
+    /// eoss / PyTorch).
     Bench {
         /// Device to time on.
         #[arg(long, value_enum, default_value = "cpu")]
