@@ -10,7 +10,25 @@ use eoss::error::EXIT_OK;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (index 15 of `mi_option_e` in both its v2 and v3 headers;
+/// libmimalloc-sys names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Tells mimalloc never to return freed memory to the OS, unless `MIMALLOC_PURGE_DELAY` says
+/// otherwise. By default it purges freed large blocks within milliseconds, and the next step faults
+/// them back in, zeroing every page: 46,000 page faults and a quarter of the time of an HVP of the
+/// CNN on 512 samples, 20,000 faults in 30 ResNet-20 steps; with no purging, 2,800 and 630. The
+/// process keeps its peak memory until it exits.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: an option setter of the allocator, callable at any time (a purge delay only
+        // decides when freed memory is returned).
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     // Candle reads this once per thread before its first backward pass; set it while the process is
     // still single-threaded, before anything else runs.
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
