@@ -96,7 +96,7 @@ pub fn average_pool_adjoint(g: &Tensor, dims: Dims) -> Result<Tensor> {
 
 /// The patch gradients δ Kᵀ (N·H_o·W_o, 9·C_in) of a convolution with `weight` (C_out, C_in, 3, 3)
 /// for δ (N, H_o, W_o, C_out); [`col2im`] of their sum is the input gradient.
-pub fn patch_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn patch_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (n, ho, wo, c_out) = delta.dims4()?;
     delta
         .reshape((n * ho * wo, c_out))?
