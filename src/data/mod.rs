@@ -2,7 +2,7 @@
 //! source, subsetting, normalisation, class filters, and the one `Dataset` type they all produce.
 //!
 //! The flow is [`source`] (open one split of one collection: labels up front, images on demand) →
-//! [`build`] (class filter, seeded subset or the ±1 two-class variant, normalisation, the "easy"
+//! [`mod@build`] (class filter, seeded subset or the ±1 two-class variant, normalisation, the "easy"
 //! offset) → [`Dataset`], which [`Dataset::save`] writes as safetensors and [`Dataset::load`] reads
 //! back. This module knows nothing of pipelines; the `dataset` stage kind drives it.
 

@@ -91,7 +91,7 @@ pub fn col2im(
 }
 
 /// [`patches`] from k² shifted views of `x`, on any device (on the CPU candle copies the views a
-/// few elements at a time, several times slower than [`Im2col`]).
+/// few elements at a time, several times slower than the CPU op of [`window_patches`]).
 pub fn patches_by_views(x: &Tensor, k: usize) -> Result<Tensor> {
     let (n, h, w, c) = x.dims4()?;
     let (ho, wo) = (h + 1 - k, w + 1 - k);

@@ -52,7 +52,7 @@ impl RunMetrics {
         walk_path(&self.params, path).or_else(upstream)
     }
 
-    /// A numeric param (see [`Self::param`]), else the last value of the metrics column of the
+    /// A numeric param (see `param`), else the last value of the metrics column of the
     /// same name (last path segment).
     pub fn value(&self, name: &str) -> Option<f64> {
         self.param(name).and_then(Value::as_f64).or_else(|| {

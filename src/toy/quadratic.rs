@@ -5,8 +5,8 @@
 //! gives ∇L_B = x − ā_B, so E_B[∇L_Bᵀ H ∇L_B] = y² + v_b with v_b = Var(ā_B): σ²/b when batches are
 //! drawn with replacement, σ²/b · (N − b)/(N − 1) for a uniform b-subset (random reshuffling).
 //! Hence GNI(x) = 1 + v_b / y² exactly, and with i.i.d. batches the stationary law of
-//! y_{t+1} = (1 − η) y_t − η ξ_t has E[y²] = η v_b / (2 − η) for 0 < η < 2, so
-//! E[E_B ∇L_B²] / E[y²] = 2/η exactly; for η > 2 the iteration diverges (paper, appendix D.1).
+//! y_{t+1} = (1 − η) y_t − η ξ_t has E\[y²\] = η v_b / (2 − η) for 0 < η < 2, so
+//! E\[E_B ∇L_B²\] / E\[y²\] = 2/η exactly; for η > 2 the iteration diverges (paper, appendix D.1).
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
