@@ -88,12 +88,7 @@ impl HvpConfig {
                 .dense_stack()
                 .map(Passes::Dense)
                 .or_else(|| model.conv_net().map(Passes::Conv))
-                .or_else(|| {
-                    model
-                        .residual_net()
-                        .filter(|net| net.convs.iter().all(|p| p.var.device().is_cpu()))
-                        .map(Passes::Residual)
-                }),
+                .or_else(|| model.residual_net().map(Passes::Residual)),
         }
     }
 }
@@ -116,9 +111,25 @@ enum PassChunk {
 impl PassChunk {
     fn build(passes: Passes<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
         Ok(match passes {
-            Passes::Dense(stack) => Self::Dense(Chunk::dense(stack, kind, spec)?),
-            Passes::Conv(net) => Self::Conv(Chunk::conv(net, kind, spec)?),
-            Passes::Residual(net) => Self::Residual(Chunk::residual(net, kind, spec)?),
+            // The dense stack keeps σ'' (its second-order tangents need it).
+            Passes::Dense(stack) => Self::Dense(Chunk::build(
+                |x| DenseForward::run(stack, x, true),
+                kind,
+                spec,
+                "dense forward and backward pass",
+            )?),
+            Passes::Conv(net) => Self::Conv(Chunk::build(
+                |x| ConvForward::run(net, x),
+                kind,
+                spec,
+                "conv forward and backward pass",
+            )?),
+            Passes::Residual(net) => Self::Residual(Chunk::build(
+                |x| ResidualForward::run(net, x),
+                kind,
+                spec,
+                "residual forward and backward pass",
+            )?),
         })
     }
 

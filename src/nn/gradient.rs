@@ -37,7 +37,7 @@ pub fn loss_and_gradient(
     if let Some(net) = model.conv_net() {
         return by_hand(ConvForward::run(net, inputs), kind, targets, weights);
     }
-    if let (Some(net), true) = (model.residual_net(), inputs.device().is_cpu()) {
+    if let Some(net) = model.residual_net() {
         return by_hand(ResidualForward::run(net, inputs), kind, targets, weights);
     }
     let losses = per_sample_loss(kind, &model.forward(inputs)?, targets)?;

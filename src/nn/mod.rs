@@ -66,8 +66,8 @@ pub trait Model: Send + Sync {
     fn conv_net(&self) -> Option<ConvNet<'_>> {
         None
     }
-    /// The model as a residual network (the CIFAR ResNets), so that its gradients and curvature
-    /// products can use hand-written passes instead of candle's autograd.
+    /// The model as a residual network (the CIFAR ResNets, on the CPU), so that its gradients and
+    /// curvature products can use hand-written passes instead of candle's autograd.
     fn residual_net(&self) -> Option<ResidualNet<'_>> {
         None
     }

@@ -279,7 +279,12 @@ impl Model for ResNet {
         &self.params
     }
 
+    /// The hand-written residual passes run on the CPU only (their patch extraction and its adjoint
+    /// are CPU kernels): on another device the ResNet takes candle's autograd.
     fn residual_net(&self) -> Option<ResidualNet<'_>> {
+        if !self.params.iter().all(|p| p.var.device().is_cpu()) {
+            return None;
+        }
         let n = self.params.len();
         Some(ResidualNet {
             convs: &self.params[..n - 2],

@@ -19,8 +19,8 @@
 
 use candle_core::Tensor;
 
-use super::dense::{product_context, quadratic_form, Chunk, InputTangents};
-use super::{ChunkSpec, Result};
+use super::dense::{accumulate, product_context, quadratic_form, Chunk, InputTangents};
+use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
     flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features,
@@ -28,9 +28,7 @@ use crate::nn::conv::{
 };
 use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::patches;
-use crate::nn::loss::LossKind;
 use crate::nn::reduce::column_sums;
-use crate::nn::ConvNet;
 
 /// Forward tangents through the convolutions of a network (the CNN, the ResNets).
 pub(super) struct TrunkTangents {
@@ -44,12 +42,6 @@ pub(super) struct TrunkTangents {
 }
 
 impl Chunk<ConvForward> {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `net`.
-    pub fn conv(net: ConvNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let forward = |x: &Tensor| ConvForward::run(net, x);
-        Self::build(forward, kind, spec, "conv forward and backward pass")
-    }
-
     /// Tangents along `v_conv` through the convolutions: ż_l = patches(ȧ_{l−1}) K_l + P_l K(V_l) +
     /// V_{b_l} and, with `second`, z̈_l = patches(ä_{l−1}) K_l + 2 patches(ȧ_{l−1}) K(V_l); each
     /// gated and, at a pool, summed over its windows.
@@ -104,10 +96,7 @@ impl Chunk<ConvForward> {
                 };
                 if let Some(add) = &a_ddot {
                     let term = patches(add, k).and_then(|p| p.matmul(&kernel)).ctx(ctx)?;
-                    z_ddot = Some(match z_ddot {
-                        Some(t) => (t + term).ctx(ctx)?,
-                        None => term,
-                    });
+                    z_ddot = Some(accumulate(z_ddot, term).ctx(ctx)?);
                 }
                 a_ddot = z_ddot.map(|t| gate(l, t)).transpose().ctx(ctx)?;
             }

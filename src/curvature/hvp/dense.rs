@@ -25,7 +25,6 @@ use crate::nn::dense::{DenseBackward, DenseForward, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind};
 use crate::nn::pass::{Backward, Forward, Pass};
 use crate::nn::reduce::column_sums;
-use crate::nn::DenseStack;
 
 /// The per-sample factors of a chunk's objective (the mean loss: share / n_c for every sample).
 pub(super) fn sample_weights(spec: &ChunkSpec) -> candle_core::Result<SampleWeights> {
@@ -134,12 +133,6 @@ impl<F: Forward> Chunk<F> {
 }
 
 impl Chunk<DenseForward> {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `stack`.
-    pub fn dense(stack: DenseStack<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let forward = |x: &Tensor| DenseForward::run(stack, x, true);
-        Self::build(forward, kind, spec, "dense forward and backward pass")
-    }
-
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone ([`quadratic_form`]).
     pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         quadratic_form(
@@ -283,10 +276,7 @@ pub(super) fn quadratic_form(
         };
         if let Some(add) = &a_ddot {
             let term = add.matmul(&w[2 * l]).ctx(ctx)?;
-            z_ddot = Some(match z_ddot {
-                Some(t) => (t + term).ctx(ctx)?,
-                None => term,
-            });
+            z_ddot = Some(accumulate(z_ddot, term).ctx(ctx)?);
         }
         if l + 1 == layers {
             if let Some(f_ddot) = z_ddot {
@@ -300,14 +290,19 @@ pub(super) fn quadratic_form(
         };
         if let Some(bend) = &bends[l] {
             let term = z_dot[l].sqr().and_then(|t| t * bend).ctx(ctx)?;
-            next = Some(match next {
-                Some(t) => (t + term).ctx(ctx)?,
-                None => term,
-            });
+            next = Some(accumulate(next, term).ctx(ctx)?);
         }
         a_ddot = next;
     }
     Ok(total)
+}
+
+/// `sum + term`, or `term` alone while there is no sum yet (a tangent known to be zero).
+pub(super) fn accumulate(sum: Option<Tensor>, term: Tensor) -> candle_core::Result<Tensor> {
+    match sum {
+        Some(s) => s + term,
+        None => Ok(term),
+    }
 }
 
 /// The error context of a product.

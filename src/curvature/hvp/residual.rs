@@ -21,33 +21,17 @@
 use candle_core::Tensor;
 
 use super::conv::TrunkTangents;
-use super::dense::{product_context, quadratic_form, Chunk, InputTangents};
-use super::{ChunkSpec, Result};
+use super::dense::{accumulate, product_context, quadratic_form, Chunk, InputTangents};
+use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::kernel_gradient;
 use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::window_patches;
-use crate::nn::loss::LossKind;
 use crate::nn::residual::{
     average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualForward,
 };
-use crate::nn::ResidualNet;
-
-/// `a + b`, where `b` may be absent.
-fn add_some(a: Tensor, b: Option<Tensor>) -> candle_core::Result<Tensor> {
-    match b {
-        Some(b) => a + b,
-        None => Ok(a),
-    }
-}
 
 impl Chunk<ResidualForward> {
-    /// Runs and keeps the forward and backward pass of `spec`'s chunk through `net`.
-    pub fn residual(net: ResidualNet<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        let forward = |x: &Tensor| ResidualForward::run(net, x);
-        Self::build(forward, kind, spec, "residual forward and backward pass")
-    }
-
     /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
     /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated.
     fn trunk_tangents(
@@ -80,21 +64,21 @@ impl Chunk<ResidualForward> {
                     + skip)?;
                 let next = (o * &last.gate)?;
                 let next_second = if second {
-                    let h2 = add_some(
-                        first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?,
+                    let h2 = accumulate(
                         a_ddot
                             .as_ref()
                             .map(|t| first.apply(t, &first.weight))
                             .transpose()?,
+                        first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?,
                     )?;
                     let h_ddot = (h2 * &first.gate)?;
-                    let o2 = add_some(
-                        (last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?
-                            + last.apply(&h_ddot, &last.weight)?)?,
+                    let o2 = accumulate(
                         a_ddot
                             .as_ref()
                             .map(|t| shortcut(t, block.out_channels, block.stride))
                             .transpose()?,
+                        (last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?
+                            + last.apply(&h_ddot, &last.weight)?)?,
                     )?;
                     Some((o2 * &last.gate)?)
                 } else {
