@@ -285,10 +285,51 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
     Ok(panels)
 }
 
-/// Log-spaced points from `lo` to `hi` for drawing fitted curves.
-fn log_grid(lo: f64, hi: f64) -> Vec<f64> {
-    (0..=40)
-        .map(|i| lo * (hi / lo).powf(i as f64 / 40.0))
+/// A fitted curve `predict(b)`, dashed in its curve's colour, on 41 log-spaced batch sizes over
+/// `(lo, hi)`.
+fn fitted_curve(
+    name: String,
+    color: (u8, u8, u8),
+    (lo, hi): (f64, f64),
+    predict: impl Fn(f64) -> f64,
+) -> Series {
+    Series {
+        name,
+        style: Style {
+            color,
+            mark: Mark::Dashed,
+        },
+        axis: Axis::Left,
+        points: (0..=40)
+            .map(|i| lo * (hi / lo).powf(i as f64 / 40.0))
+            .map(|b| (b, predict(b)))
+            .collect(),
+    }
+}
+
+/// The dashed 2/η lines of a `lambda_vs_batch` panel from each curve's `(lr, bmin, bmax)`: one
+/// line per distinct step size, spanning every curve that has it, named by η only when they differ.
+fn threshold_lines(curves: &[(f64, f64, f64)]) -> Vec<Series> {
+    let mut lines: Vec<(f64, f64, f64)> = Vec::new();
+    for &(lr, lo, hi) in curves {
+        match lines.iter_mut().find(|l| l.0 == lr) {
+            Some(line) => *line = (lr, line.1.min(lo), line.2.max(hi)),
+            None => lines.push((lr, lo, hi)),
+        }
+    }
+    let named = lines.len() > 1;
+    lines
+        .into_iter()
+        .map(|(lr, lo, hi)| Series {
+            name: if named {
+                format!("2/η (η = {lr})")
+            } else {
+                "2/η".to_string()
+            },
+            style: threshold_style(),
+            axis: Axis::Left,
+            points: vec![(lo, 2.0 / lr), (hi, 2.0 / lr)],
+        })
         .collect()
 }
 
@@ -305,6 +346,7 @@ fn lambda_vs_batch(
     let mut level = Vec::new();
     let mut gap = Vec::new();
     let mut fits = Vec::new();
+    let mut thresholds = Vec::new();
     // Without `series_by`, the whole sweep is one curve.
     let curves = series(runs, &params.series_by, RUNS)?;
     for (gi, (label, members)) in curves.into_iter().enumerate() {
@@ -340,32 +382,16 @@ fn lambda_vs_batch(
             axis: Axis::Left,
             points: points.clone(),
         });
-        if params.threshold {
-            level.push(Series {
-                name: format!("2/η{suffix}"),
-                style: Style {
-                    color,
-                    mark: Mark::Dashed,
-                },
-                axis: Axis::Left,
-                points: vec![(bmin, 2.0 / lr), (bmax, 2.0 / lr)],
-            });
-        }
+        thresholds.push((lr, bmin, bmax));
         // The figure shows the point estimate; the `analysis` kind gives its interval.
         let knee = critical_batch_size(&points, 0, 0.95, 0).ok();
         if let Some(k) = &knee {
-            level.push(Series {
-                name: format!("two-segment fit, b_c ≈ {:.0}{suffix}", k.critical_batch),
-                style: Style {
-                    color: (120, 120, 120),
-                    mark: Mark::Dashed,
-                },
-                axis: Axis::Left,
-                points: log_grid(bmin, bmax)
-                    .into_iter()
-                    .map(|b| (b, k.predict(b)))
-                    .collect(),
-            });
+            level.push(fitted_curve(
+                format!("two-segment fit, b_c ≈ {:.0}{suffix}", k.critical_batch),
+                color,
+                (bmin, bmax),
+                |b| k.predict(b),
+            ));
         }
         let power = gap_power_law(&points, lr).ok();
         gap.push(Series {
@@ -382,20 +408,17 @@ fn lambda_vs_batch(
                 .collect(),
         });
         if let Some(p) = &power {
-            gap.push(Series {
-                name: format!("power law, α = {:.2}{suffix}", p.alpha),
-                style: Style {
-                    color,
-                    mark: Mark::Dashed,
-                },
-                axis: Axis::Left,
-                points: log_grid(bmin, bmax)
-                    .into_iter()
-                    .map(|b| (b, p.predict(b)))
-                    .collect(),
-            });
+            gap.push(fitted_curve(
+                format!("power law, α = {:.2}{suffix}", p.alpha),
+                color,
+                (bmin, bmax),
+                |b| p.predict(b),
+            ));
         }
         fits.push(json!({"curve": label, "lr": lr, "points": points, "critical_batch": knee, "power_law": power}));
+    }
+    if params.threshold {
+        level.extend(threshold_lines(&thresholds));
     }
     let panels = vec![
         Panel {
@@ -509,7 +532,8 @@ impl Stage for PlotStage {
         // 6: runs sharing a panel merge their columns (2/η once, run names only where needed);
         //    legends go to the corner with the least data.
         // 7: names for the second-moment contraction and gradient-norm columns.
-        7
+        // 8: `lambda_vs_batch` draws one 2/η per step size and each fit in its curve's colour.
+        8
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -774,6 +798,10 @@ mod tests {
         };
         assert_eq!(finals("n = 2048, η = 0.04"), 3, "{text}");
         assert_eq!(finals("n = 1024, η = 0.04"), 2, "{text}");
+        // Both curves share η: one 2/η line, unnamed by η, across every batch size.
+        let thresholds: Vec<&str> = text.lines().filter(|l| l.contains(",2/η,")).collect();
+        assert_eq!(thresholds.len(), 2, "{text}");
+        assert!(thresholds[0].contains(",8,50") && thresholds[1].contains(",128,50"));
         // A path that is neither a param nor an input's param is an error naming it.
         let params = json!({"mode": "lambda_vs_batch", "series_by": "data.width"});
         let (_d, r) = run_stage(&PlotStage, params, &runs);
