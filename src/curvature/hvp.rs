@@ -168,7 +168,7 @@ impl PassChunk {
 }
 
 /// One chunk of a batch with its share of the objective.
-struct ChunkSpec {
+pub struct ChunkSpec {
     batch: Batch,
     weights: Option<Tensor>,
     /// Factor on the chunk's objective so that chunk objectives sum to the whole objective.
@@ -225,6 +225,34 @@ impl<S> Chunked<S> {
         Ok(specs)
     }
 
+    /// Splits `batch` (see [`Self::split`]) and builds every chunk's state with `build`, which also
+    /// gives the chunk's objective and gradient; keeps the states when `cfg.retain_graphs`. Returns
+    /// the chunks, the summed gradient and the summed objective.
+    fn build(
+        batch: &Batch,
+        objective: &Objective,
+        cfg: &HvpConfig,
+        build: impl Fn(&ChunkSpec) -> Result<(S, f64, Vec<Tensor>)>,
+    ) -> Result<(Self, ParamVec, f64)> {
+        let specs = Self::split(batch, objective, cfg)?;
+        let mut retained = Vec::new();
+        let mut gradient = None;
+        let mut loss = 0.0;
+        for spec in &specs {
+            let (state, chunk_loss, chunk_gradient) = build(spec)?;
+            loss += chunk_loss;
+            add_into(&mut gradient, chunk_gradient).ctx("gradient")?;
+            if cfg.retain_graphs {
+                retained.push(state);
+            }
+        }
+        let chunks = Self {
+            specs,
+            retained: cfg.retain_graphs.then_some(retained),
+        };
+        Ok((chunks, ParamVec::new(gradient.unwrap_or_default()), loss))
+    }
+
     /// Runs `f` on every chunk's state, building states on the fly when they are not retained.
     fn visit(
         &self,
@@ -255,23 +283,11 @@ fn build_passes<'a, S>(
     objective: &Objective,
     cfg: &HvpConfig,
 ) -> Result<(Engine<'a, S>, ParamVec, f64)> {
-    let specs = Chunked::<PassChunk>::split(batch, objective, cfg)?;
-    let mut retained = Vec::new();
-    let mut gradient = None;
-    let mut loss = 0.0;
-    for spec in &specs {
+    let (chunks, gradient, loss) = Chunked::build(batch, objective, cfg, |spec| {
         let chunk = PassChunk::build(passes, kind, spec)?;
-        loss += chunk.loss();
-        add_into(&mut gradient, chunk.gradient().to_vec()).ctx("gradient")?;
-        if cfg.retain_graphs {
-            retained.push(chunk);
-        }
-    }
-    let chunks = Chunked {
-        specs,
-        retained: cfg.retain_graphs.then_some(retained),
-    };
-    let gradient = ParamVec::new(gradient.unwrap_or_default());
+        let (loss, gradient) = (chunk.loss(), chunk.gradient().to_vec());
+        Ok((chunk, loss, gradient))
+    })?;
     Ok((Engine::Passes(passes, chunks), gradient, loss))
 }
 
@@ -373,19 +389,39 @@ fn add_into(acc: &mut Option<Vec<Tensor>>, parts: Vec<Tensor>) -> candle_core::R
     Ok(())
 }
 
-/// The Hessian of a batch's objective as a linear operator (double backward).
-pub struct HessianOperator<'a> {
+/// The autograd state of one chunk for one kind of curvature product: what [`CurvatureOperator`]
+/// builds per chunk (and keeps when graphs are retained) when no hand-written passes apply.
+pub trait AutodiffProduct: Sized {
+    /// Whether the product is the Gauss–Newton one (G v) rather than the Hessian's (H v).
+    const GAUSS_NEWTON: bool;
+    /// Forward pass and first backward pass of one chunk; the chunk's objective value.
+    fn build(model: &dyn Model, kind: LossKind, spec: &ChunkSpec) -> Result<(Self, f64)>;
+    /// The chunk objective's gradient, detached.
+    fn gradient(&self, model: &dyn Model) -> Result<Vec<Tensor>>;
+    /// The chunk's product with `v`, detached.
+    fn apply(&self, model: &dyn Model, v: &ParamVec) -> Result<Vec<Tensor>>;
+}
+
+/// A batch objective's curvature (the Hessian, or the Gauss–Newton matrix) as a linear operator on
+/// one fixed batch: the forward and first backward passes run once, per chunk, at construction.
+pub struct CurvatureOperator<'a, S> {
     model: &'a dyn Model,
     kind: LossKind,
-    engine: Engine<'a, Vec<Tensor>>,
+    engine: Engine<'a, S>,
     gradient: ParamVec,
     loss: f64,
     samples: usize,
 }
 
-impl<'a> HessianOperator<'a> {
-    /// Runs the forward and first backward pass on `batch` (chunk by chunk) and keeps the gradient
-    /// graphs when `cfg.retain_graphs`.
+/// The Hessian of a batch's objective as a linear operator (double backward, or hand-written passes).
+pub type HessianOperator<'a> = CurvatureOperator<'a, HessianChunk>;
+
+/// The Gauss–Newton matrix G = Jᵀ H_z J of a batch's objective as a linear operator.
+pub type GaussNewtonOperator<'a> = CurvatureOperator<'a, GnChunk>;
+
+impl<'a, S: AutodiffProduct> CurvatureOperator<'a, S> {
+    /// Runs the forward and first backward pass on `batch` (chunk by chunk) and keeps the graphs
+    /// (or the hand-written passes' state) when `cfg.retain_graphs`.
     pub fn new(
         model: &'a dyn Model,
         kind: LossKind,
@@ -393,52 +429,25 @@ impl<'a> HessianOperator<'a> {
         objective: &Objective,
         cfg: &HvpConfig,
     ) -> Result<Self> {
-        if let Some(passes) = cfg.passes(model) {
-            let (engine, gradient, loss) = build_passes(passes, kind, batch, objective, cfg)?;
-            return Ok(Self {
-                model,
-                kind,
-                engine,
-                gradient,
-                loss,
-                samples: batch.len(),
-            });
-        }
-        let specs = Chunked::<Vec<Tensor>>::split(batch, objective, cfg)?;
-        let mut retained = Vec::new();
-        let mut gradient = None;
-        let mut loss = 0.0;
-        for spec in &specs {
-            let (l, grads) = Self::build_with_loss(model, kind, spec)?;
-            loss += l;
-            let detached = grads.iter().map(|g| g.detach()).collect();
-            add_into(&mut gradient, detached).ctx("gradient")?;
-            if cfg.retain_graphs {
-                retained.push(grads);
+        let (engine, gradient, loss) = match cfg.passes(model) {
+            Some(passes) => build_passes(passes, kind, batch, objective, cfg)?,
+            None => {
+                let (chunks, gradient, loss) = Chunked::build(batch, objective, cfg, |spec| {
+                    let (chunk, loss) = S::build(model, kind, spec)?;
+                    let gradient = chunk.gradient(model)?;
+                    Ok((chunk, loss, gradient))
+                })?;
+                (Engine::Autodiff(chunks), gradient, loss)
             }
-        }
+        };
         Ok(Self {
             model,
             kind,
-            engine: Engine::Autodiff(Chunked {
-                specs,
-                retained: cfg.retain_graphs.then_some(retained),
-            }),
-            gradient: ParamVec::new(gradient.unwrap_or_default()),
+            engine,
+            gradient,
             loss,
             samples: batch.len(),
         })
-    }
-
-    fn build_with_loss(
-        model: &dyn Model,
-        kind: LossKind,
-        spec: &ChunkSpec,
-    ) -> Result<(f64, Vec<Tensor>)> {
-        let outputs = model.forward(&spec.batch.inputs).ctx("forward pass")?;
-        let loss = chunk_objective(kind, &outputs, spec).ctx("loss")?;
-        let grads = param_grads(&loss, model.params(), true).ctx("gradient")?;
-        Ok((scalar(&loss).ctx("loss")?, grads))
     }
 
     /// The objective's value.
@@ -456,40 +465,63 @@ impl<'a> HessianOperator<'a> {
         self.samples
     }
 
-    /// vᵀ H v: by a forward pass alone for a dense stack, as v · (H v) otherwise.
+    /// vᵀ H v (or vᵀ G v): by a forward pass alone with hand-written passes, as v · (H v)
+    /// otherwise.
     pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
         match &self.engine {
             Engine::Passes(passes, chunks) => {
-                quadratic_form_passes(*passes, self.kind, chunks, v, false)
+                quadratic_form_passes(*passes, self.kind, chunks, v, S::GAUSS_NEWTON)
             }
             Engine::Autodiff(_) => v.dot(&self.apply(v)?),
         }
     }
 
-    /// H v.
+    /// H v (or G v).
     pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
         let chunks = match &self.engine {
             Engine::Passes(passes, chunks) => {
-                return apply_passes(*passes, self.kind, chunks, v, false)
+                return apply_passes(*passes, self.kind, chunks, v, S::GAUSS_NEWTON)
             }
             Engine::Autodiff(chunks) => chunks,
         };
-        let params = self.model.params();
         let mut acc = None;
         chunks.visit(
-            |spec| Ok(Self::build_with_loss(self.model, self.kind, spec)?.1),
-            |grads| {
-                let s = pair(grads, v).ctx("Hessian-vector product")?;
-                let hv = param_grads(&s, params, false).ctx("Hessian-vector product")?;
-                add_into(&mut acc, hv).ctx("Hessian-vector product")
-            },
+            |spec| Ok(S::build(self.model, self.kind, spec)?.0),
+            |chunk| add_into(&mut acc, chunk.apply(self.model, v)?).ctx("sum over chunks"),
         )?;
         Ok(ParamVec::new(acc.unwrap_or_default()))
     }
 }
 
+/// Graph state of one chunk for Hessian products: the gradient per parameter, with its graph.
+pub struct HessianChunk {
+    grads: Vec<Tensor>,
+}
+
+impl AutodiffProduct for HessianChunk {
+    const GAUSS_NEWTON: bool = false;
+
+    fn build(model: &dyn Model, kind: LossKind, spec: &ChunkSpec) -> Result<(Self, f64)> {
+        let outputs = model.forward(&spec.batch.inputs).ctx("forward pass")?;
+        let loss = chunk_objective(kind, &outputs, spec).ctx("loss")?;
+        let grads = param_grads(&loss, model.params(), true).ctx("gradient")?;
+        Ok((Self { grads }, scalar(&loss).ctx("loss")?))
+    }
+
+    fn gradient(&self, _model: &dyn Model) -> Result<Vec<Tensor>> {
+        Ok(self.grads.iter().map(|g| g.detach()).collect())
+    }
+
+    /// H v = ∂/∂θ [g · v].
+    fn apply(&self, model: &dyn Model, v: &ParamVec) -> Result<Vec<Tensor>> {
+        let ctx = "Hessian-vector product";
+        let s = pair(&self.grads, v).ctx(ctx)?;
+        param_grads(&s, model.params(), false).ctx(ctx)
+    }
+}
+
 /// Graph state of one chunk for Gauss–Newton products.
-struct GnChunk {
+pub struct GnChunk {
     /// Model outputs z (N, K), with the forward graph.
     outputs: Tensor,
     /// Dummy output-space variable u for the R-operator trick.
@@ -500,69 +532,12 @@ struct GnChunk {
     z: Var,
     /// ∂loss/∂z at `z`, with its graph (for H_z w by one more backward).
     grad_z: Tensor,
-    /// The chunk's objective value.
-    loss: f64,
 }
 
-/// The Gauss–Newton matrix G = Jᵀ H_z J of a batch's objective as a linear operator.
-pub struct GaussNewtonOperator<'a> {
-    model: &'a dyn Model,
-    kind: LossKind,
-    engine: Engine<'a, GnChunk>,
-    gradient: ParamVec,
-    loss: f64,
-}
+impl AutodiffProduct for GnChunk {
+    const GAUSS_NEWTON: bool = true;
 
-impl<'a> GaussNewtonOperator<'a> {
-    /// Builds the output-space graphs of `batch` (chunk by chunk; kept when `cfg.retain_graphs`)
-    /// and the objective's gradient.
-    pub fn new(
-        model: &'a dyn Model,
-        kind: LossKind,
-        batch: &Batch,
-        objective: &Objective,
-        cfg: &HvpConfig,
-    ) -> Result<Self> {
-        if let Some(passes) = cfg.passes(model) {
-            let (engine, gradient, loss) = build_passes(passes, kind, batch, objective, cfg)?;
-            return Ok(Self {
-                model,
-                kind,
-                engine,
-                gradient,
-                loss,
-            });
-        }
-        let specs = Chunked::<GnChunk>::split(batch, objective, cfg)?;
-        let mut retained = Vec::new();
-        let mut gradient = None;
-        let mut loss = 0.0;
-        for spec in &specs {
-            let chunk = Self::build(model, kind, spec)?;
-            // ∇L = Jᵀ ∂L/∂z.
-            let s = (&chunk.outputs * chunk.grad_z.detach())
-                .and_then(|t| t.sum_all())
-                .ctx("Gauss-Newton gradient")?;
-            let g = param_grads(&s, model.params(), false).ctx("Gauss-Newton gradient")?;
-            add_into(&mut gradient, g).ctx("Gauss-Newton gradient")?;
-            loss += chunk.loss;
-            if cfg.retain_graphs {
-                retained.push(chunk);
-            }
-        }
-        Ok(Self {
-            model,
-            kind,
-            engine: Engine::Autodiff(Chunked {
-                specs,
-                retained: cfg.retain_graphs.then_some(retained),
-            }),
-            gradient: ParamVec::new(gradient.unwrap_or_default()),
-            loss,
-        })
-    }
-
-    fn build(model: &dyn Model, kind: LossKind, spec: &ChunkSpec) -> Result<GnChunk> {
+    fn build(model: &dyn Model, kind: LossKind, spec: &ChunkSpec) -> Result<(Self, f64)> {
         let ctx = "Gauss-Newton graph";
         let outputs = model.forward(&spec.batch.inputs).ctx("forward pass")?;
         let u = Var::zeros(outputs.shape(), outputs.dtype(), outputs.device()).ctx(ctx)?;
@@ -577,69 +552,43 @@ impl<'a> GaussNewtonOperator<'a> {
             Some(g) => g.clone(),
             None => z.as_tensor().zeros_like().ctx(ctx)?,
         };
-        Ok(GnChunk {
+        let chunk = Self {
             outputs,
             u,
             jt_u,
             z,
             grad_z,
-            loss: scalar(&loss).ctx("loss")?,
-        })
+        };
+        Ok((chunk, scalar(&loss).ctx("loss")?))
     }
 
-    /// The objective's value.
-    pub fn loss(&self) -> f64 {
-        self.loss
-    }
-
-    /// The objective's gradient (detached).
-    pub fn gradient(&self) -> &ParamVec {
-        &self.gradient
-    }
-
-    /// vᵀ G v = (J v)ᵀ H_z (J v): by a forward pass alone for a dense stack, as v · (G v) otherwise.
-    pub fn quadratic_form(&self, v: &ParamVec) -> Result<f64> {
-        match &self.engine {
-            Engine::Passes(passes, chunks) => {
-                quadratic_form_passes(*passes, self.kind, chunks, v, true)
-            }
-            Engine::Autodiff(_) => v.dot(&self.apply(v)?),
-        }
+    /// ∇L = Jᵀ ∂L/∂z.
+    fn gradient(&self, model: &dyn Model) -> Result<Vec<Tensor>> {
+        let ctx = "Gauss-Newton gradient";
+        let s = (&self.outputs * self.grad_z.detach())
+            .and_then(|t| t.sum_all())
+            .ctx(ctx)?;
+        param_grads(&s, model.params(), false).ctx(ctx)
     }
 
     /// G v = Jᵀ H_z J v.
-    pub fn apply(&self, v: &ParamVec) -> Result<ParamVec> {
-        let chunks = match &self.engine {
-            Engine::Passes(passes, chunks) => {
-                return apply_passes(*passes, self.kind, chunks, v, true)
-            }
-            Engine::Autodiff(chunks) => chunks,
-        };
+    fn apply(&self, model: &dyn Model, v: &ParamVec) -> Result<Vec<Tensor>> {
         let ctx = "Gauss-Newton-vector product";
-        let params = self.model.params();
-        let mut acc = None;
-        chunks.visit(
-            |spec| Self::build(self.model, self.kind, spec),
-            |c| {
-                // J v = ∂/∂u [(Jᵀu)·v].
-                let t = pair(&c.jt_u, v).ctx(ctx)?;
-                let jv = match t.backward().ctx(ctx)?.get(c.u.as_tensor()) {
-                    Some(g) => g.detach(),
-                    None => c.u.as_tensor().zeros_like().ctx(ctx)?,
-                };
-                // H_z (J v) = ∂/∂z [∂L/∂z · J v].
-                let s = (&c.grad_z * &jv).and_then(|t| t.sum_all()).ctx(ctx)?;
-                let hjv = match s.backward().ctx(ctx)?.get(c.z.as_tensor()) {
-                    Some(g) => g.detach(),
-                    None => c.z.as_tensor().zeros_like().ctx(ctx)?,
-                };
-                // Jᵀ q = ∂/∂θ [z · q].
-                let r = (&c.outputs * &hjv).and_then(|t| t.sum_all()).ctx(ctx)?;
-                let out = param_grads(&r, params, false).ctx(ctx)?;
-                add_into(&mut acc, out).ctx(ctx)
-            },
-        )?;
-        Ok(ParamVec::new(acc.unwrap_or_default()))
+        // J v = ∂/∂u [(Jᵀu)·v].
+        let t = pair(&self.jt_u, v).ctx(ctx)?;
+        let jv = match t.backward().ctx(ctx)?.get(self.u.as_tensor()) {
+            Some(g) => g.detach(),
+            None => self.u.as_tensor().zeros_like().ctx(ctx)?,
+        };
+        // H_z (J v) = ∂/∂z [∂L/∂z · J v].
+        let s = (&self.grad_z * &jv).and_then(|t| t.sum_all()).ctx(ctx)?;
+        let hjv = match s.backward().ctx(ctx)?.get(self.z.as_tensor()) {
+            Some(g) => g.detach(),
+            None => self.z.as_tensor().zeros_like().ctx(ctx)?,
+        };
+        // Jᵀ q = ∂/∂θ [z · q].
+        let r = (&self.outputs * &hjv).and_then(|t| t.sum_all()).ctx(ctx)?;
+        param_grads(&r, model.params(), false).ctx(ctx)
     }
 }
 
