@@ -257,7 +257,15 @@ pub enum AnalysisParams {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AnalysisStage;
 
-const RUNS: &str = "runs";
+/// The input slot of the `analysis` and `plot` kinds: the runs of a sweep.
+pub const RUNS: &str = "runs";
+
+/// [`RUNS`] as the only, required, sweep input.
+pub const RUNS_INPUT: &[InputSlot] = &[InputSlot {
+    name: RUNS,
+    required: true,
+    sweep: true,
+}];
 
 fn f(v: f64) -> String {
     v.to_string()
@@ -449,11 +457,7 @@ impl Stage for AnalysisStage {
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
-        &[InputSlot {
-            name: RUNS,
-            required: true,
-            sweep: true,
-        }]
+        RUNS_INPUT
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::analysis::{
     group_runs, input_artifacts, input_error, load_runs, one_or_many, series, write_json,
-    RunMetrics,
+    RunMetrics, RUNS, RUNS_INPUT,
 };
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
@@ -130,8 +130,6 @@ pub struct PlotParams {
 /// The `plot` stage kind.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlotStage;
-
-const RUNS: &str = "runs";
 
 /// The 2/η line of a run as a step function over `x`, following its `lr` column.
 fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageError> {
@@ -569,11 +567,7 @@ impl Stage for PlotStage {
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
-        &[InputSlot {
-            name: RUNS,
-            required: true,
-            sweep: true,
-        }]
+        RUNS_INPUT
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
