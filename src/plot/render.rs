@@ -172,16 +172,44 @@ fn points_on(s: &super::figure::Series, xs: Scale, ys: Scale) -> Vec<(f64, f64)>
         .collect()
 }
 
-/// Size of the legend box assumed when choosing its corner, as fractions of the plotting area.
-const LEGEND_BOX: (f64, f64) = (0.35, 0.30);
+/// Legend font size in pixels.
+const LEGEND_FONT: f64 = 12.0;
 
-/// The legend corner whose [`LEGEND_BOX`]-sized region holds the fewest of `points` (normalised
-/// to [0, 1]² of the plotting area); ties go to upper left, upper right, lower right, lower left.
-fn legend_corner(points: impl Iterator<Item = (f64, f64)>) -> SeriesLabelPosition {
+/// The legend box's size as fractions of the plotting area (clamped to 0.9): one row per series
+/// and the widest label at the legend font, plus the sample mark and padding. The plotting area
+/// is `area` less the label areas and margins of [`draw_panel`].
+fn legend_box<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) -> (f64, f64) {
+    let (w, h) = area.dim_in_pixel();
+    let right_labels = if panel.y2.is_some() { 60.0 } else { 0.0 };
+    let plot_w = (f64::from(w) - 55.0 - right_labels - 16.0).max(1.0);
+    let plot_h = (f64::from(h) - 40.0 - 16.0 - 26.0).max(1.0);
+    let style = (FONT, LEGEND_FONT).into_text_style(area);
+    let widest = panel
+        .series
+        .iter()
+        .map(|s| {
+            area.estimate_text_size(&s.name, &style)
+                .map_or(0, |(w, _)| w)
+        })
+        .max()
+        .unwrap_or(0);
+    let rows = panel.series.len() as f64;
+    let box_w = f64::from(widest) + 45.0;
+    let box_h = rows * 18.0 + 12.0;
+    ((box_w / plot_w).min(0.9), (box_h / plot_h).min(0.9))
+}
+
+/// The legend corner whose region of size `size` (fractions of the plotting area) holds the
+/// fewest of `points` (normalised to [0, 1]² of the plotting area), with that count; ties go to
+/// upper left, upper right, lower right, lower left.
+fn legend_corner(
+    points: impl Iterator<Item = (f64, f64)>,
+    size: (f64, f64),
+) -> (SeriesLabelPosition, usize) {
     let mut counts = [0usize; 4];
     for (u, v) in points {
-        let (left, right) = (u <= LEGEND_BOX.0, u >= 1.0 - LEGEND_BOX.0);
-        let (low, high) = (v <= LEGEND_BOX.1, v >= 1.0 - LEGEND_BOX.1);
+        let (left, right) = (u <= size.0, u >= 1.0 - size.0);
+        let (low, high) = (v <= size.1, v >= 1.0 - size.1);
         let inside = [high && left, high && right, low && right, low && left];
         for (count, hit) in counts.iter_mut().zip(inside) {
             *count += usize::from(hit);
@@ -195,28 +223,45 @@ fn legend_corner(points: impl Iterator<Item = (f64, f64)>) -> SeriesLabelPositio
     ];
     // `min_by_key` keeps the first of equal minima, which is the tie order.
     let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
-    corners[best].clone()
+    (corners[best].clone(), counts[best])
 }
 
-/// The legend corner for `panel` drawn on the drawing-coordinate ranges `x`, `y` (left axis) and
-/// `y2` (right axis): every series' points, each mapped through the range of its own y axis.
-fn legend_position(
+/// Where the legend of `panel` goes on the drawing-coordinate ranges `x`, `y` (left axis) and
+/// `y2` (right axis), each series' points mapped through the range of its own y axis: the corner
+/// with the fewest points under a `size` box, and, when every corner has some, both y ranges
+/// raised by the box's height so that the legend sits above the data in an upper corner.
+fn legend_layout(
     panel: &Panel,
     x: &std::ops::Range<f64>,
-    y: &std::ops::Range<f64>,
-    y2: &std::ops::Range<f64>,
-) -> SeriesLabelPosition {
-    let unit = |v: f64, r: &std::ops::Range<f64>| (v - r.start) / (r.end - r.start);
-    let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
-    legend_corner(panel.series.iter().flat_map(|s| {
-        let (scale, yr) = match s.axis {
-            Axis::Left => (panel.y.scale, y),
-            Axis::Right => (y2s, y2),
-        };
-        points_on(s, panel.x.scale, scale)
-            .into_iter()
-            .map(move |(px, py)| (unit(px, x), unit(py, yr)))
-    }))
+    (y, y2): (std::ops::Range<f64>, std::ops::Range<f64>),
+    size: (f64, f64),
+) -> (
+    SeriesLabelPosition,
+    std::ops::Range<f64>,
+    std::ops::Range<f64>,
+) {
+    let corner = |y: &std::ops::Range<f64>, y2: &std::ops::Range<f64>| {
+        let unit = |v: f64, r: &std::ops::Range<f64>| (v - r.start) / (r.end - r.start);
+        let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
+        let points = panel.series.iter().flat_map(|s| {
+            let (scale, yr) = match s.axis {
+                Axis::Left => (panel.y.scale, y),
+                Axis::Right => (y2s, y2),
+            };
+            points_on(s, panel.x.scale, scale)
+                .into_iter()
+                .map(move |(px, py)| (unit(px, x), unit(py, yr)))
+        });
+        legend_corner(points, size)
+    };
+    let (position, crowded) = corner(&y, &y2);
+    if crowded == 0 || size.1 >= 0.9 {
+        return (position, y, y2);
+    }
+    // The data's top lands 2 % of the height below the legend box.
+    let raise = |r: std::ops::Range<f64>| r.start..r.start + (r.end - r.start) / (0.98 - size.1);
+    let (y, y2) = (raise(y), raise(y2));
+    (corner(&y, &y2).0, y, y2)
 }
 
 fn rgb(style: &Style) -> RGBColor {
@@ -284,6 +329,7 @@ fn draw_panel<DB: DrawingBackend>(
             .flat_map(|s| points_on(s, xs, y2s))
             .map(|p| p.1),
     );
+    let (legend, yr, y2r) = legend_layout(panel, &xr, (yr, y2r), legend_box(area, panel));
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FONT, 18))
         .margin(8)
@@ -361,10 +407,10 @@ fn draw_panel<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(legend_position(panel, &xr, &yr, &y2r))
+        .position(legend)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK.mix(0.5))
-        .label_font((FONT, 12))
+        .label_font((FONT, LEGEND_FONT))
         .draw()
         .map_err(|e| text(&e))?;
     Ok(())
@@ -503,6 +549,9 @@ mod tests {
         assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
     }
 
+    /// A legend box of 35 % × 30 % of the plotting area.
+    const BOX: (f64, f64) = (0.35, 0.30);
+
     #[test]
     fn legend_avoids_the_corners_a_rising_curve_crosses() {
         use SeriesLabelPosition::{LowerRight, UpperLeft};
@@ -514,26 +563,28 @@ mod tests {
         };
         let curves: [fn(f64) -> f64; 3] = [|t| t, |t| t * t, f64::sqrt];
         for f in curves {
-            let corner = legend_corner(rising(f));
+            let (corner, crowded) = legend_corner(rising(f), BOX);
             assert!(matches!(corner, UpperLeft | LowerRight), "{corner:?}");
+            assert_eq!(crowded, 0);
         }
         // With a point in the upper left too, the lower right is the free corner.
-        assert_eq!(legend_corner(rising(|t| t).chain([(0.1, 0.9)])), LowerRight);
+        let with_point = rising(|t| t).chain([(0.1, 0.9)]);
+        assert_eq!(legend_corner(with_point, BOX), (LowerRight, 0));
     }
 
     #[test]
     fn legend_leaves_a_filled_corner() {
         use SeriesLabelPosition::{LowerLeft, UpperLeft, UpperRight};
-        assert_eq!(legend_corner(std::iter::empty()), UpperLeft);
+        assert_eq!(legend_corner(std::iter::empty(), BOX), (UpperLeft, 0));
         let grid = |u0: f64, v0: f64| {
             (0..10).flat_map(move |i| {
                 (0..10).map(move |j| (u0 + 0.03 * f64::from(i), v0 + 0.03 * f64::from(j)))
             })
         };
-        assert_eq!(legend_corner(grid(0.0, 0.72)), UpperRight);
+        assert_eq!(legend_corner(grid(0.0, 0.72), BOX), (UpperRight, 0));
         // Upper left full, one point at upper right and lower right each: lower left wins.
         let more = grid(0.0, 0.72).chain([(0.9, 0.9), (0.9, 0.1)]);
-        assert_eq!(legend_corner(more), LowerLeft);
+        assert_eq!(legend_corner(more, BOX), (LowerLeft, 0));
     }
 
     #[test]
@@ -551,16 +602,43 @@ mod tests {
                 name: "loss".into(),
                 style: column_style("loss", 1),
                 axis: Axis::Right,
-                points: (0..=5)
-                    .map(|i| (f64::from(i), 1e-2))
-                    .chain([(20.0, 1e-4)])
-                    .collect(),
+                points: (0..=5).map(|i| (f64::from(i), 1e-2)).collect(),
             },
         ];
-        assert_eq!(
-            legend_position(&panel, &(0.0..20.0), &(0.0..20.0), &(-4.0..-2.0)),
-            SeriesLabelPosition::LowerRight
+        let ranges = (0.0..20.0, -4.0..-2.0);
+        let (corner, y, y2) = legend_layout(&panel, &(0.0..20.0), ranges.clone(), BOX);
+        assert_eq!(corner, SeriesLabelPosition::LowerRight);
+        assert_eq!((y, y2), ranges);
+    }
+
+    #[test]
+    fn a_legend_with_no_free_corner_gets_headroom_above_the_data() {
+        let mut panel = figure().panels.remove(0);
+        // Points over the whole plotting area: every corner is crowded.
+        panel.series = vec![Series {
+            name: "batch sharpness".into(),
+            style: column_style("batch_sharpness", 0),
+            axis: Axis::Left,
+            points: (0..=20)
+                .flat_map(|i| (0..=20).map(move |j| (f64::from(i), f64::from(j))))
+                .collect(),
+        }];
+        let x = 0.0..20.0;
+        let (corner, y, y2) = legend_layout(&panel, &x, (0.0..20.0, 0.0..1.0), BOX);
+        assert_eq!(corner, SeriesLabelPosition::UpperLeft);
+        // The top 32 % of the raised range holds no data.
+        assert!(
+            (y.end - 20.0 / 0.68).abs() < 1e-9 && y.start == 0.0,
+            "{y:?}"
         );
+        assert!((y2.end - 1.0 / 0.68).abs() < 1e-9, "{y2:?}");
+        // The box is sized from the panel: more series, a taller box.
+        let mut pixels = vec![0u8; 520 * 380 * 3];
+        let area = BitMapBackend::with_buffer(&mut pixels, (520, 380)).into_drawing_area();
+        let one = legend_box(&area, &panel);
+        panel.series.extend(panel.series.clone());
+        let two = legend_box(&area, &panel);
+        assert!(two.1 > one.1 && two.0 == one.0, "{one:?} {two:?}");
     }
 
     #[test]

@@ -531,7 +531,8 @@ impl Stage for PlotStage {
         //    legends go to the corner with the least data.
         // 7: names for the second-moment contraction and gradient-norm columns.
         // 8: `lambda_vs_batch` draws one 2/η per step size and each fit in its curve's colour.
-        8
+        // 9: the legend box is sized from its entries; with no free corner the y axes get headroom.
+        9
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
