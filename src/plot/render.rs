@@ -175,14 +175,29 @@ fn points_on(s: &super::figure::Series, xs: Scale, ys: Scale) -> Vec<(f64, f64)>
 /// Legend font size in pixels.
 const LEGEND_FONT: f64 = 12.0;
 
+/// A panel's layout in pixels: margin on every side, x-label height, y-label widths (left, and
+/// right when there is a twin axis), and the caption's font size and its height estimate.
+const MARGIN: u32 = 8;
+const X_LABELS: u32 = 40;
+const Y_LABELS: u32 = 55;
+const Y2_LABELS: u32 = 60;
+const CAPTION_FONT: f64 = 18.0;
+const CAPTION_HEIGHT: u32 = 26;
+
 /// The legend box's size as fractions of the plotting area (clamped to 0.9): one row per series
 /// and the widest label at the legend font, plus the sample mark and padding. The plotting area
-/// is `area` less the label areas and margins of [`draw_panel`].
+/// is `area` less the label areas, caption and margins that [`draw_panel`] lays out.
 fn legend_box<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) -> (f64, f64) {
     let (w, h) = area.dim_in_pixel();
-    let right_labels = if panel.y2.is_some() { 60.0 } else { 0.0 };
-    let plot_w = (f64::from(w) - 55.0 - right_labels - 16.0).max(1.0);
-    let plot_h = (f64::from(h) - 40.0 - 16.0 - 26.0).max(1.0);
+    let right_labels = if panel.y2.is_some() { Y2_LABELS } else { 0 };
+    let plot_w = f64::from(
+        w.saturating_sub(Y_LABELS + right_labels + 2 * MARGIN)
+            .max(1),
+    );
+    let plot_h = f64::from(
+        h.saturating_sub(X_LABELS + CAPTION_HEIGHT + 2 * MARGIN)
+            .max(1),
+    );
     let style = (FONT, LEGEND_FONT).into_text_style(area);
     let widest = panel
         .series
@@ -331,11 +346,11 @@ fn draw_panel<DB: DrawingBackend>(
     );
     let (legend, yr, y2r) = legend_layout(panel, &xr, (yr, y2r), legend_box(area, panel));
     let mut chart = ChartBuilder::on(area)
-        .caption(&panel.title, (FONT, 18))
-        .margin(8)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .right_y_label_area_size(if panel.y2.is_some() { 60 } else { 0 })
+        .caption(&panel.title, (FONT, CAPTION_FONT))
+        .margin(MARGIN)
+        .x_label_area_size(X_LABELS)
+        .y_label_area_size(Y_LABELS)
+        .right_y_label_area_size(if panel.y2.is_some() { Y2_LABELS } else { 0 })
         .build_cartesian_2d(Ticked::new(&xr, xs), Ticked::new(&yr, ys))
         .map_err(|e| text(&e))?
         .set_secondary_coord(Ticked::new(&xr, xs), Ticked::new(&y2r, y2s));
