@@ -383,13 +383,20 @@ pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>
 }
 
 /// Groups runs by their labels of `params` (`η = 0.04, n = 1024`), or one group per run when
-/// there are none, keeping first-appearance order; `input` names the slot in errors.
+/// there are none (labelled by [`varying_labels`]), keeping first-appearance order; `input` names
+/// the slot in errors.
 pub fn group_runs<'a>(
     runs: &'a [RunMetrics],
     params: &[String],
     input: &str,
 ) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
     let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
+    if params.is_empty() {
+        return Ok(varying_labels(runs)
+            .into_iter()
+            .zip(runs.iter().map(|r| vec![r]))
+            .collect());
+    }
     for run in runs {
         let labels = params
             .iter()
@@ -404,17 +411,50 @@ pub fn group_runs<'a>(
                 Ok(format!("{} = {label}", short_name(p)))
             })
             .collect::<Result<Vec<_>, StageError>>()?;
-        let key = if params.is_empty() {
-            run.stage.clone()
-        } else {
-            labels.join(", ")
-        };
+        let key = labels.join(", ");
         match groups.iter_mut().find(|g| g.0 == key) {
             Some(g) => g.1.push(run),
             None => groups.push((key, vec![run])),
         }
     }
     Ok(groups)
+}
+
+/// One label per run: its swept params (those its instance name binds, `train[batch_size=8,lr=0.04]`)
+/// whose values differ across `runs`, as `b = 8`; the instance names where that leaves a run with
+/// no label or two runs with the same one.
+fn varying_labels(runs: &[RunMetrics]) -> Vec<String> {
+    let labels: Vec<String> = runs
+        .iter()
+        .map(|run| {
+            swept_params(&run.stage)
+                .into_iter()
+                .filter(|p| runs.iter().any(|other| other.label(p) != run.label(p)))
+                .map(|p| format!("{} = {}", short_name(p), run.label(p).unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
+    if labels.iter().any(String::is_empty) || distinct.len() < labels.len() {
+        runs.iter().map(|r| r.stage.clone()).collect()
+    } else {
+        labels
+    }
+}
+
+/// The params an instance name binds: `batch_size` and `lr` for `train[batch_size=8,lr=0.04]`.
+fn swept_params(instance: &str) -> Vec<&str> {
+    instance
+        .split_once('[')
+        .and_then(|(_, rest)| rest.strip_suffix(']'))
+        .map(|inner| {
+            inner
+                .split(',')
+                .filter_map(|binding| binding.split_once('=').map(|(param, _)| param))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The series of a sweep: one per value of `series_by` (see [`group_runs`]), or the whole sweep
@@ -905,5 +945,64 @@ mod tests {
             msg.contains("train[batch_size=16]") && msg.contains("step size"),
             "{msg}"
         );
+    }
+
+    /// Runs named `names` with `params`, on one fixture metrics table.
+    fn named_runs(runs: &[(&str, Value)]) -> Vec<RunMetrics> {
+        let table = MetricsTable::read(
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/metrics/b8/metrics.csv"),
+        )
+        .unwrap();
+        runs.iter()
+            .map(|(name, params)| RunMetrics {
+                stage: name.to_string(),
+                params: params.clone(),
+                upstream: BTreeMap::new(),
+                table: table.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_without_group_params_are_labelled_by_the_swept_params_that_vary() {
+        let runs = named_runs(&[
+            (
+                "train[batch_size=8,lr=0.04,model.arch=mlp]",
+                json!({"batch_size": 8, "lr": 0.04, "model": {"arch": "mlp"}}),
+            ),
+            (
+                "train[batch_size=32,lr=0.04,model.arch=cnn]",
+                json!({"batch_size": 32, "lr": 0.04, "model": {"arch": "cnn"}}),
+            ),
+        ]);
+        let titles: Vec<String> = group_runs(&runs, &[], "runs")
+            .unwrap()
+            .into_iter()
+            .map(|(title, members)| {
+                assert_eq!(members.len(), 1);
+                title
+            })
+            .collect();
+        assert_eq!(titles, ["b = 8, model = mlp", "b = 32, model = cnn"]);
+    }
+
+    #[test]
+    fn runs_that_the_swept_params_do_not_tell_apart_keep_their_instance_names() {
+        // Two stages sweeping the same values, and a lone run.
+        let same = named_runs(&[
+            ("train[batch_size=8]", json!({"batch_size": 8})),
+            ("sde[batch_size=8]", json!({"batch_size": 8})),
+        ]);
+        let lone = named_runs(&[("train[batch_size=8]", json!({"batch_size": 8}))]);
+        for runs in [same, lone] {
+            let titles: Vec<String> = group_runs(&runs, &[], "runs")
+                .unwrap()
+                .into_iter()
+                .map(|g| g.0)
+                .collect();
+            let names: Vec<String> = runs.iter().map(|r| r.stage.clone()).collect();
+            assert_eq!(titles, names);
+        }
     }
 }

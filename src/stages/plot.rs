@@ -1,9 +1,10 @@
 //! The `plot` stage kind: builds a [`Figure`] from the metrics of every run of a sweep (input
 //! `runs`) and writes `<stem>.png`, `<stem>.svg` and `<stem>.csv` (the tidy data drawn).
 //!
-//! `mode: time_series` (figures 1, 3–11, 36–44…): one panel per value of `panel_by` (or per run),
-//! the chosen `columns` against `x` in the paper's styles, `secondary` columns (losses) on a log
-//! twin axis, and the dashed 2/η, which follows the run's `lr` column when it changes.
+//! `mode: time_series` (figures 1, 3–11, 36–44…): one panel per value of `panel_by` (or per run,
+//! titled by its swept params that vary across the runs: `b = 8`), the chosen `columns` against `x`
+//! in the paper's styles, `secondary` columns (losses) on a log twin axis, and the dashed 2/η,
+//! which follows the run's `lr` column when it changes.
 //! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b with 2/η and, with ≥ 4 batch
 //! sizes, the two-segment fit whose knee is the critical batch size; (b) the gap 2/η − λ on log-log
 //! axes with its least-squares power law. One curve per value of `series_by` (e.g. `lr`).
@@ -532,7 +533,8 @@ impl Stage for PlotStage {
         // 7: names for the second-moment contraction and gradient-norm columns.
         // 8: `lambda_vs_batch` draws one 2/η per step size and each fit in its curve's colour.
         // 9: the legend box is sized from its entries; with no free corner the y axes get headroom.
-        9
+        // 10: without `panel_by`, panels are titled by the swept params that vary (`b = 8`).
+        10
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
