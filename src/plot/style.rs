@@ -37,6 +37,8 @@ pub fn display_name(column: &str) -> String {
         "loss" => "Train loss (batch)",
         "full_loss" => "Train loss",
         "test_loss" => "Test loss",
+        "full_accuracy" => "Train accuracy",
+        "test_accuracy" => "Test accuracy",
         "lambda_max_b" => "λmax^b",
         "step_lambda_max_b" => "λmax^b (live batch)",
         "batch_sharpness_modified" => "Modified Batch Sharpness",

@@ -269,6 +269,8 @@ fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, S
             y2: (!params.secondary.is_empty()).then(|| {
                 let label = if params.secondary.len() == 1 {
                     display_name(&params.secondary[0])
+                } else if params.secondary.iter().any(|c| c.ends_with("accuracy")) {
+                    "loss, accuracy".to_string()
                 } else {
                     "loss".to_string()
                 };
@@ -534,7 +536,8 @@ impl Stage for PlotStage {
         // 8: `lambda_vs_batch` draws one 2/η per step size and each fit in its curve's colour.
         // 9: the legend box is sized from its entries; with no free corner the y axes get headroom.
         // 10: without `panel_by`, panels are titled by the swept params that vary (`b = 8`).
-        10
+        // 11: names for the accuracy columns; a right axis holding accuracies says so.
+        11
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -619,6 +622,13 @@ mod tests {
         img.pixels().filter(|p| p.0 == [34, 139, 34]).count()
     }
 
+    /// A temporary run directory holding `csv` as its metrics.
+    fn metrics_dir(csv: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("metrics.csv"), csv).unwrap();
+        dir
+    }
+
     #[test]
     fn time_series_grid_writes_png_svg_and_matching_csv() {
         let runs = fixture_runs();
@@ -659,13 +669,10 @@ mod tests {
         let mut inputs = fixture_runs();
         let runs = inputs.get_mut("runs").unwrap();
         runs.truncate(1);
-        let measured = tempfile::tempdir().unwrap();
-        std::fs::write(
-            measured.path().join("metrics.csv"),
+        let measured = metrics_dir(
             "step,epoch,lr,batch_size,loss,lambda_max,batch_sharpness,hessian_trace\n\
              10,,0.04,8,,3.5,,700\n20,,0.04,8,,,,800\n30,,0.04,8,,4.5,,900\n",
-        )
-        .unwrap();
+        );
         let mut measure = runs[0].clone();
         measure.stage = "trace[batch_size=8]".into();
         measure.dir = measured.path().to_path_buf();
@@ -714,6 +721,29 @@ mod tests {
         let params = json!({"panel_by": "batch_size", "columns": ["lambda_mx"]});
         let err = run_stage(&PlotStage, params, &inputs).1.unwrap_err();
         assert!(err.to_string().contains("lambda_mx"), "{err}");
+    }
+
+    #[test]
+    fn a_right_axis_with_accuracy_says_so() {
+        let mut inputs = fixture_runs();
+        let runs = inputs.get_mut("runs").unwrap();
+        runs.truncate(1);
+        let evaluated = metrics_dir(
+            "step,lr,batch_size,loss,full_loss,full_accuracy,batch_sharpness\n\
+             0,0.04,8,0.9,0.95,0.1,3\n10,0.04,8,0.5,0.45,0.6,5\n",
+        );
+        runs[0].dir = evaluated.path().to_path_buf();
+        let params =
+            json!({"columns": ["batch_sharpness"], "secondary": ["loss", "full_accuracy"]});
+        let (dir, r) = run_stage(&PlotStage, params, &inputs);
+        r.unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("figure.svg")).unwrap();
+        assert!(svg.contains("loss, accuracy") && svg.contains("Train accuracy"));
+        let params = json!({"columns": ["batch_sharpness"], "secondary": ["loss", "full_loss"]});
+        let (dir, r) = run_stage(&PlotStage, params, &inputs);
+        r.unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("figure.svg")).unwrap();
+        assert!(svg.contains(">\nloss\n<") && !svg.contains("accuracy"));
     }
 
     #[test]
