@@ -1,6 +1,7 @@
 //! The gradient of a batch objective Σ_i c_i ℓ_i by the fastest passes a model has: hand-written
 //! ones for a dense stack ([`super::dense`]), a conv net ([`super::conv`]) or, on the CPU, a
-//! residual net ([`super::residual`]); candle's autograd otherwise.
+//! residual net ([`super::residual`]); candle's autograd otherwise. Also the outputs alone
+//! ([`outputs`]), for evaluation.
 
 use candle_core::{DType, Result, Tensor};
 

@@ -390,13 +390,13 @@ pub fn group_runs<'a>(
     params: &[String],
     input: &str,
 ) -> Result<Vec<(String, Vec<&'a RunMetrics>)>, StageError> {
-    let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
     if params.is_empty() {
         return Ok(varying_labels(runs)
             .into_iter()
             .zip(runs.iter().map(|r| vec![r]))
             .collect());
     }
+    let mut groups: Vec<(String, Vec<&RunMetrics>)> = Vec::new();
     for run in runs {
         let labels = params
             .iter()

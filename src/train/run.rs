@@ -16,7 +16,7 @@ use super::schedule::{Cadence, Change, HyperSchedule};
 use crate::curvature::Batch;
 use crate::data::{Dataset, LabelEncoding};
 use crate::device::DeviceClass;
-use crate::nn::gradient::outputs;
+use crate::nn::gradient;
 use crate::nn::loss::{correct_count, per_sample_loss, LossKind, Targets};
 use crate::nn::optim::Sgd;
 use crate::nn::{Model, ModelSpec};
@@ -245,7 +245,7 @@ impl DeviceData {
         let mut start = 0;
         while start < self.n {
             let len = chunk.min(self.n - start);
-            let outputs = outputs(model, &self.images.narrow(0, start, len)?)?;
+            let outputs = gradient::outputs(model, &self.images.narrow(0, start, len)?)?;
             let targets = self.targets.narrow(start, len)?;
             total += per_sample_loss(loss, &outputs, &targets)?
                 .sum_all()?
