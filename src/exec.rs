@@ -274,6 +274,18 @@ fn run_one(
     sink: &dyn EventSink,
 ) -> Outcome {
     let st = &plan.stages[i];
+    // A failure before the stage has a log file: reported without one.
+    let failed_before_log = |message: String| {
+        sink.event(
+            plan,
+            Event::Failed {
+                index: i,
+                message: message.clone(),
+                log: None,
+            },
+        );
+        failed(message, None)
+    };
     let lookup = store.claim(&st.kind_name, &st.key, &mut || {
         sink.event(plan, Event::Waiting { index: i })
     });
@@ -288,18 +300,7 @@ fn run_one(
             };
         }
         Ok(Lookup::Miss(claim)) => claim,
-        Err(e) => {
-            let outcome = failed(e.to_string(), None);
-            sink.event(
-                plan,
-                Event::Failed {
-                    index: i,
-                    message: e.to_string(),
-                    log: None,
-                },
-            );
-            return outcome;
-        }
+        Err(e) => return failed_before_log(e.to_string()),
     };
     let log_path = claim.work_dir().join(LOG);
     let prepared = (if st.kind.resumable() {
@@ -319,17 +320,7 @@ fn run_one(
     });
     let log = match prepared {
         Ok(f) => f,
-        Err(e) => {
-            sink.event(
-                plan,
-                Event::Failed {
-                    index: i,
-                    message: e.to_string(),
-                    log: None,
-                },
-            );
-            return failed(e.to_string(), None);
-        }
+        Err(e) => return failed_before_log(e.to_string()),
     };
     let started = chrono::Utc::now();
     let reporter = Reporter {
