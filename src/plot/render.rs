@@ -172,6 +172,57 @@ fn points_on(s: &super::figure::Series, xs: Scale, ys: Scale) -> Vec<(f64, f64)>
         .collect()
 }
 
+/// The share of a dot series that sets its axis' range when the rest would stretch it.
+const DOT_RANGE_QUANTILE: f64 = 0.99;
+
+/// `panel` without the outlying dots that would flatten its curves (step sharpness at small b has
+/// a heavy upper tail): on each y axis, when the dots above their series' 99th percentile stretch
+/// the axis' span by more than half, the dots above what remains are left out and counted in their
+/// series' legend name. The figure's CSV keeps every point.
+fn without_outlying_dots(panel: &Panel) -> Panel {
+    let mut panel = panel.clone();
+    let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
+    for (axis, ys) in [(Axis::Left, panel.y.scale), (Axis::Right, y2s)] {
+        let (mut all, mut kept) = (Vec::new(), Vec::new());
+        for s in panel.series.iter().filter(|s| s.axis == axis) {
+            let mut v: Vec<f64> = points_on(s, panel.x.scale, ys)
+                .into_iter()
+                .map(|p| p.1)
+                .collect();
+            all.extend_from_slice(&v);
+            if s.style.mark == Mark::Dots {
+                v.sort_by(f64::total_cmp);
+                v.truncate((DOT_RANGE_QUANTILE * v.len() as f64).ceil() as usize);
+            }
+            kept.extend(v);
+        }
+        let extent = |v: &[f64]| {
+            v.iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &y| {
+                    (l.min(y), h.max(y))
+                })
+        };
+        let ((lo, hi), (_, top)) = (extent(&all), extent(&kept));
+        if hi - lo <= 1.5 * (top - lo) {
+            continue;
+        }
+        for s in panel
+            .series
+            .iter_mut()
+            .filter(|s| s.axis == axis && s.style.mark == Mark::Dots)
+        {
+            let before = s.points.len();
+            s.points
+                .retain(|p| to_coord(p.1, ys).is_none_or(|y| y <= top));
+            let above = before - s.points.len();
+            if above > 0 {
+                s.name = format!("{} ({above} above the axis)", s.name);
+            }
+        }
+    }
+    panel
+}
+
 /// Legend font size in pixels.
 const LEGEND_FONT: f64 = 12.0;
 
@@ -319,6 +370,7 @@ fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
 ) -> Result<(), String> {
     let text = |e: &dyn std::fmt::Display| e.to_string();
+    let panel = &without_outlying_dots(panel);
     let (xs, ys) = (panel.x.scale, panel.y.scale);
     let y2s = panel.y2.as_ref().map_or(Scale::Linear, |a| a.scale);
     let left: Vec<_> = panel
@@ -498,6 +550,54 @@ mod tests {
             panel_size: (400, 300),
             panels: vec![panel, loglog],
         }
+    }
+
+    fn dots(name: &str, ys: impl Iterator<Item = f64>) -> Series {
+        Series {
+            name: name.into(),
+            style: column_style("step_sharpness", 0),
+            axis: Axis::Left,
+            points: ys.enumerate().map(|(i, y)| (i as f64, y)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_few_outlying_dots_are_left_out_of_the_range_and_counted() {
+        let mut panel = figure().panels[0].clone();
+        // 300 dots between 5 and 20, and 2 at 300: the rest of the panel spans 0–50.
+        let spread = (0..300).map(|i| 5.0 + f64::from(i % 16));
+        panel.series.push(dots("SS", spread.chain([300.0, 310.0])));
+        let clipped = without_outlying_dots(&panel);
+        let ss = clipped.series.last().unwrap();
+        assert_eq!(ss.points.len(), 300);
+        assert_eq!(ss.name, "SS (2 above the axis)");
+        assert!(ss.points.iter().all(|p| p.1 < 21.0));
+        assert_eq!(
+            clipped.series[..3],
+            panel.series[..3],
+            "lines are untouched"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = figure();
+        f.panels[0] = panel;
+        write_svg(&f, &dir.path().join("f.svg")).unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("f.svg")).unwrap();
+        assert!(svg.contains("SS (2 above the axis)"));
+    }
+
+    #[test]
+    fn dots_without_outliers_are_all_drawn() {
+        let mut panel = figure().panels[0].clone();
+        // A rising cloud whose top percent is not far above the rest; and a short series, where
+        // the 99th percentile is the maximum.
+        panel
+            .series
+            .push(dots("rising", (0..300).map(|i| f64::from(i) / 3.0)));
+        panel
+            .series
+            .push(dots("few", [1.0, 2.0, 500.0].into_iter()));
+        let clipped = without_outlying_dots(&panel);
+        assert_eq!(clipped, panel);
     }
 
     #[test]

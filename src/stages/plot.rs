@@ -537,7 +537,8 @@ impl Stage for PlotStage {
         // 9: the legend box is sized from its entries; with no free corner the y axes get headroom.
         // 10: without `panel_by`, panels are titled by the swept params that vary (`b = 8`).
         // 11: names for the accuracy columns; a right axis holding accuracies says so.
-        11
+        // 12: a few outlying dots (above a series' 99th percentile) no longer set the axis range.
+        12
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
