@@ -1,6 +1,7 @@
 //! The one integration test binary: drives the real `eoss` binary on temporary stores and tiny
 //! synthetic pipelines (the `dataset` kind with `source: synthetic`, small MLPs for `train`), plus
-//! one small real CIFAR-10 run when `../shared/data/cifar10` exists.
+//! one small real CIFAR-10 run when `../shared/data/cifar10` exists, and SVHN pipelines on generated
+//! files in the official layout.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "../../src/data/svhn_fixture.rs"]
+mod svhn_fixture;
 
 /// A temporary working directory with a store inside.
 struct Env {
@@ -1028,5 +1032,52 @@ fn every_shipped_pipeline_plans_under_each_of_its_profiles() {
             let plan: Value = serde_json::from_str(&out).unwrap();
             assert!(!plan["stages"].as_array().unwrap().is_empty());
         }
+    }
+}
+
+/// With the SVHN files in place, figures 39–41 plan and an SVHN pipeline (train and test splits)
+/// trains, evaluates and measures.
+#[test]
+fn svhn_figures_plan_and_an_svhn_pipeline_runs_once_the_files_are_there() {
+    // The official file names and layout (MAT v5, X 32×32×3×N uint8, y N×1 labels 1–10),
+    // generated: 1100 training images (figures 39–41 take 1024 at smoke scale), 40 test images.
+    let data = tempfile::tempdir().unwrap();
+    let svhn = data.path().join("svhn");
+    std::fs::create_dir(&svhn).unwrap();
+    let labels = |n: usize| -> Vec<f64> { (0..n).map(|i| (i % 10 + 1) as f64).collect() };
+    svhn_fixture::write_mat(&svhn.join("train_32x32.mat"), &labels(1100), true);
+    svhn_fixture::write_mat(&svhn.join("test_32x32.mat"), &labels(40), false);
+    let env = Env::with_data(data.path().to_path_buf());
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for figure in ["fig39", "fig40", "fig41"] {
+        let file = root.join(format!("pipelines/{figure}.yaml"));
+        let plan = env.plan(&file, &["--profile", "smoke"]);
+        assert!(
+            plan.iter().any(|(name, status, reason)| name == "data"
+                && status == "stale"
+                && reason == "new"),
+            "{figure}: {plan:?}"
+        );
+    }
+
+    let p = env.pipeline(
+        "svhn.yaml",
+        "name: svhn\nstages:\n  data:\n    kind: dataset\n    params: {source: svhn, n: 64, seed: 0}\n  test:\n    kind: dataset\n    params: {source: svhn, split: test, n: 32, seed: 0}\n  train:\n    kind: train\n    inputs: {data: data, test: test}\n    params: {model: {arch: mlp, width: 16}, init_scale: 0.1, lr: 0.01, batch_size: 8, steps: 10, checkpoint_every: 10, eval: {every: 5}, measure: {lambda_max: {every: 5, max_iter: 8}}}\n",
+    );
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[
+            ("data", "computed"),
+            ("test", "computed"),
+            ("train", "computed")
+        ])
+    );
+    let m = Metrics::read(&artifact(&env, &p, &[], "train"));
+    for column in ["loss", "full_loss", "test_accuracy", "lambda_max"] {
+        let v = m
+            .at(5, column)
+            .unwrap_or_else(|| panic!("no {column} at step 5"));
+        assert!(v.is_finite(), "{column} = {v}");
     }
 }
