@@ -7,7 +7,7 @@ use std::path::Path;
 use flate2::{write::ZlibEncoder, Compression};
 
 /// MAT v5 element tag: type, byte count, then the data padded to 8 bytes.
-pub fn element(data_type: u32, data: &[u8]) -> Vec<u8> {
+fn element(data_type: u32, data: &[u8]) -> Vec<u8> {
     let mut out = data_type.to_le_bytes().to_vec();
     out.extend((data.len() as u32).to_le_bytes());
     out.extend(data);

@@ -61,11 +61,16 @@ fn to_coord(v: f64, scale: Scale) -> Option<f64> {
     }
 }
 
+/// The smallest and largest of `values` ((∞, −∞) when there are none).
+fn extent(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+        (l.min(v), h.max(v))
+    })
+}
+
 /// The drawing-coordinate range covering `values`, padded by 5 %.
 fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
-        (l.min(v), h.max(v))
-    });
+    let (lo, hi) = extent(values);
     if !lo.is_finite() {
         return 0.0..1.0;
     }
@@ -196,13 +201,7 @@ fn without_outlying_dots(panel: &Panel) -> Panel {
             }
             kept.extend(v);
         }
-        let extent = |v: &[f64]| {
-            v.iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &y| {
-                    (l.min(y), h.max(y))
-                })
-        };
-        let ((lo, hi), (_, top)) = (extent(&all), extent(&kept));
+        let ((lo, hi), (_, top)) = (extent(all.into_iter()), extent(kept.into_iter()));
         if hi - lo <= 1.5 * (top - lo) {
             continue;
         }
