@@ -12,7 +12,8 @@
 //!   statistic they report, between `min_samples` and `max_samples`.
 //!
 //! Costs (one HVP ≈ two to three forward+backward passes of the same batch): batch sharpness is one
-//! forward/backward plus one HVP of size b per batch; GNI and IAS one full-batch HVP per batch;
+//! forward/backward plus one HVP of size b per batch, or, for an MLP whose widths exceed b, about
+//! one and a half forward passes per sample with many batches per pass (`hvp::OwnGradientForms`); GNI and IAS one full-batch HVP per batch;
 //! λmax a Lanczos run of full-batch HVPs (warm starts help); λmax^b a Lanczos run per batch; the
 //! second-moment contraction a Lanczos run whose every product costs a full HVP plus two batch
 //! HVPs per sampled batch; Gauss–Newton products cost three backward passes.
@@ -226,34 +227,52 @@ impl<'a> Landscape<'a> {
             (Curvature::Hessian, QuotientForm::RatioOfMeans) => "modified batch sharpness",
             (Curvature::GaussNewton, _) => "Gauss-Newton batch sharpness",
         };
+        let estimate = |s: &[(f64, f64)]| match form {
+            QuotientForm::MeanOfRatios => {
+                mean_estimate(&s.iter().map(|(x, y)| x / y).collect::<Vec<_>>())
+            }
+            QuotientForm::RatioOfMeans => {
+                let (x, y): (Vec<f64>, Vec<f64>) = s.iter().copied().unzip();
+                ratio_estimate(&x, &y)
+            }
+        };
+        let gauss_newton = matches!(curvature, Curvature::GaussNewton);
+        if let Some(forms) = self.hvp.own_gradient_forms(self.model, self.loss, b) {
+            // Many batches per pass: the same draws, in the same order, as one batch at a time.
+            return adaptive_in_groups(
+                mc,
+                forms.batches_per_pass(),
+                |rng, count| {
+                    let mut rows = Vec::with_capacity(count * b);
+                    for _ in 0..count {
+                        rows.extend(random_subset(rng, self.data.len(), b)?);
+                    }
+                    let samples = forms.evaluate(&self.data.select(&rows)?, gauss_newton)?;
+                    if samples.iter().any(|&(_, gg)| gg == 0.0) {
+                        return Err(CurvatureError::ZeroGradient { what });
+                    }
+                    Ok(samples)
+                },
+                estimate,
+            );
+        }
         adaptive(
             mc,
             |rng| {
                 let batch = self.random_batch(rng, b)?;
-                match curvature {
-                    Curvature::Hessian => {
-                        rayleigh_along_gradient(&self.batch_hessian(&batch)?, what)
+                if gauss_newton {
+                    let op = self.batch_gauss_newton(&batch)?;
+                    let g = op.gradient();
+                    let gg = g.norm_sq()?;
+                    if gg == 0.0 {
+                        return Err(CurvatureError::ZeroGradient { what });
                     }
-                    Curvature::GaussNewton => {
-                        let op = self.batch_gauss_newton(&batch)?;
-                        let g = op.gradient();
-                        let gg = g.norm_sq()?;
-                        if gg == 0.0 {
-                            return Err(CurvatureError::ZeroGradient { what });
-                        }
-                        Ok((op.quadratic_form(g)?, gg))
-                    }
+                    Ok((op.quadratic_form(g)?, gg))
+                } else {
+                    rayleigh_along_gradient(&self.batch_hessian(&batch)?, what)
                 }
             },
-            |s: &[(f64, f64)]| match form {
-                QuotientForm::MeanOfRatios => {
-                    mean_estimate(&s.iter().map(|(x, y)| x / y).collect::<Vec<_>>())
-                }
-                QuotientForm::RatioOfMeans => {
-                    let (x, y): (Vec<f64>, Vec<f64>) = s.iter().copied().unzip();
-                    ratio_estimate(&x, &y)
-                }
-            },
+            estimate,
         )
     }
 
@@ -469,14 +488,32 @@ fn adaptive<T>(
     mut draw: impl FnMut(&mut ChaCha8Rng) -> Result<T>,
     estimate: impl Fn(&[T]) -> Estimate,
 ) -> Result<Estimate> {
+    adaptive_in_groups(mc, 1, |rng, _| Ok(vec![draw(rng)?]), estimate)
+}
+
+/// [`adaptive`] drawing up to `group` samples at a time (`draw(rng, count)` gives `count`, drawn
+/// in order): first `min_samples`, then as many again as drawn so far, so that at most half the
+/// work is past the stop. The stopping rule still looks after every sample and the samples past
+/// the stop are dropped: the estimate is the one-at-a-time estimate.
+fn adaptive_in_groups<T>(
+    mc: &MonteCarloConfig,
+    group: usize,
+    mut draw: impl FnMut(&mut ChaCha8Rng, usize) -> Result<Vec<T>>,
+    estimate: impl Fn(&[T]) -> Estimate,
+) -> Result<Estimate> {
     mc.validate()?;
     let mut rng = ChaCha8Rng::seed_from_u64(mc.seed);
     let mut samples = Vec::new();
     loop {
-        samples.push(draw(&mut rng)?);
-        let e = estimate(&samples);
-        if mc.should_stop(&e) {
-            return Ok(e);
+        let drawn = samples.len();
+        let wanted = mc.min_samples.saturating_sub(drawn).max(drawn);
+        let count = wanted.min(group).min(mc.max_samples - drawn).max(1);
+        for sample in draw(&mut rng, count)? {
+            samples.push(sample);
+            let e = estimate(&samples);
+            if mc.should_stop(&e) {
+                return Ok(e);
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::nn::{ConvNet, DenseStack, Model, Param, ResidualNet, TorchLayout};
 
 mod conv;
 mod dense;
+mod gram;
 mod residual;
 use dense::Chunk;
 
@@ -90,6 +91,62 @@ impl HvpConfig {
                 .or_else(|| model.conv_net().map(Passes::Conv))
                 .or_else(|| model.residual_net().map(Passes::Residual)),
         }
+    }
+}
+
+/// g_Bᵀ H_B g_B (or g_Bᵀ G_B g_B) and ‖g_B‖² of many mini-batches of the mean loss in one pass, the
+/// samples of batch sharpness, by Gram matrices of each batch's activations instead of forming g_B
+/// (module `gram`): for dense stacks under the hand-written passes, where that is the cheaper way.
+#[derive(Clone, Copy)]
+pub struct OwnGradientForms<'a> {
+    stack: DenseStack<'a>,
+    kind: LossKind,
+    batch_size: usize,
+    per_pass: usize,
+}
+
+impl HvpConfig {
+    /// [`OwnGradientForms`] of `model` under `kind` for batches of `batch_size`, when this config's
+    /// passes take the model and the Gram matrices are cheaper than forming each g_B.
+    pub fn own_gradient_forms<'a>(
+        &self,
+        model: &'a dyn Model,
+        kind: LossKind,
+        batch_size: usize,
+    ) -> Option<OwnGradientForms<'a>> {
+        match self.passes(model)? {
+            Passes::Dense(stack)
+                if (1..=self.chunk_size).contains(&batch_size)
+                    && gram::gram_pays(stack, batch_size) =>
+            {
+                Some(OwnGradientForms {
+                    stack,
+                    kind,
+                    batch_size,
+                    per_pass: self.chunk_size / batch_size,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl OwnGradientForms<'_> {
+    /// How many batches one pass takes (at most `chunk_size` samples).
+    pub fn batches_per_pass(&self) -> usize {
+        self.per_pass
+    }
+
+    /// (g_kᵀ H_k g_k, ‖g_k‖²) of each batch k in `batches`, which holds them one after another;
+    /// with `gauss_newton`, g_kᵀ G_k g_k in place of g_kᵀ H_k g_k.
+    pub fn evaluate(&self, batches: &Batch, gauss_newton: bool) -> Result<Vec<(f64, f64)>> {
+        let (n, b) = (batches.len(), self.batch_size);
+        if n % b != 0 {
+            return Err(CurvatureError::Batch(format!(
+                "{n} samples are not whole batches of {b}"
+            )));
+        }
+        gram::own_gradient_forms(self.stack, self.kind, batches, b, gauss_newton)
     }
 }
 

@@ -80,20 +80,41 @@ impl DenseForward {
     /// respect to the stack's (flattened) input, from which a network whose head is this stack
     /// continues its backward pass.
     pub fn backward_to(&self, output_grad: Tensor, to_input: bool) -> Result<DenseBackward> {
+        let (deltas, upstream, input_gradient) = self.backpropagate(output_grad, to_input)?;
+        let mut gradient = Vec::with_capacity(2 * deltas.len());
+        for (a, delta) in self.inputs.iter().zip(&deltas) {
+            gradient.push(a.t()?.matmul(delta)?);
+            gradient.push(column_sums(delta)?);
+        }
+        Ok(DenseBackward {
+            deltas,
+            upstream,
+            input_gradient,
+            gradient,
+        })
+    }
+
+    /// δ_l = ∂L/∂z_l of every layer from `output_grad` = ∂L/∂f, without the parameter gradient
+    /// (whoever needs only the per-sample signals skips its matrix products).
+    pub fn deltas(&self, output_grad: Tensor) -> Result<Vec<Tensor>> {
+        Ok(self.backpropagate(output_grad, false)?.0)
+    }
+
+    /// (δ_l of every layer, u_l of every hidden layer, ∂L/∂a₀ when `to_input`).
+    fn backpropagate(
+        &self,
+        output_grad: Tensor,
+        to_input: bool,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>, Option<Tensor>)> {
         let layers = self.inputs.len();
         let mut delta = output_grad;
-        let mut gradient = vec![None; 2 * layers];
         let mut deltas = Vec::with_capacity(layers);
         let mut upstream = Vec::with_capacity(layers);
-        for l in (0..layers).rev() {
-            gradient[2 * l] = Some(self.inputs[l].t()?.matmul(&delta)?);
-            gradient[2 * l + 1] = Some(column_sums(&delta)?);
-            if l > 0 {
-                let u = delta.matmul(&self.params[2 * l].t()?)?;
-                let below = (&u * &self.slopes[l - 1])?;
-                upstream.push(u);
-                deltas.push(std::mem::replace(&mut delta, below));
-            }
+        for l in (1..layers).rev() {
+            let u = delta.matmul(&self.params[2 * l].t()?)?;
+            let below = (&u * &self.slopes[l - 1])?;
+            upstream.push(u);
+            deltas.push(std::mem::replace(&mut delta, below));
         }
         let input_gradient = if to_input {
             Some(delta.matmul(&self.params[0].t()?)?)
@@ -103,12 +124,7 @@ impl DenseForward {
         deltas.push(delta);
         deltas.reverse();
         upstream.reverse();
-        Ok(DenseBackward {
-            deltas,
-            upstream,
-            input_gradient,
-            gradient: gradient.into_iter().flatten().collect(),
-        })
+        Ok((deltas, upstream, input_gradient))
     }
 }
 

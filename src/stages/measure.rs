@@ -18,7 +18,9 @@ use crate::curvature::{model_gradient_alignment, AlignmentConfig, AlignmentRepor
 use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::checkpoint as weights;
-use crate::train::measure::{at_step, MeasureConfig, MeasurePoint, MeasureState};
+use crate::train::measure::{
+    at_step, samples_batch_quotients, MeasureConfig, MeasurePoint, MeasureState,
+};
 use crate::train::metrics::{MetricsLog, Row};
 use crate::train::schedule::HyperSchedule;
 use crate::train::{checkpoint, DeviceData, TrainConfig};
@@ -69,9 +71,14 @@ impl Stage for MeasureStage {
         "measure"
     }
 
-    fn version(&self, _params: &serde_json::Value) -> u32 {
+    fn version(&self, params: &serde_json::Value) -> u32 {
         // 2: MLP curvature by hand-written forward-over-reverse passes (same values to rounding).
-        2
+        // 3 (batch sharpness only): an MLP's batches many per pass (same values to rounding).
+        if samples_batch_quotients(&params["measure"]) {
+            3
+        } else {
+            2
+        }
     }
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {

@@ -7,6 +7,7 @@
 
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::data::Dataset;
+use crate::train::measure::samples_batch_quotients;
 use crate::train::{checkpoint, train, StartPoint, TrainConfig};
 
 /// The `train` kind.
@@ -56,8 +57,11 @@ impl Stage for TrainStage {
         // 3: the final state is measured where due; MLP curvature by hand-written passes.
         // 4 (the CNN and the ResNets only): gradients and curvature by hand-written passes (same
         // values to rounding).
+        // 5 (the MLP measuring batch sharpness only): many batches per pass by Gram matrices (same
+        // values to rounding).
         match params["model"]["arch"].as_str() {
             Some("cnn" | "resnet") => 4,
+            _ if samples_batch_quotients(&params["measure"]) => 5,
             _ => 3,
         }
     }
@@ -198,7 +202,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_conv_runs_take_the_version_of_the_hand_written_conv_passes() {
+    fn versions_change_only_for_the_runs_whose_values_changed() {
         // Resolved params, as keys see them: the MLP's results did not change when the CNN's and
         // the ResNets' gradients moved to hand-written passes, so their keys must not either.
         let resolved = |model: serde_json::Value| {
@@ -211,6 +215,16 @@ mod tests {
         use serde_json::json;
         assert_eq!(TrainStage.version(&resolved(json!({"arch": "cnn"}))), 4);
         assert_eq!(TrainStage.version(&resolved(json!({"arch": "mlp"}))), 3);
+        let with_measure = |measure: serde_json::Value| {
+            let raw = serde_json::json!({
+                "model": {"arch": "mlp"}, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
+                "batch_size": 8, "steps": 10, "measure": measure
+            });
+            TrainStage.version(&TrainStage.resolve(&raw).unwrap().params)
+        };
+        assert_eq!(with_measure(json!({"step_sharpness": {"every": 2}})), 3);
+        assert_eq!(with_measure(json!({"batch_sharpness": {"every": 2}})), 5);
+        assert_eq!(with_measure(json!({"batch_sharpness_gn": {"every": 2}})), 5);
         let resnet = json!({"arch": "resnet", "depth": 14});
         assert_eq!(TrainStage.version(&resolved(resnet)), 4);
     }

@@ -2,16 +2,20 @@
 //! (finite differences, Jacobi) and exhaustive enumeration of all C(6, 2) = 15 mini-batches.
 #![allow(clippy::needless_range_loop)] // dense reference linear algebra reads best indexed
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::*;
+use crate::curvature::hvp::HvpMethod;
 use crate::curvature::testing::{
     all_subsets, data, dense_gauss_newton, dense_hessian_fd, dense_lambda_max, dot, gradient,
     matmul, matvec, Dense, Linear, TanhMlp,
 };
+use crate::curvature::testing::{normals, set_params};
 use crate::data::LabelEncoding;
+use crate::nn::init::Initializer;
 use crate::nn::loss::Targets;
-use crate::nn::Model;
+use crate::nn::models::Mlp;
+use crate::nn::{Activation, Model};
 
 const N: usize = 6;
 const B: usize = 2;
@@ -412,4 +416,69 @@ fn same_seed_gives_identical_bits_and_subsamples_are_honoured() {
     assert!(err.to_string().contains("subsample"), "{err}");
     let err = l.batch_sharpness(7, &cfg).unwrap_err();
     assert!(err.to_string().contains("batch_size"), "{err}");
+}
+
+#[test]
+fn batches_taken_many_per_pass_give_the_one_at_a_time_estimates() {
+    // A real MLP 8 → 16 → 16 → 2 in f64 with random weights and biases, batches of 3: the default
+    // config evaluates three batches per pass (chunks of 9) by Gram matrices; double backward takes
+    // one batch at a time. Same draws, same stopping point, same estimates.
+    let init = Initializer::new(0, 1.0, DType::F64, &Device::Cpu);
+    let model = Mlp::new(8, 2, 16, 2, Activation::Tanh, init).unwrap();
+    set_params(
+        &model,
+        &normals(&mut ChaCha8Rng::seed_from_u64(3), model.num_params(), 0.5),
+    );
+    let batch = data(12, [8, 1, 1], 2, 4);
+    let config = |method| FullBatchConfig {
+        hvp: HvpConfig {
+            chunk_size: 9,
+            retain_graphs: true,
+            method,
+        },
+        ..Default::default()
+    };
+    let grouped = config(HvpMethod::Auto);
+    assert!(grouped
+        .hvp
+        .own_gradient_forms(&model, LossKind::CrossEntropy, 3)
+        .is_some());
+    for kind in [LossKind::Mse, LossKind::CrossEntropy] {
+        let l = Landscape::new(&model, kind, &batch, &grouped).unwrap();
+        let reference = Landscape::new(&model, kind, &batch, &config(HvpMethod::Autodiff)).unwrap();
+        for (min_samples, rel_tol) in [(4, 0.3), (7, 0.15), (2, 0.0)] {
+            let cfg = MonteCarloConfig {
+                min_samples,
+                max_samples: 40,
+                rel_tol,
+                seed: 11,
+            };
+            let pairs: [(Estimate, Estimate); 3] = [
+                (
+                    l.batch_sharpness(3, &cfg).unwrap(),
+                    reference.batch_sharpness(3, &cfg).unwrap(),
+                ),
+                (
+                    l.modified_batch_sharpness(3, &cfg).unwrap(),
+                    reference.modified_batch_sharpness(3, &cfg).unwrap(),
+                ),
+                (
+                    l.batch_sharpness_gn(3, &cfg).unwrap(),
+                    reference.batch_sharpness_gn(3, &cfg).unwrap(),
+                ),
+            ];
+            for (got, want) in pairs {
+                let what = format!("{kind:?} {cfg:?}: {got:?} vs {want:?}");
+                assert_eq!(got.samples, want.samples, "{what}");
+                assert!(
+                    (got.value - want.value).abs() < 1e-11 * want.value.abs(),
+                    "{what}"
+                );
+                assert!(
+                    (got.stderr - want.stderr).abs() < 1e-9 * want.stderr,
+                    "{what}"
+                );
+            }
+        }
+    }
 }

@@ -549,3 +549,90 @@ fn dense_mlp_products_in_f32_match_f64() {
         .unwrap();
     assert!(max_abs_diff(&hv32, &hv) < 1e-5 * hv.norm().unwrap());
 }
+
+#[test]
+fn gram_forms_equal_each_batch_operator_along_its_own_gradient() {
+    // Three batches of three stacked: every batch's g_Bᵀ H_B g_B, g_Bᵀ G_B g_B and ‖g_B‖² against
+    // double backward on that batch alone, for stacks of depth 0 to 2, every activation and loss.
+    let (count, b) = (3, 3);
+    let batch = data(count * b, [3, 1, 1], 2, 80);
+    let autodiff = HvpConfig {
+        method: HvpMethod::Autodiff,
+        ..HvpConfig::default()
+    };
+    for depth in 0..=2 {
+        for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
+            let model = random_mlp_of_depth(activation, depth, 81 + 10 * depth as u64 + i as u64);
+            let stack = model.dense_stack().unwrap();
+            for kind in LOSSES {
+                let what = format!("depth {depth} {activation:?} {kind:?}");
+                let hessian = gram::own_gradient_forms(stack, kind, &batch, b, false).unwrap();
+                let gn = gram::own_gradient_forms(stack, kind, &batch, b, true).unwrap();
+                for k in 0..count {
+                    let sub = batch.narrow(k * b, b).unwrap();
+                    let h = HessianOperator::new(&model, kind, &sub, &Objective::Mean, &autodiff)
+                        .unwrap();
+                    let g = h.gradient();
+                    let gg = g.norm_sq().unwrap();
+                    let ghg = g.dot(&h.apply(g).unwrap()).unwrap();
+                    let gop =
+                        GaussNewtonOperator::new(&model, kind, &sub, &Objective::Mean, &autodiff)
+                            .unwrap();
+                    let ggg = g.dot(&gop.apply(g).unwrap()).unwrap();
+                    let close = |got: f64, want: f64| (got - want).abs() <= 1e-11 * want.abs();
+                    assert!(
+                        close(hessian[k].1, gg),
+                        "{what}: ‖g‖² {:?} vs {gg}",
+                        hessian[k]
+                    );
+                    assert!(close(gn[k].1, gg), "{what}: ‖g‖² {:?} vs {gg}", gn[k]);
+                    assert!(
+                        close(hessian[k].0, ghg),
+                        "{what}: gᵀHg {:?} vs {ghg}",
+                        hessian[k]
+                    );
+                    assert!(close(gn[k].0, ggg), "{what}: gᵀGg {:?} vs {ggg}", gn[k]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gram_forms_are_taken_where_they_are_cheaper_than_forming_each_gradient() {
+    // The paper's MLP 3072-512-512-10: Gram matrices while b · 5,130 ≤ 1,841,152 (b ≤ 358).
+    let init = Initializer::new(0, 1.0, candle_core::DType::F32, &Device::Cpu);
+    let model = Mlp::new(3072, 2, 512, 10, Activation::Relu, init).unwrap();
+    let cfg = HvpConfig::default();
+    let forms = cfg.own_gradient_forms(&model, LossKind::Mse, 16).unwrap();
+    assert_eq!(forms.batches_per_pass(), 4096 / 16);
+    assert!(cfg.own_gradient_forms(&model, LossKind::Mse, 358).is_some());
+    assert!(cfg.own_gradient_forms(&model, LossKind::Mse, 359).is_none());
+    let autodiff = HvpConfig {
+        method: HvpMethod::Autodiff,
+        ..cfg
+    };
+    assert!(autodiff
+        .own_gradient_forms(&model, LossKind::Mse, 16)
+        .is_none());
+    let small_chunks = HvpConfig {
+        chunk_size: 8,
+        ..cfg
+    };
+    assert!(small_chunks
+        .own_gradient_forms(&model, LossKind::Mse, 16)
+        .is_none());
+    let conv = TinyConv::new(1, 2, 2, 7);
+    assert!(cfg.own_gradient_forms(&conv, LossKind::Mse, 2).is_none());
+    let tiny = random_mlp(Activation::Relu, 91);
+    let forms = OwnGradientForms {
+        stack: tiny.dense_stack().unwrap(),
+        kind: LossKind::Mse,
+        batch_size: 4,
+        per_pass: 1,
+    };
+    let err = forms
+        .evaluate(&data(10, [3, 1, 1], 2, 90), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("not whole batches of 4"), "{err}");
+}
