@@ -156,7 +156,7 @@ impl ConvForward {
     }
 
     /// The outputs f (N, K) of `x` (N, C, H, W), keeping nothing for a backward pass and taking
-    /// [`OUTPUT_SLICE`] samples at a time: bounded memory for evaluation over a whole dataset.
+    /// `OUTPUT_SLICE` samples at a time: bounded memory for evaluation over a whole dataset.
     pub fn outputs(net: ConvNet<'_>, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
         let slices = (0..n)
