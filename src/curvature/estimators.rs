@@ -13,7 +13,8 @@
 //!
 //! Costs (one HVP ≈ two to three forward+backward passes of the same batch): batch sharpness is one
 //! forward/backward plus one HVP of size b per batch, or, for an MLP whose widths exceed b, about
-//! one and a half forward passes per sample with many batches per pass (`hvp::OwnGradientForms`); GNI and IAS one full-batch HVP per batch;
+//! one and a half forward passes per sample with many batches per pass (`hvp::BatchGradientForms`,
+//! which also takes GNI's and IAS's forms at a fraction of a full HVP each); GNI and IAS one full-batch HVP per batch;
 //! λmax a Lanczos run of full-batch HVPs (warm starts help); λmax^b a Lanczos run per batch; the
 //! second-moment contraction a Lanczos run whose every product costs a full HVP plus two batch
 //! HVPs per sampled batch; Gauss–Newton products cost three backward passes.
@@ -161,6 +162,16 @@ impl<'a> Landscape<'a> {
         self.data.select(&random_subset(rng, self.data.len(), b)?)
     }
 
+    /// `count` random batches of `b` one after another: the same draws, in the same order, as
+    /// `count` calls of [`Self::random_batch`].
+    fn random_batches(&self, rng: &mut ChaCha8Rng, count: usize, b: usize) -> Result<Batch> {
+        let mut rows = Vec::with_capacity(count * b);
+        for _ in 0..count {
+            rows.extend(random_subset(rng, self.data.len(), b)?);
+        }
+        self.data.select(&rows)
+    }
+
     /// ‖∇L‖² of the full-batch loss.
     pub fn grad_norm_sq(&self) -> Result<f64> {
         let cfg = HvpConfig {
@@ -237,21 +248,13 @@ impl<'a> Landscape<'a> {
             }
         };
         let gauss_newton = matches!(curvature, Curvature::GaussNewton);
-        if let Some(forms) = self.hvp.own_gradient_forms(self.model, self.loss, b) {
-            // Many batches per pass: the same draws, in the same order, as one batch at a time.
+        if let Some(forms) = self.hvp.batch_gradient_forms(self.model, self.loss, b) {
             return adaptive_in_groups(
                 mc,
                 forms.batches_per_pass(),
                 |rng, count| {
-                    let mut rows = Vec::with_capacity(count * b);
-                    for _ in 0..count {
-                        rows.extend(random_subset(rng, self.data.len(), b)?);
-                    }
-                    let samples = forms.evaluate(&self.data.select(&rows)?, gauss_newton)?;
-                    if samples.iter().any(|&(_, gg)| gg == 0.0) {
-                        return Err(CurvatureError::ZeroGradient { what });
-                    }
-                    Ok(samples)
+                    let samples = forms.own(&self.random_batches(rng, count, b)?, gauss_newton)?;
+                    nonzero_gradients(samples, what)
                 },
                 estimate,
             );
@@ -284,13 +287,20 @@ impl<'a> Landscape<'a> {
         divides_by_gradient: bool,
         finish: impl Fn(&[(f64, f64)], f64) -> Estimate,
     ) -> Result<Estimate> {
+        if let Some(forms) = self.hvp.batch_gradient_forms(self.model, self.loss, b) {
+            let fixed = forms.fixed(&self.full)?;
+            let grad_sq = fixed.grad_norm_sq();
+            check_full_gradient(divides_by_gradient, grad_sq)?;
+            return adaptive_in_groups(
+                mc,
+                fixed.batches_per_pass(),
+                |rng, count| fixed.along(&self.random_batches(rng, count, b)?),
+                |s| finish(s, grad_sq),
+            );
+        }
         let full = self.hessian()?;
         let grad_sq = full.gradient().norm_sq()?;
-        if divides_by_gradient && grad_sq == 0.0 {
-            return Err(CurvatureError::ZeroGradient {
-                what: "GNI (full-batch gradient)",
-            });
-        }
+        check_full_gradient(divides_by_gradient, grad_sq)?;
         let gradient_only = HvpConfig {
             retain_graphs: false,
             ..self.hvp
@@ -469,6 +479,24 @@ enum Curvature {
 enum QuotientForm {
     MeanOfRatios,
     RatioOfMeans,
+}
+
+/// The samples, unless a batch's gradient vanished (its quotient would be undefined).
+fn nonzero_gradients(samples: Vec<(f64, f64)>, what: &'static str) -> Result<Vec<(f64, f64)>> {
+    if samples.iter().any(|&(_, gg)| gg == 0.0) {
+        return Err(CurvatureError::ZeroGradient { what });
+    }
+    Ok(samples)
+}
+
+/// Fails when an estimate divides by ‖∇L‖² = 0.
+fn check_full_gradient(divides_by_gradient: bool, grad_sq: f64) -> Result<()> {
+    if divides_by_gradient && grad_sq == 0.0 {
+        return Err(CurvatureError::ZeroGradient {
+            what: "GNI (full-batch gradient)",
+        });
+    }
+    Ok(())
 }
 
 /// (g_Bᵀ H_B g_B, ‖g_B‖²) of an operator's own gradient.

@@ -94,36 +94,37 @@ impl HvpConfig {
     }
 }
 
-/// g_Bᵀ H_B g_B (or g_Bᵀ G_B g_B) and ‖g_B‖² of many mini-batches of the mean loss in one pass, the
-/// samples of batch sharpness, by Gram matrices of each batch's activations instead of forming g_B
-/// (module `gram`): for dense stacks under the hand-written passes, where that is the cheaper way.
+/// g_Bᵀ H g_B and ‖g_B‖² of many mini-batches of the mean loss in one pass, H each batch's own
+/// Hessian H_B (batch sharpness; or its Gauss–Newton matrix) or the Hessian of a fixed set (GNI,
+/// IAS), by Gram matrices of each batch's activations instead of forming g_B (module `gram`): for
+/// dense stacks under the hand-written passes, where that is the cheaper way.
 #[derive(Clone, Copy)]
-pub struct OwnGradientForms<'a> {
+pub struct BatchGradientForms<'a> {
     stack: DenseStack<'a>,
     kind: LossKind,
     batch_size: usize,
-    per_pass: usize,
+    chunk_size: usize,
 }
 
 impl HvpConfig {
-    /// [`OwnGradientForms`] of `model` under `kind` for batches of `batch_size`, when this config's
-    /// passes take the model and the Gram matrices are cheaper than forming each g_B.
-    pub fn own_gradient_forms<'a>(
+    /// [`BatchGradientForms`] of `model` under `kind` for batches of `batch_size`, when this
+    /// config's passes take the model and the Gram matrices are cheaper than forming each g_B.
+    pub fn batch_gradient_forms<'a>(
         &self,
         model: &'a dyn Model,
         kind: LossKind,
         batch_size: usize,
-    ) -> Option<OwnGradientForms<'a>> {
+    ) -> Option<BatchGradientForms<'a>> {
         match self.passes(model)? {
             Passes::Dense(stack)
                 if (1..=self.chunk_size).contains(&batch_size)
                     && gram::gram_pays(stack, batch_size) =>
             {
-                Some(OwnGradientForms {
+                Some(BatchGradientForms {
                     stack,
                     kind,
                     batch_size,
-                    per_pass: self.chunk_size / batch_size,
+                    chunk_size: self.chunk_size,
                 })
             }
             _ => None,
@@ -131,22 +132,73 @@ impl HvpConfig {
     }
 }
 
-impl OwnGradientForms<'_> {
-    /// How many batches one pass takes (at most `chunk_size` samples).
+impl<'a> BatchGradientForms<'a> {
+    /// How many batches one pass of [`Self::own`] takes (at most `chunk_size` samples).
     pub fn batches_per_pass(&self) -> usize {
-        self.per_pass
+        self.chunk_size / self.batch_size
     }
 
-    /// (g_kᵀ H_k g_k, ‖g_k‖²) of each batch k in `batches`, which holds them one after another;
-    /// with `gauss_newton`, g_kᵀ G_k g_k in place of g_kᵀ H_k g_k.
-    pub fn evaluate(&self, batches: &Batch, gauss_newton: bool) -> Result<Vec<(f64, f64)>> {
+    /// The batches of `batches` (one after another) and their gradient directions.
+    fn directions(&self, batches: &Batch, own_curvature: bool) -> Result<gram::Directions> {
         let (n, b) = (batches.len(), self.batch_size);
         if n % b != 0 {
             return Err(CurvatureError::Batch(format!(
                 "{n} samples are not whole batches of {b}"
             )));
         }
-        gram::own_gradient_forms(self.stack, self.kind, batches, b, gauss_newton)
+        gram::Directions::new(self.stack, self.kind, batches, b, own_curvature)
+    }
+
+    /// (g_kᵀ H_k g_k, ‖g_k‖²) of each batch k in `batches`, which holds them one after another;
+    /// with `gauss_newton`, g_kᵀ G_k g_k in place of g_kᵀ H_k g_k.
+    pub fn own(&self, batches: &Batch, gauss_newton: bool) -> Result<Vec<(f64, f64)>> {
+        let dir = self.directions(batches, true)?;
+        Ok(dir
+            .own_forms(gauss_newton)?
+            .into_iter()
+            .zip(dir.gradient_norms()?)
+            .collect())
+    }
+
+    /// The forms along batch gradients with H the Hessian of `data`'s mean loss: runs `data`'s
+    /// forward pass (in chunks) once.
+    pub fn fixed(&self, data: &Batch) -> Result<FixedSetForms<'a>> {
+        Ok(FixedSetForms {
+            rows: gram::FixedRows::new(self.stack, self.kind, data, self.chunk_size)?,
+            per_pass: (self.chunk_size / data.len().min(self.chunk_size)).max(1),
+            forms: *self,
+        })
+    }
+}
+
+/// [`BatchGradientForms`] with H the Hessian of a fixed set's mean loss.
+pub struct FixedSetForms<'a> {
+    rows: gram::FixedRows,
+    per_pass: usize,
+    forms: BatchGradientForms<'a>,
+}
+
+impl FixedSetForms<'_> {
+    /// ‖∇L‖² of the fixed set's mean loss.
+    pub fn grad_norm_sq(&self) -> f64 {
+        self.rows.grad_norm_sq
+    }
+
+    /// How many batches one pass of [`Self::along`] takes (the set's rows times the batches stay
+    /// within `chunk_size`).
+    pub fn batches_per_pass(&self) -> usize {
+        self.per_pass
+    }
+
+    /// (g_kᵀ H g_k, ‖g_k‖²) of each batch k in `batches`, which holds them one after another.
+    pub fn along(&self, batches: &Batch) -> Result<Vec<(f64, f64)>> {
+        let dir = self.forms.directions(batches, false)?;
+        Ok(self
+            .rows
+            .forms_along(&dir)?
+            .into_iter()
+            .zip(dir.gradient_norms()?)
+            .collect())
     }
 }
 

@@ -73,7 +73,8 @@ impl Stage for MeasureStage {
 
     fn version(&self, params: &serde_json::Value) -> u32 {
         // 2: MLP curvature by hand-written forward-over-reverse passes (same values to rounding).
-        // 3 (batch sharpness only): an MLP's batches many per pass (same values to rounding).
+        // 3 (batch sharpness, GNI, IAS only): an MLP's batches many per pass (same values to
+        // rounding).
         if samples_batch_quotients(&params["measure"]) {
             3
         } else {

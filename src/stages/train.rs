@@ -57,8 +57,8 @@ impl Stage for TrainStage {
         // 3: the final state is measured where due; MLP curvature by hand-written passes.
         // 4 (the CNN and the ResNets only): gradients and curvature by hand-written passes (same
         // values to rounding).
-        // 5 (the MLP measuring batch sharpness only): many batches per pass by Gram matrices (same
-        // values to rounding).
+        // 5 (the MLP measuring batch sharpness, GNI or IAS only): many batches per pass by Gram
+        // matrices (same values to rounding).
         match params["model"]["arch"].as_str() {
             Some("cnn" | "resnet") => 4,
             _ if samples_batch_quotients(&params["measure"]) => 5,
@@ -225,6 +225,7 @@ mod tests {
         assert_eq!(with_measure(json!({"step_sharpness": {"every": 2}})), 3);
         assert_eq!(with_measure(json!({"batch_sharpness": {"every": 2}})), 5);
         assert_eq!(with_measure(json!({"batch_sharpness_gn": {"every": 2}})), 5);
+        assert_eq!(with_measure(json!({"gni": {"every": 2}})), 5);
         let resnet = json!({"arch": "resnet", "depth": 14});
         assert_eq!(TrainStage.version(&resolved(resnet)), 4);
     }

@@ -344,14 +344,16 @@ type BatchEigen<'l> = fn(
 type BatchEstimator<'l> =
     fn(&Landscape<'l>, usize, &MonteCarloConfig) -> Result<Estimate, CurvatureError>;
 
-/// Whether the measure params `measure` (as resolved JSON) sample g_Bᵀ H_B g_B over random
-/// batches (batch sharpness in any form): MLPs take those many batches per pass since train v5 and
-/// measure v3 (the same values to rounding), so their keys tell the two apart.
+/// Whether the measure params `measure` (as resolved JSON) sample g_Bᵀ H g_B over random batches
+/// (batch sharpness in any form, GNI, IAS): MLPs take those many batches per pass since train v5
+/// and measure v3 (the same values to rounding), so their keys tell the two apart.
 pub fn samples_batch_quotients(measure: &serde_json::Value) -> bool {
     [
         "batch_sharpness",
         "batch_sharpness_modified",
         "batch_sharpness_gn",
+        "gni",
+        "ias",
     ]
     .iter()
     .any(|q| !measure[q].is_null())

@@ -421,8 +421,9 @@ fn same_seed_gives_identical_bits_and_subsamples_are_honoured() {
 #[test]
 fn batches_taken_many_per_pass_give_the_one_at_a_time_estimates() {
     // A real MLP 8 → 16 → 16 → 2 in f64 with random weights and biases, batches of 3: the default
-    // config evaluates three batches per pass (chunks of 9) by Gram matrices; double backward takes
-    // one batch at a time. Same draws, same stopping point, same estimates.
+    // config evaluates three batches per pass (chunks of 9) by Gram matrices, and two for GNI and
+    // IAS; double backward takes one batch at a time. Same draws, same stopping point, same
+    // estimates.
     let init = Initializer::new(0, 1.0, DType::F64, &Device::Cpu);
     let model = Mlp::new(8, 2, 16, 2, Activation::Tanh, init).unwrap();
     set_params(
@@ -436,12 +437,14 @@ fn batches_taken_many_per_pass_give_the_one_at_a_time_estimates() {
             retain_graphs: true,
             method,
         },
-        ..Default::default()
+        // GNI's and IAS's H on 4 of the 12 rows: two batches per pass.
+        subsample: Some(4),
+        subsample_seed: 5,
     };
     let grouped = config(HvpMethod::Auto);
     assert!(grouped
         .hvp
-        .own_gradient_forms(&model, LossKind::CrossEntropy, 3)
+        .batch_gradient_forms(&model, LossKind::CrossEntropy, 3)
         .is_some());
     for kind in [LossKind::Mse, LossKind::CrossEntropy] {
         let l = Landscape::new(&model, kind, &batch, &grouped).unwrap();
@@ -453,7 +456,7 @@ fn batches_taken_many_per_pass_give_the_one_at_a_time_estimates() {
                 rel_tol,
                 seed: 11,
             };
-            let pairs: [(Estimate, Estimate); 3] = [
+            let pairs: [(Estimate, Estimate); 5] = [
                 (
                     l.batch_sharpness(3, &cfg).unwrap(),
                     reference.batch_sharpness(3, &cfg).unwrap(),
@@ -466,6 +469,8 @@ fn batches_taken_many_per_pass_give_the_one_at_a_time_estimates() {
                     l.batch_sharpness_gn(3, &cfg).unwrap(),
                     reference.batch_sharpness_gn(3, &cfg).unwrap(),
                 ),
+                (l.gni(3, &cfg).unwrap(), reference.gni(3, &cfg).unwrap()),
+                (l.ias(3, &cfg).unwrap(), reference.ias(3, &cfg).unwrap()),
             ];
             for (got, want) in pairs {
                 let what = format!("{kind:?} {cfg:?}: {got:?} vs {want:?}");

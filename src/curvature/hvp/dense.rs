@@ -45,10 +45,11 @@ impl OutputCurvature {
     pub(super) fn apply(&self, r: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Mse => r.affine(2.0, 0.0),
+            // Broadcasting: `r` may hold several tangents (K, N, K_out) of the same rows.
             Self::CrossEntropy { probs, mass } => {
-                let pr = (probs * r)?;
+                let pr = r.broadcast_mul(probs)?;
                 let mean = pr.sum_keepdim(D::Minus1)?;
-                (pr - probs.broadcast_mul(&mean)?)?.broadcast_mul(mass)
+                (pr - mean.broadcast_mul(probs)?)?.broadcast_mul(mass)
             }
         }
     }

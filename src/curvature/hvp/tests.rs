@@ -551,11 +551,13 @@ fn dense_mlp_products_in_f32_match_f64() {
 }
 
 #[test]
-fn gram_forms_equal_each_batch_operator_along_its_own_gradient() {
-    // Three batches of three stacked: every batch's g_Bᵀ H_B g_B, g_Bᵀ G_B g_B and ‖g_B‖² against
-    // double backward on that batch alone, for stacks of depth 0 to 2, every activation and loss.
+fn gram_forms_equal_double_backward_along_each_batch_gradient() {
+    // Three batches of three stacked: every batch's g_Bᵀ H_B g_B, g_Bᵀ G_B g_B, g_Bᵀ H g_B (H of a
+    // fixed set of 7 rows, taken in chunks of 3, 3, 1) and ‖g_B‖² against double backward, for
+    // stacks of depth 0 to 2, every activation and loss.
     let (count, b) = (3, 3);
     let batch = data(count * b, [3, 1, 1], 2, 80);
+    let fixed = data(7, [3, 1, 1], 2, 79);
     let autodiff = HvpConfig {
         method: HvpMethod::Autodiff,
         ..HvpConfig::default()
@@ -563,35 +565,46 @@ fn gram_forms_equal_each_batch_operator_along_its_own_gradient() {
     for depth in 0..=2 {
         for (i, activation) in ACTIVATIONS.into_iter().enumerate() {
             let model = random_mlp_of_depth(activation, depth, 81 + 10 * depth as u64 + i as u64);
-            let stack = model.dense_stack().unwrap();
             for kind in LOSSES {
                 let what = format!("depth {depth} {activation:?} {kind:?}");
-                let hessian = gram::own_gradient_forms(stack, kind, &batch, b, false).unwrap();
-                let gn = gram::own_gradient_forms(stack, kind, &batch, b, true).unwrap();
+                let forms = BatchGradientForms {
+                    stack: model.dense_stack().unwrap(),
+                    kind,
+                    batch_size: b,
+                    chunk_size: 3,
+                };
+                let hessian = forms.own(&batch, false).unwrap();
+                let gn = forms.own(&batch, true).unwrap();
+                let fixed_forms = forms.fixed(&fixed).unwrap();
+                assert_eq!(fixed_forms.batches_per_pass(), 1);
+                let full = fixed_forms.along(&batch).unwrap();
+                let h_full =
+                    HessianOperator::new(&model, kind, &fixed, &Objective::Mean, &autodiff)
+                        .unwrap();
+                let full_gg = h_full.gradient().norm_sq().unwrap();
+                let close = |got: f64, want: f64| (got - want).abs() <= 1e-11 * want.abs();
+                assert!(close(fixed_forms.grad_norm_sq(), full_gg), "{what}: ‖∇L‖²");
                 for k in 0..count {
                     let sub = batch.narrow(k * b, b).unwrap();
                     let h = HessianOperator::new(&model, kind, &sub, &Objective::Mean, &autodiff)
                         .unwrap();
                     let g = h.gradient();
-                    let gg = g.norm_sq().unwrap();
-                    let ghg = g.dot(&h.apply(g).unwrap()).unwrap();
                     let gop =
                         GaussNewtonOperator::new(&model, kind, &sub, &Objective::Mean, &autodiff)
                             .unwrap();
-                    let ggg = g.dot(&gop.apply(g).unwrap()).unwrap();
-                    let close = |got: f64, want: f64| (got - want).abs() <= 1e-11 * want.abs();
-                    assert!(
-                        close(hessian[k].1, gg),
-                        "{what}: ‖g‖² {:?} vs {gg}",
-                        hessian[k]
-                    );
-                    assert!(close(gn[k].1, gg), "{what}: ‖g‖² {:?} vs {gg}", gn[k]);
-                    assert!(
-                        close(hessian[k].0, ghg),
-                        "{what}: gᵀHg {:?} vs {ghg}",
-                        hessian[k]
-                    );
-                    assert!(close(gn[k].0, ggg), "{what}: gᵀGg {:?} vs {ggg}", gn[k]);
+                    let want = [
+                        (hessian[k], g.dot(&h.apply(g).unwrap()).unwrap(), "gᵀH_Bg"),
+                        (gn[k], g.dot(&gop.apply(g).unwrap()).unwrap(), "gᵀG_Bg"),
+                        (full[k], g.dot(&h_full.apply(g).unwrap()).unwrap(), "gᵀHg"),
+                    ];
+                    let gg = g.norm_sq().unwrap();
+                    for ((form, norm), form_want, name) in want {
+                        assert!(
+                            close(form, form_want),
+                            "{what} {k}: {name} {form} vs {form_want}"
+                        );
+                        assert!(close(norm, gg), "{what} {k}: ‖g‖² {norm} vs {gg}");
+                    }
                 }
             }
         }
@@ -600,39 +613,44 @@ fn gram_forms_equal_each_batch_operator_along_its_own_gradient() {
 
 #[test]
 fn gram_forms_are_taken_where_they_are_cheaper_than_forming_each_gradient() {
-    // The paper's MLP 3072-512-512-10: Gram matrices while b · 5,130 ≤ 1,841,152 (b ≤ 358).
-    let init = Initializer::new(0, 1.0, candle_core::DType::F32, &Device::Cpu);
+    // The paper's MLP 3072-512-512-10: Gram matrices while b · 5,130 ≤ 1,841,152 (b ≤ 358); a
+    // fixed set of 1,000 rows takes 4 batches per pass of 4,096 rows.
+    let init = Initializer::new(0, 1.0, candle_core::DType::F64, &Device::Cpu);
     let model = Mlp::new(3072, 2, 512, 10, Activation::Relu, init).unwrap();
     let cfg = HvpConfig::default();
-    let forms = cfg.own_gradient_forms(&model, LossKind::Mse, 16).unwrap();
+    let forms = cfg.batch_gradient_forms(&model, LossKind::Mse, 16).unwrap();
     assert_eq!(forms.batches_per_pass(), 4096 / 16);
-    assert!(cfg.own_gradient_forms(&model, LossKind::Mse, 358).is_some());
-    assert!(cfg.own_gradient_forms(&model, LossKind::Mse, 359).is_none());
+    let fixed = forms.fixed(&data(1000, [3, 32, 32], 10, 92)).unwrap();
+    assert_eq!(fixed.batches_per_pass(), 4);
+    assert!(cfg
+        .batch_gradient_forms(&model, LossKind::Mse, 358)
+        .is_some());
+    assert!(cfg
+        .batch_gradient_forms(&model, LossKind::Mse, 359)
+        .is_none());
     let autodiff = HvpConfig {
         method: HvpMethod::Autodiff,
         ..cfg
     };
     assert!(autodiff
-        .own_gradient_forms(&model, LossKind::Mse, 16)
+        .batch_gradient_forms(&model, LossKind::Mse, 16)
         .is_none());
     let small_chunks = HvpConfig {
         chunk_size: 8,
         ..cfg
     };
     assert!(small_chunks
-        .own_gradient_forms(&model, LossKind::Mse, 16)
+        .batch_gradient_forms(&model, LossKind::Mse, 16)
         .is_none());
     let conv = TinyConv::new(1, 2, 2, 7);
-    assert!(cfg.own_gradient_forms(&conv, LossKind::Mse, 2).is_none());
+    assert!(cfg.batch_gradient_forms(&conv, LossKind::Mse, 2).is_none());
     let tiny = random_mlp(Activation::Relu, 91);
-    let forms = OwnGradientForms {
+    let forms = BatchGradientForms {
         stack: tiny.dense_stack().unwrap(),
         kind: LossKind::Mse,
         batch_size: 4,
-        per_pass: 1,
+        chunk_size: 4,
     };
-    let err = forms
-        .evaluate(&data(10, [3, 1, 1], 2, 90), false)
-        .unwrap_err();
+    let err = forms.own(&data(10, [3, 1, 1], 2, 90), false).unwrap_err();
     assert!(err.to_string().contains("not whole batches of 4"), "{err}");
 }
