@@ -12,9 +12,10 @@
 //!   statistic they report, between `min_samples` and `max_samples`.
 //!
 //! Costs (one HVP ≈ two to three forward+backward passes of the same batch): batch sharpness is one
-//! forward/backward plus one HVP of size b per batch, or, for an MLP whose widths exceed b, about
-//! one and a half forward passes per sample with many batches per pass (`hvp::BatchGradientForms`,
-//! which also takes GNI's and IAS's forms at a fraction of a full HVP each); GNI and IAS one full-batch HVP per batch;
+//! forward/backward plus one HVP of size b per batch; GNI and IAS one full-batch HVP per batch (for
+//! an MLP whose widths exceed b, `hvp::BatchGradientForms` takes both many batches per pass, at
+//! about one and a half forward passes per sample for batch sharpness and a fraction of a
+//! full-batch HVP per batch for GNI and IAS);
 //! λmax a Lanczos run of full-batch HVPs (warm starts help); λmax^b a Lanczos run per batch; the
 //! second-moment contraction a Lanczos run whose every product costs a full HVP plus two batch
 //! HVPs per sampled batch; Gauss–Newton products cost three backward passes.
