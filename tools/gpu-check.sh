@@ -44,6 +44,10 @@ if [ -z "${EOSS:-}" ]; then
 fi
 export EOSS_DATA=$WORK/data
 CUDA_LIBS=$(dirname "$(dirname "$TORCH")")/lib/python3.12/site-packages/nvidia/cu13/lib
+if [ ! -e "$CUDA_LIBS/libcublas.so.13" ] && [ "$DEVICE" = cuda ]; then
+  found=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -n 1)
+  [ -n "$found" ] && CUDA_LIBS=$(dirname "$found")
+fi
 export LD_LIBRARY_PATH="$ROOT/.gpu/lib:$CUDA_LIBS:${LD_LIBRARY_PATH:-}"
 torch_arg=()
 [ -x "$TORCH" ] && torch_arg=(--torch "$TORCH")
