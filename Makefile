@@ -13,12 +13,13 @@ FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
 
 .PHONY: test lint check-figures quickstart bench figures $(FIGURES)
 
-# fmt, clippy, every test, and the figure-8 check (about 15 minutes); `cargo test` alone skips that.
+# fmt, clippy, every test, and the minutes-long checks that the smoke figures 1, 2 and 8 show their
+# effect (tests/figures.rs; about 18 minutes in all on 2 cores); `cargo test` alone skips those.
 test: lint
 	$(CARGO) test
-	$(CARGO) test --test figures -- --ignored --test-threads 1 figure_8
+	$(MAKE) check-figures
 
-# The minutes-long checks that the smoke figures 1, 2 and 8 show their effect (tests/figures.rs).
+# The figure checks alone.
 check-figures:
 	$(CARGO) test --test figures -- --ignored --test-threads 1
 

@@ -1,8 +1,8 @@
 //! The smoke profiles of figures 1, 2, 3 and 8 show the effect their figure is about. Each test runs
 //! the real pipeline (`eoss run pipelines/figNN.yaml --profile smoke`) and reads the metrics of its
 //! runs. Figure 3 takes a second and runs with every `cargo test`; the others take minutes, so they
-//! are `#[ignore]`d: `make test` (and CI) runs figure 8's, and `make check-figures` all of them, one
-//! at a time with `--ignored`. They share one store under cargo's target tmp dir, so
+//! are `#[ignore]`d: `make test` (and CI) runs them through `make check-figures`, one at a time
+//! with `--ignored`. They share one store under cargo's target tmp dir, so
 //! figure 2 reuses the runs it has in common with figure 1 (and a second `make test` reuses them all,
 //! as any pipeline would). They need the real CIFAR-10 files in `../shared/data` (figure 3 needs no
 //! data); without them they say so and pass.
@@ -123,7 +123,7 @@ fn run_figure(figure: &str, kind: &str, data: Option<&Path>) -> Vec<Run> {
 }
 
 #[test]
-#[ignore = "minutes: `make check-figures` runs it"]
+#[ignore = "minutes: `make test` and `make check-figures` run it"]
 fn figure_1_batch_sharpness_plateaus_at_two_over_eta() {
     let Some(data) = data_root() else { return };
     let runs = run_figure("fig01", "train", Some(&data));
@@ -150,7 +150,7 @@ fn figure_1_batch_sharpness_plateaus_at_two_over_eta() {
 }
 
 #[test]
-#[ignore = "minutes: `make check-figures` runs it"]
+#[ignore = "minutes: `make test` and `make check-figures` run it"]
 fn figure_2_lambda_max_settles_below_two_over_eta_and_grows_with_b() {
     let Some(data) = data_root() else { return };
     let mut runs = run_figure("fig02", "train", Some(&data));
@@ -210,7 +210,7 @@ fn figure_3_sgd_on_a_quadratic_diverges_only_above_eta_two() {
 }
 
 #[test]
-#[ignore = "minutes: `make check-figures` runs it"]
+#[ignore = "minutes: `make test` and `make check-figures` run it"]
 fn figure_8_only_sgd_like_noise_keeps_lambda_max_below_two_over_eta() {
     let Some(data) = data_root() else { return };
     let runs = run_figure("fig08", "train", Some(&data));
