@@ -26,6 +26,7 @@ use crate::data::LabelEncoding;
 use crate::nn::conv::ConvForward;
 use crate::nn::dense::DenseForward;
 use crate::nn::loss::{mean_loss, weighted_loss, LossKind, Targets};
+use crate::nn::pass::Forward;
 use crate::nn::residual::ResidualForward;
 use crate::nn::{ConvNet, DenseStack, Model, Param, ResidualNet, TorchLayout};
 
@@ -33,7 +34,7 @@ mod conv;
 mod dense;
 mod gram;
 mod residual;
-use dense::Chunk;
+use dense::{Chunk, ChunkProducts};
 
 /// Which scalar objective of a batch is differentiated.
 #[derive(Debug, Clone)]
@@ -211,69 +212,43 @@ enum Passes<'a> {
 }
 
 /// The retained passes of one chunk, whichever structure took them.
-enum PassChunk {
-    Dense(Chunk<DenseForward>),
-    Conv(Chunk<ConvForward>),
-    Residual(Chunk<ResidualForward>),
-}
+type PassChunk = Box<dyn ChunkProducts>;
 
-impl PassChunk {
-    fn build(passes: Passes<'_>, kind: LossKind, spec: &ChunkSpec) -> Result<Self> {
-        Ok(match passes {
-            // The dense stack keeps σ'' (its second-order tangents need it).
-            Passes::Dense(stack) => Self::Dense(Chunk::build(
-                |x| DenseForward::run(stack, x, true),
-                kind,
-                spec,
-                "dense forward and backward pass",
-            )?),
-            Passes::Conv(net) => Self::Conv(Chunk::build(
-                |x| ConvForward::run(net, x),
-                kind,
-                spec,
-                "conv forward and backward pass",
-            )?),
-            Passes::Residual(net) => Self::Residual(Chunk::build(
-                |x| ResidualForward::run(net, x),
-                kind,
-                spec,
-                "residual forward and backward pass",
-            )?),
-        })
+/// Runs the chunk `spec` through `passes`' hand-written forward and backward passes: the retained
+/// state, the chunk's objective and its gradient.
+fn build_chunk(
+    passes: Passes<'_>,
+    kind: LossKind,
+    spec: &ChunkSpec,
+) -> Result<(PassChunk, f64, Vec<Tensor>)> {
+    fn boxed<F: Forward>(chunk: Chunk<F>) -> (PassChunk, f64, Vec<Tensor>)
+    where
+        Chunk<F>: ChunkProducts + 'static,
+    {
+        let (loss, gradient) = (chunk.loss, chunk.gradient().to_vec());
+        (Box::new(chunk), loss, gradient)
     }
-
-    fn loss(&self) -> f64 {
-        match self {
-            Self::Dense(c) => c.loss,
-            Self::Conv(c) => c.loss,
-            Self::Residual(c) => c.loss,
-        }
-    }
-
-    fn gradient(&self) -> &[Tensor] {
-        match self {
-            Self::Dense(c) => c.gradient(),
-            Self::Conv(c) => c.gradient(),
-            Self::Residual(c) => c.gradient(),
-        }
-    }
-
-    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
-        match self {
-            Self::Dense(c) => c.apply(v, gauss_newton),
-            Self::Conv(c) => c.apply(v, gauss_newton),
-            Self::Residual(c) => c.apply(v, gauss_newton),
-        }
-    }
-
-    /// vᵀ H v (or vᵀ G v), by a forward pass alone.
-    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
-        match self {
-            Self::Dense(c) => c.quadratic_form(v, gauss_newton),
-            Self::Conv(c) => c.quadratic_form(v, gauss_newton),
-            Self::Residual(c) => c.quadratic_form(v, gauss_newton),
-        }
-    }
+    Ok(match passes {
+        // The dense stack keeps σ'' (its second-order tangents need it).
+        Passes::Dense(stack) => boxed(Chunk::build(
+            |x| DenseForward::run(stack, x, true),
+            kind,
+            spec,
+            "dense forward and backward pass",
+        )?),
+        Passes::Conv(net) => boxed(Chunk::build(
+            |x| ConvForward::run(net, x),
+            kind,
+            spec,
+            "conv forward and backward pass",
+        )?),
+        Passes::Residual(net) => boxed(Chunk::build(
+            |x| ResidualForward::run(net, x),
+            kind,
+            spec,
+            "residual forward and backward pass",
+        )?),
+    })
 }
 
 /// One chunk of a batch with its share of the objective.
@@ -393,9 +368,7 @@ fn build_passes<'a, S>(
     cfg: &HvpConfig,
 ) -> Result<(Engine<'a, S>, ParamVec, f64)> {
     let (chunks, gradient, loss) = Chunked::build(batch, objective, cfg, |spec| {
-        let chunk = PassChunk::build(passes, kind, spec)?;
-        let (loss, gradient) = (chunk.loss(), chunk.gradient().to_vec());
-        Ok((chunk, loss, gradient))
+        build_chunk(passes, kind, spec)
     })?;
     Ok((Engine::Passes(passes, chunks), gradient, loss))
 }
@@ -410,7 +383,7 @@ fn apply_passes(
 ) -> Result<ParamVec> {
     let mut acc = None;
     chunks.visit(
-        |spec| PassChunk::build(passes, kind, spec),
+        |spec| Ok(build_chunk(passes, kind, spec)?.0),
         |chunk| add_into(&mut acc, chunk.apply(v, gauss_newton)?).ctx("sum over chunks"),
     )?;
     Ok(ParamVec::new(acc.unwrap_or_default()))
@@ -426,7 +399,7 @@ fn quadratic_form_passes(
 ) -> Result<f64> {
     let mut total = 0.0;
     chunks.visit(
-        |spec| PassChunk::build(passes, kind, spec),
+        |spec| Ok(build_chunk(passes, kind, spec)?.0),
         |chunk| {
             total += chunk.quadratic_form(v, gauss_newton)?;
             Ok(())

@@ -19,7 +19,9 @@
 
 use candle_core::Tensor;
 
-use super::dense::{accumulate, product_context, quadratic_form, Chunk, InputTangents};
+use super::dense::{
+    accumulate, product_context, quadratic_form, Chunk, ChunkProducts, InputTangents,
+};
 use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
@@ -115,11 +117,13 @@ impl Chunk<ConvForward> {
             patch_dots,
         })
     }
+}
 
+impl ChunkProducts for Chunk<ConvForward> {
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
     /// tangents through the convolutions ([`Self::trunk_tangents`]; ReLU and the pools have no
     /// second derivative), then through the head ([`quadratic_form`]).
-    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(2 * self.forward.gates.len());
         let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
@@ -129,7 +133,7 @@ impl Chunk<ConvForward> {
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
-    pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
+    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
         let ConvForward {
             weights,

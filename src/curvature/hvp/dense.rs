@@ -133,9 +133,17 @@ impl<F: Forward> Chunk<F> {
     }
 }
 
-impl Chunk<DenseForward> {
+/// The products of one chunk's retained passes, whichever network took them.
+pub(super) trait ChunkProducts {
+    /// vᵀ H v of the chunk's objective (or vᵀ G v), by a forward pass alone.
+    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64>;
+    /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
+    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>>;
+}
+
+impl ChunkProducts for Chunk<DenseForward> {
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone ([`quadratic_form`]).
-    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         quadratic_form(
             self.head(),
             v.parts(),
@@ -145,7 +153,7 @@ impl Chunk<DenseForward> {
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
-    pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
+    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
         let (out, _) = self.head().products(v.parts(), None, gauss_newton, ctx)?;
         Ok(out)

@@ -21,7 +21,9 @@
 use candle_core::Tensor;
 
 use super::conv::TrunkTangents;
-use super::dense::{accumulate, product_context, quadratic_form, Chunk, InputTangents};
+use super::dense::{
+    accumulate, product_context, quadratic_form, Chunk, ChunkProducts, InputTangents,
+};
 use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::kernel_gradient;
@@ -98,10 +100,12 @@ impl Chunk<ResidualForward> {
             patch_dots,
         })
     }
+}
 
+impl ChunkProducts for Chunk<ResidualForward> {
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
     /// tangents through the convolutions, then through the linear layer ([`quadratic_form`]).
-    pub fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
+    fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(self.forward.convs.len());
         let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
@@ -110,7 +114,7 @@ impl Chunk<ResidualForward> {
     }
 
     /// H v of the chunk's objective, or its Gauss–Newton product Jᵀ H_ℓ J v.
-    pub fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
+    fn apply(&self, v: &ParamVec, gauss_newton: bool) -> Result<Vec<Tensor>> {
         let ctx = product_context(gauss_newton);
         let ResidualForward {
             convs,
