@@ -166,7 +166,7 @@ impl<'a> BatchGradientForms<'a> {
     pub fn fixed(&self, data: &Batch) -> Result<FixedSetForms<'a>> {
         Ok(FixedSetForms {
             rows: gram::FixedRows::new(self.stack, self.kind, data, self.chunk_size)?,
-            per_pass: (self.chunk_size / data.len().min(self.chunk_size)).max(1),
+            per_pass: self.chunk_size / data.len().min(self.chunk_size),
             forms: *self,
         })
     }

@@ -383,8 +383,8 @@ pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>
 }
 
 /// Groups runs by their labels of `params` (`η = 0.04, n = 1024`), or one group per run when
-/// there are none (labelled by the params that vary between them), keeping first-appearance order; `input` names
-/// the slot in errors.
+/// there are none (labelled by the params that vary between them), keeping first-appearance order;
+/// `input` names the slot in errors.
 pub fn group_runs<'a>(
     runs: &'a [RunMetrics],
     params: &[String],

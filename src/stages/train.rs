@@ -205,28 +205,27 @@ mod tests {
     fn versions_change_only_for_the_runs_whose_values_changed() {
         // Resolved params, as keys see them: the MLP's results did not change when the CNN's and
         // the ResNets' gradients moved to hand-written passes, so their keys must not either.
-        let resolved = |model: serde_json::Value| {
-            let raw = serde_json::json!({
-                "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
-                "batch_size": 8, "steps": 10
-            });
-            TrainStage.resolve(&raw).unwrap().params
-        };
         use serde_json::json;
-        assert_eq!(TrainStage.version(&resolved(json!({"arch": "cnn"}))), 4);
-        assert_eq!(TrainStage.version(&resolved(json!({"arch": "mlp"}))), 3);
-        let with_measure = |measure: serde_json::Value| {
-            let raw = serde_json::json!({
-                "model": {"arch": "mlp"}, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
+        // The version a run of `model` measuring `measure` gets, from its resolved params.
+        let version = |model: serde_json::Value, measure: serde_json::Value| {
+            let raw = json!({
+                "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
                 "batch_size": 8, "steps": 10, "measure": measure
             });
             TrainStage.version(&TrainStage.resolve(&raw).unwrap().params)
         };
-        assert_eq!(with_measure(json!({"step_sharpness": {"every": 2}})), 3);
-        assert_eq!(with_measure(json!({"batch_sharpness": {"every": 2}})), 5);
-        assert_eq!(with_measure(json!({"batch_sharpness_gn": {"every": 2}})), 5);
-        assert_eq!(with_measure(json!({"gni": {"every": 2}})), 5);
+        let nothing = json!({});
+        assert_eq!(version(json!({"arch": "cnn"}), nothing.clone()), 4);
+        assert_eq!(version(json!({"arch": "mlp"}), nothing.clone()), 3);
+        let mlp = || json!({"arch": "mlp"});
+        assert_eq!(version(mlp(), json!({"step_sharpness": {"every": 2}})), 3);
+        assert_eq!(version(mlp(), json!({"batch_sharpness": {"every": 2}})), 5);
+        assert_eq!(
+            version(mlp(), json!({"batch_sharpness_gn": {"every": 2}})),
+            5
+        );
+        assert_eq!(version(mlp(), json!({"gni": {"every": 2}})), 5);
         let resnet = json!({"arch": "resnet", "depth": 14});
-        assert_eq!(TrainStage.version(&resolved(resnet)), 4);
+        assert_eq!(version(resnet, nothing), 4);
     }
 }

@@ -22,7 +22,7 @@ use candle_core::{DType, Tensor, D};
 use super::{ChunkSpec, Result};
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::dense::{DenseBackward, DenseForward, SampleWeights};
-use crate::nn::loss::{per_sample_loss, LossKind};
+use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::pass::{Backward, Forward, Pass};
 use crate::nn::reduce::column_sums;
 
@@ -42,6 +42,18 @@ pub(super) enum OutputCurvature {
 }
 
 impl OutputCurvature {
+    /// The curvature of the loss whose output gradient came with `probs` (the softmax for
+    /// cross-entropy, `None` for MSE), for `targets`.
+    pub(super) fn new(probs: Option<Tensor>, targets: &Targets) -> candle_core::Result<Self> {
+        Ok(match probs {
+            None => Self::Mse,
+            Some(probs) => Self::CrossEntropy {
+                probs,
+                mass: targets.values.sum_keepdim(D::Minus1)?,
+            },
+        })
+    }
+
     pub(super) fn apply(&self, r: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Mse => r.affine(2.0, 0.0),
@@ -69,13 +81,7 @@ pub(super) fn objective_and_curvature(
         .and_then(|l| weights.apply(&l.unsqueeze(1)?))
         .and_then(|t| t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>())
         .ctx("loss")?;
-    let curvature = match probs {
-        None => OutputCurvature::Mse,
-        Some(probs) => OutputCurvature::CrossEntropy {
-            probs,
-            mass: targets.values.sum_keepdim(D::Minus1).ctx("loss")?,
-        },
-    };
+    let curvature = OutputCurvature::new(probs, targets).ctx("loss")?;
     Ok((loss, curvature))
 }
 

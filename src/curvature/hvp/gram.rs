@@ -16,10 +16,10 @@
 //! set, the same for every batch, for H ([`Layout::Shared`]). Cheaper than forming each g_B while b
 //! stays below the layers' widths ([`gram_pays`]).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::dense::{accumulate, OutputCurvature};
-use super::{Batch, CandleContext, Result};
+use super::{add_into, Batch, CandleContext, ParamVec, Result};
 use crate::nn::dense::{output_gradient, DenseForward, SampleWeights};
 use crate::nn::loss::LossKind;
 use crate::nn::DenseStack;
@@ -44,6 +44,8 @@ pub(super) fn gram_pays(stack: DenseStack<'_>, b: usize) -> bool {
 pub(super) struct Directions {
     forward: DenseForward,
     deltas: Vec<Tensor>,
+    /// a_{l−1} a_{l−1}ᵀ + 1 within each batch (K, b, b), per layer.
+    kernels: Vec<Tensor>,
     /// The batches' own objectives, when `forward` kept σ'' for their own Hessians.
     own: Option<Rows>,
     count: usize,
@@ -68,17 +70,10 @@ impl Rows {
     ) -> candle_core::Result<Self> {
         let weights = SampleWeights::Uniform(weight);
         let (grad, probs) = output_gradient(kind, &forward.outputs, &batch.targets)?;
-        let curvature = match probs {
-            None => OutputCurvature::Mse,
-            Some(probs) => OutputCurvature::CrossEntropy {
-                probs,
-                mass: batch.targets.values.sum_keepdim(D::Minus1)?,
-            },
-        };
         Ok(Self {
             last_delta: weights.apply(&grad)?,
             weights,
-            curvature,
+            curvature: OutputCurvature::new(probs, &batch.targets)?,
         })
     }
 }
@@ -96,13 +91,22 @@ impl Directions {
         let forward = DenseForward::run(stack, &batches.inputs, own_curvature).ctx(CTX)?;
         let rows = Rows::new(kind, &forward, batches, 1.0 / b as f64).ctx(CTX)?;
         let deltas = forward.deltas(rows.last_delta.clone()).ctx(CTX)?;
-        Ok(Self {
+        let mut dir = Self {
             forward,
             deltas,
+            kernels: Vec::new(),
             own: own_curvature.then_some(rows),
             count: batches.len() / b,
             b,
-        })
+        };
+        dir.kernels = dir
+            .forward
+            .inputs
+            .iter()
+            .map(|a| dir.gram(a, a)?.affine(1.0, 1.0))
+            .collect::<candle_core::Result<_>>()
+            .ctx(CTX)?;
+        Ok(dir)
     }
 
     /// Rows (K·b, d) as (K, b, d), one matrix per batch.
@@ -110,14 +114,18 @@ impl Directions {
         t.reshape((self.count, self.b, ()))
     }
 
+    /// x yᵀ within each batch, for rows x, y (K·b, d) of the batches: (K, b, b).
+    fn gram(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        self.per_batch(x)?
+            .matmul(&self.per_batch(y)?.t()?.contiguous()?)
+    }
+
     /// ‖g_k‖² = Σ_l Σ_ij (a_{l−1,i} · a_{l−1,j} + 1)(δ_{l,i} · δ_{l,j}) of every batch.
     pub fn gradient_norms(&self) -> Result<Vec<f64>> {
         let norms = || -> candle_core::Result<Vec<f64>> {
             let mut norms = vec![0.0; self.count];
-            for (a, delta) in self.forward.inputs.iter().zip(&self.deltas) {
-                let (a, delta) = (self.per_batch(a)?, self.per_batch(delta)?);
-                let kernel = a.matmul(&a.t()?.contiguous()?)?.affine(1.0, 1.0)?;
-                let products = (kernel * delta.matmul(&delta.t()?.contiguous()?)?)?;
+            for (kernel, delta) in self.kernels.iter().zip(&self.deltas) {
+                let products = (kernel * self.gram(delta, delta)?)?;
                 let sums = products
                     .to_dtype(DType::F64)?
                     .sum((1, 2))?
@@ -165,7 +173,7 @@ impl FixedRows {
     ) -> Result<Self> {
         let n = data.len();
         let mut chunks = Vec::new();
-        let mut gradient: Option<Vec<Tensor>> = None;
+        let mut gradient = None;
         for start in (0..n).step_by(chunk_size) {
             let chunk = data.narrow(start, chunk_size.min(n - start))?;
             let forward = DenseForward::run(stack, &chunk.inputs, true).ctx(CTX)?;
@@ -174,26 +182,12 @@ impl FixedRows {
                 .backward_to(rows.last_delta.clone(), false)
                 .ctx(CTX)?
                 .gradient;
-            gradient = Some(match gradient {
-                None => part,
-                Some(sum) => sum
-                    .iter()
-                    .zip(&part)
-                    .map(|(s, p)| s + p)
-                    .collect::<candle_core::Result<_>>()
-                    .ctx(CTX)?,
-            });
+            add_into(&mut gradient, part).ctx(CTX)?;
             chunks.push((forward, rows));
         }
-        let grad_norm_sq = gradient
-            .unwrap_or_default()
-            .iter()
-            .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
-            .sum::<candle_core::Result<f64>>()
-            .ctx(CTX)?;
         Ok(Self {
             chunks,
-            grad_norm_sq,
+            grad_norm_sq: ParamVec::new(gradient.unwrap_or_default()).norm_sq()?,
         })
     }
 
@@ -242,22 +236,19 @@ impl Forms<'_> {
 
     /// K_l = a_{l−1} a_{l−1}ᵀ + 1 between the evaluated rows and each batch's: (K, m, b).
     fn kernel(&self, l: usize) -> candle_core::Result<Tensor> {
-        let (x, y) = (&self.eval.inputs[l], &self.dir.forward.inputs[l]);
-        let gram = match self.layout {
-            Layout::Blocks => {
-                let y = self.dir.per_batch(y)?;
-                self.dir.per_batch(x)?.matmul(&y.t()?.contiguous()?)?
-            }
+        match self.layout {
+            Layout::Blocks => Ok(self.dir.kernels[l].clone()),
             Layout::Shared => {
+                let (x, y) = (&self.eval.inputs[l], &self.dir.forward.inputs[l]);
                 let m = x.dim(0)?;
                 // One (m, K·b) product, then one (m, b) block per batch.
                 x.matmul(&y.t()?.contiguous()?)?
                     .reshape((m, self.dir.count, self.dir.b))?
                     .transpose(0, 1)?
                     .contiguous()?
+                    .affine(1.0, 1.0)
             }
-        };
-        gram.affine(1.0, 1.0)
+        }
     }
 
     /// `gram` (K, m, b) times each batch's δ_l: (K, m, d_out).
