@@ -79,7 +79,8 @@ pub enum Command {
         /// Stages computed at once (CUDA stages always run one at a time).
         #[arg(long, short, default_value_t = 1)]
         jobs: usize,
-        /// Writes `{"stages":[{"name","kind","key","status","seconds"}]}` to this file.
+        /// Writes `{"stages":[{"name","kind","key","status","seconds","message"}]}` to this file
+        /// (`message`: why a stage failed or was skipped, or a note such as "diverged at step 7").
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
         /// Copies the figures of every `plot` stage (PNG, SVG and CSV) into this directory.

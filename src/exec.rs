@@ -32,6 +32,8 @@ pub enum Event {
     Cached {
         /// Index into the plan.
         index: usize,
+        /// What the result says of itself ([`Manifest::note`]).
+        note: Option<String>,
     },
     /// Another process holds its key; waiting for it to finish.
     Waiting {
@@ -63,6 +65,8 @@ pub enum Event {
         index: usize,
         /// Wall-clock seconds.
         seconds: f64,
+        /// What the result says of itself ([`Manifest::note`]).
+        note: Option<String>,
     },
     /// It failed; its work directory and log are kept.
     Failed {
@@ -120,7 +124,8 @@ pub struct Outcome {
     pub status: Status,
     /// Seconds spent (0 unless computed or failed).
     pub seconds: f64,
-    /// For a failure: why; for a skip: which input failed.
+    /// For a failure: why; for a skip: which input failed; for a result: its
+    /// [`Manifest::note`] (a run that diverged).
     pub message: Option<String>,
     /// The log file (published or in the failed work directory).
     pub log: Option<PathBuf>,
@@ -290,12 +295,19 @@ fn run_one(
         sink.event(plan, Event::Waiting { index: i })
     });
     let claim = match lookup {
-        Ok(Lookup::Hit(_)) => {
-            sink.event(plan, Event::Cached { index: i });
+        Ok(Lookup::Hit(manifest)) => {
+            let note = manifest.note();
+            sink.event(
+                plan,
+                Event::Cached {
+                    index: i,
+                    note: note.clone(),
+                },
+            );
             return Outcome {
                 status: Status::Cached,
                 seconds: 0.0,
-                message: None,
+                message: note,
                 log: Some(store.artifact_dir(&st.kind_name, &st.key).join(LOG)),
             };
         }
@@ -417,12 +429,20 @@ fn run_one(
     };
     let artifact_log = store.artifact_dir(&st.kind_name, &st.key).join(LOG);
     match claim.publish(manifest) {
-        Ok(_) => {
-            sink.event(plan, Event::Computed { index: i, seconds });
+        Ok(manifest) => {
+            let note = manifest.note();
+            sink.event(
+                plan,
+                Event::Computed {
+                    index: i,
+                    seconds,
+                    note: note.clone(),
+                },
+            );
             Outcome {
                 status: Status::Computed,
                 seconds,
-                message: None,
+                message: note,
                 log: Some(artifact_log),
             }
         }

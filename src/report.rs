@@ -74,6 +74,11 @@ impl HumanReporter {
     }
 }
 
+/// `"; diverged at step 7"` after a line, or nothing.
+fn with_note(note: Option<&str>) -> String {
+    note.map(|n| format!("; {n}")).unwrap_or_default()
+}
+
 fn label(plan: &Plan, index: usize) -> String {
     let s = &plan.stages[index];
     format!("{} ({} {})", s.name, s.kind_name, s.key.short())
@@ -82,7 +87,11 @@ fn label(plan: &Plan, index: usize) -> String {
 impl EventSink for HumanReporter {
     fn event(&self, plan: &Plan, event: Event) {
         match event {
-            Event::Cached { index } => self.line(&format!("cached   {}", label(plan, index))),
+            Event::Cached { index, note } => self.line(&format!(
+                "cached   {}{}",
+                label(plan, index),
+                with_note(note.as_deref())
+            )),
             Event::Waiting { index } => self.line(&format!(
                 "waiting  {}: another process is computing it",
                 label(plan, index)
@@ -113,11 +122,16 @@ impl EventSink for HumanReporter {
                 );
             }),
             Event::Position { index, done } => self.bar(index, |b| b.set_position(done)),
-            Event::Computed { index, seconds } => {
+            Event::Computed {
+                index,
+                seconds,
+                note,
+            } => {
                 self.finish_bar(index);
                 self.line(&format!(
-                    "done     {} in {seconds:.2} s",
-                    label(plan, index)
+                    "done     {} in {seconds:.2} s{}",
+                    label(plan, index),
+                    with_note(note.as_deref())
                 ));
             }
             Event::Failed {
@@ -151,7 +165,8 @@ impl HumanReporter {
     }
 }
 
-/// The end-of-run summary: counts, then every failure with its log.
+/// The end-of-run summary: counts, the results that carry a note (runs that diverged), then every
+/// failure with its log.
 pub fn summary(plan: &Plan, outcomes: &[Outcome]) -> String {
     let count = |s: Status| outcomes.iter().filter(|o| o.status == s).count();
     let mut out = format!(
@@ -162,6 +177,11 @@ pub fn summary(plan: &Plan, outcomes: &[Outcome]) -> String {
         count(Status::Failed),
         count(Status::Skipped)
     );
+    for (i, o) in outcomes.iter().enumerate() {
+        if let (Status::Computed | Status::Cached, Some(note)) = (o.status, &o.message) {
+            out.push_str(&format!("\n  {}: {note}", plan.stages[i].name));
+        }
+    }
     for (i, o) in outcomes
         .iter()
         .enumerate()
@@ -179,7 +199,8 @@ pub fn summary(plan: &Plan, outcomes: &[Outcome]) -> String {
     out
 }
 
-/// The `--report FILE` document: `{"stages":[{"name","kind","key","status","seconds"}]}`.
+/// The `--report FILE` document: `{"stages":[{"name","kind","key","status","seconds","message"}]}`
+/// (`message`: why it failed or was skipped, a result's note such as "diverged at step 7", or null).
 pub fn run_report(plan: &Plan, outcomes: &[Outcome]) -> Value {
     let stages: Vec<Value> = plan
         .stages
@@ -192,6 +213,7 @@ pub fn run_report(plan: &Plan, outcomes: &[Outcome]) -> Value {
                 "key": s.key.as_str(),
                 "status": o.status.as_str(),
                 "seconds": o.seconds,
+                "message": o.message,
             })
         })
         .collect();

@@ -97,3 +97,12 @@ pub struct Manifest {
     /// Host name.
     pub host: String,
 }
+
+impl Manifest {
+    /// What a reader of a run's output should know beyond "it is published": a run that diverged
+    /// (`diverged_at` in its summary) is a valid, cached result, noted with the step.
+    pub fn note(&self) -> Option<String> {
+        let step = self.summary.as_ref()?.get("diverged_at")?.as_u64()?;
+        Some(format!("diverged at step {step}"))
+    }
+}

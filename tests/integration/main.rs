@@ -762,8 +762,24 @@ fn a_diverging_run_completes_and_records_where() {
         out.contains("\"status\": \"diverged\"") && out.contains(&format!("\"diverged_at\": {at}")),
         "{out}"
     );
-    // A diverged run is a result like any other: cached on the next run.
+    // A diverged run is a result like any other: cached on the next run, which says where it
+    // diverged on its line, in the summary and in the report.
     assert!(env.run(&p, &[], 0).iter().all(|(_, s)| s == "cached"));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.path().join("report.json")).unwrap())
+            .unwrap();
+    let note = format!("diverged at step {at}");
+    assert_eq!(report["stages"][1]["message"], note.as_str(), "{report}");
+    assert!(report["stages"][0]["message"].is_null(), "{report}");
+    let (code, _, err) = env.eoss(&["run", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "train {short}); {note}",
+            short = &dir.file_name().unwrap().to_string_lossy()[..12]
+        )) && err.contains(&format!("\n  train: {note}")),
+        "{err}"
+    );
 }
 
 #[test]
