@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::random_subset;
 use super::{Batch, CandleContext, CurvatureError, Result};
+use crate::nn::gradient::param_grads;
 use crate::nn::Model;
 
 /// Counts of values in bins given by edges: bin i is `[edges[i], edges[i+1])`, the last one closed.
@@ -244,19 +245,15 @@ fn gradient_rows(model: &dyn Model, data: &Batch, rows: &[usize], output: usize)
                 message: format!("output {output} of a model with {k} outputs"),
             });
         }
-        let grads = z
+        let parts = z
             .narrow(1, output, 1)
             .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .ctx(ctx)?;
-        let parts = model
-            .params()
-            .iter()
-            .map(|p| match grads.get(p.var.as_tensor()) {
-                Some(g) => g.detach().flatten_all(),
-                None => p.var.as_tensor().zeros_like()?.flatten_all(),
+            .and_then(|t| param_grads(&t, model.params(), false))
+            .and_then(|g| {
+                g.iter()
+                    .map(Tensor::flatten_all)
+                    .collect::<candle_core::Result<Vec<_>>>()
             })
-            .collect::<candle_core::Result<Vec<_>>>()
             .ctx(ctx)?;
         out.push(Tensor::cat(&parts, 0).ctx(ctx)?);
     }
@@ -335,7 +332,7 @@ pub fn model_gradient_alignment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curvature::testing::{data, dot, TanhMlp};
+    use crate::curvature::testing::{data, dot, flat_gradient, TanhMlp};
     use crate::curvature::ParamVec;
 
     #[test]
@@ -399,19 +396,7 @@ mod tests {
                 let z = model
                     .forward(&batch.inputs.narrow(0, r, 1).unwrap())
                     .unwrap();
-                let grads = z
-                    .narrow(1, k, 1)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let parts = model
-                    .params()
-                    .iter()
-                    .map(|p| grads.get(p.var.as_tensor()).unwrap().detach())
-                    .collect();
-                ParamVec::new(parts).to_f64_vec().unwrap()
+                flat_gradient(model, &z.narrow(1, k, 1).unwrap().sum_all().unwrap())
             })
             .collect()
     }

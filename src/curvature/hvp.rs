@@ -25,6 +25,7 @@ use super::{Batch, CandleContext, CurvatureError, ParamVec, Result};
 use crate::data::LabelEncoding;
 use crate::nn::conv::ConvForward;
 use crate::nn::dense::DenseForward;
+use crate::nn::gradient::param_grads;
 use crate::nn::loss::{mean_loss, weighted_loss, LossKind, Targets};
 use crate::nn::pass::Forward;
 use crate::nn::residual::ResidualForward;
@@ -427,20 +428,6 @@ fn chunk_objective(
 
 fn scalar(t: &Tensor) -> candle_core::Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
-}
-
-/// ∂(scalar)/∂params, one tensor per parameter (zeros where the scalar does not depend on it);
-/// with `keep_graph` the results keep their graph for a further differentiation.
-fn param_grads(s: &Tensor, params: &[Param], keep_graph: bool) -> candle_core::Result<Vec<Tensor>> {
-    let grads = s.backward()?;
-    params
-        .iter()
-        .map(|p| match grads.get(p.var.as_tensor()) {
-            Some(g) if keep_graph => Ok(g.clone()),
-            Some(g) => Ok(g.detach()),
-            None => p.var.as_tensor().zeros_like(),
-        })
-        .collect()
 }
 
 /// Σ_p ⟨a_p, v_p⟩ as a differentiable scalar (a keeps its graph, v is a constant).

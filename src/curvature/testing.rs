@@ -10,6 +10,7 @@ use rand_distr::StandardNormal;
 use super::hvp::{HessianOperator, HvpConfig, Objective};
 use super::{Batch, ParamVec};
 use crate::data::LabelEncoding;
+use crate::nn::gradient::param_grads;
 use crate::nn::loss::{mean_loss, LossKind, Targets};
 use crate::nn::{Model, Param, TorchLayout};
 
@@ -164,14 +165,7 @@ pub fn dense_gauss_newton(model: &dyn Model, kind: LossKind, batch: &Batch) -> D
                 let s = model
                     .forward(&batch.inputs.narrow(0, i, 1).unwrap())
                     .unwrap();
-                let s = s.narrow(1, c, 1).unwrap().sum_all().unwrap();
-                let grads = s.backward().unwrap();
-                let parts = model
-                    .params()
-                    .iter()
-                    .map(|p| grads.get(p.var.as_tensor()).unwrap().detach())
-                    .collect();
-                ParamVec::new(parts).to_f64_vec().unwrap()
+                flat_gradient(model, &s.narrow(1, c, 1).unwrap().sum_all().unwrap())
             })
             .collect();
         for a in 0..k {
@@ -221,14 +215,14 @@ pub fn dense_hessian_hvp(model: &dyn Model, kind: LossKind, batch: &Batch) -> De
 /// The gradient of the mean loss on `batch` at the model's current parameters (first order only).
 pub fn gradient(model: &dyn Model, kind: LossKind, batch: &Batch) -> Vec<f64> {
     let out = model.forward(&batch.inputs).unwrap();
-    let loss = mean_loss(kind, &out, &batch.targets).unwrap();
-    let grads = loss.backward().unwrap();
-    let parts = model
-        .params()
-        .iter()
-        .map(|p| grads.get(p.var.as_tensor()).unwrap().detach())
-        .collect();
-    ParamVec::new(parts).to_f64_vec().unwrap()
+    flat_gradient(model, &mean_loss(kind, &out, &batch.targets).unwrap())
+}
+
+/// ∂(scalar)/∂θ as one flat f64 vector in the model's parameter order.
+pub fn flat_gradient(model: &dyn Model, scalar: &Tensor) -> Vec<f64> {
+    ParamVec::new(param_grads(scalar, model.params(), false).unwrap())
+        .to_f64_vec()
+        .unwrap()
 }
 
 /// Sets the model's parameters to the flat vector `theta`.

@@ -10,7 +10,7 @@ use super::dense::{DenseForward, SampleWeights};
 use super::loss::{per_sample_loss, LossKind, Targets};
 use super::pass::{Forward, Pass};
 use super::residual::ResidualForward;
-use super::Model;
+use super::{Model, Param};
 
 /// [`loss_and_gradient`] by a model's hand-written passes.
 fn by_hand<F: Forward>(
@@ -46,16 +46,23 @@ pub fn loss_and_gradient(
         SampleWeights::Uniform(c) => losses.sum_all()?.affine(*c, 0.0)?,
         SampleWeights::PerSample(w) => (&losses * w.squeeze(1)?)?.sum_all()?,
     };
-    let grads = objective.backward()?;
-    let gradient = model
-        .params()
+    let gradient = param_grads(&objective, model.params(), false)?;
+    Ok((losses.detach(), gradient))
+}
+
+/// ∂(scalar)/∂params by candle's autograd, one tensor per parameter (zeros where the scalar does
+/// not depend on it); with `keep_graph` the results keep their graph for a further
+/// differentiation, otherwise they are detached.
+pub fn param_grads(scalar: &Tensor, params: &[Param], keep_graph: bool) -> Result<Vec<Tensor>> {
+    let grads = scalar.backward()?;
+    params
         .iter()
         .map(|p| match grads.get(p.var.as_tensor()) {
+            Some(g) if keep_graph => Ok(g.clone()),
             Some(g) => Ok(g.detach()),
-            None => p.var.zeros_like(),
+            None => p.var.as_tensor().zeros_like(),
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((losses.detach(), gradient))
+        .collect()
 }
 
 /// The detached outputs f (N, K) of a batch, by the CNN's hand-written forward pass (which keeps
