@@ -204,10 +204,18 @@ pub fn dense_of(apply: impl Fn(&ParamVec) -> ParamVec, template: &ParamVec) -> D
     m
 }
 
+/// The Hessian operator of the mean loss on `batch` with the default settings.
+pub fn mean_hessian<'a>(
+    model: &'a dyn Model,
+    kind: LossKind,
+    batch: &'a Batch,
+) -> HessianOperator<'a> {
+    HessianOperator::new(model, kind, batch, &Objective::Mean, &HvpConfig::default()).unwrap()
+}
+
 /// The dense Hessian of the mean loss on `batch`, column by column from HVPs on unit vectors.
 pub fn dense_hessian_hvp(model: &dyn Model, kind: LossKind, batch: &Batch) -> Dense {
-    let op =
-        HessianOperator::new(model, kind, batch, &Objective::Mean, &HvpConfig::default()).unwrap();
+    let op = mean_hessian(model, kind, batch);
     let template = ParamVec::zeros_for(model.params()).unwrap();
     dense_of(|v| op.apply(v).unwrap(), &template)
 }

@@ -5,8 +5,8 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 use crate::curvature::testing::{
-    data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, dense_of, normals, rel_max_diff,
-    set_params, Dense, Linear, TanhMlp, TinyConv,
+    data, dense_gauss_newton, dense_hessian_fd, dense_hessian_hvp, dense_of, mean_hessian, normals,
+    rel_max_diff, set_params, Dense, Linear, TanhMlp, TinyConv,
 };
 use crate::nn::init::Initializer;
 use crate::nn::models::Mlp;
@@ -181,14 +181,7 @@ fn gauss_newton_product_equals_dense_jt_hz_j() {
     let batch = data(5, [3, 1, 1], 2, 16);
     for kind in [LossKind::Mse, LossKind::CrossEntropy] {
         let op = check_gauss_newton_against_dense(&model, kind, &batch, "tanh MLP fixture");
-        let hess = HessianOperator::new(
-            &model,
-            kind,
-            &batch,
-            &Objective::Mean,
-            &HvpConfig::default(),
-        )
-        .unwrap();
+        let hess = mean_hessian(&model, kind, &batch);
         assert!((op.loss() - hess.loss()).abs() < 1e-14);
     }
 }
@@ -294,14 +287,7 @@ fn dense_passes_handle_linear_and_one_hidden_layer_stacks() {
         let v = random_vec(&model, 37);
         for kind in LOSSES {
             check_against_finite_differences(&model, kind, &batch);
-            let op = HessianOperator::new(
-                &model,
-                kind,
-                &batch,
-                &Objective::Mean,
-                &HvpConfig::default(),
-            )
-            .unwrap();
+            let op = mean_hessian(&model, kind, &batch);
             let vhv = v.dot(&op.apply(&v).unwrap()).unwrap();
             let got = op.quadratic_form(&v).unwrap();
             assert!(

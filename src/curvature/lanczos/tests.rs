@@ -6,9 +6,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::curvature::hvp::{HessianOperator, HvpConfig, Objective};
 use crate::curvature::testing::{
-    data, dense_hessian_hvp, jacobi_eigen, matvec, normals, Dense, TanhMlp,
+    data, dense_hessian_hvp, jacobi_eigen, matvec, mean_hessian, normals, Dense, TanhMlp,
 };
 use crate::nn::loss::LossKind;
 use crate::nn::Model;
@@ -179,14 +178,7 @@ fn hessian_of_a_tanh_mlp_matches_dense_eigenvalues() {
     let model = TanhMlp::new(3, 4, 2, 21);
     let batch = data(8, [3, 1, 1], 2, 22);
     let (expected, _) = jacobi_eigen(&dense_hessian_hvp(&model, LossKind::Mse, &batch));
-    let op = HessianOperator::new(
-        &model,
-        LossKind::Mse,
-        &batch,
-        &Objective::Mean,
-        &HvpConfig::default(),
-    )
-    .unwrap();
+    let op = mean_hessian(&model, LossKind::Mse, &batch);
     let t = ParamVec::zeros_for(model.params()).unwrap();
     let cfg = LanczosConfig {
         top_k: 2,
