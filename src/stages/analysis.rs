@@ -764,16 +764,26 @@ pub(crate) mod test_support {
         inputs: &BTreeMap<String, Vec<InputArtifact>>,
     ) -> (tempfile::TempDir, Result<(), StageError>) {
         let dir = tempfile::tempdir().unwrap();
-        let resolved = stage.resolve(&params).unwrap();
-        let ctx = StageContext {
+        let result = run_stage_in(stage, &params, inputs, dir.path(), &NullReporter);
+        (dir, result)
+    }
+
+    /// Resolves `params` and runs `stage` in `work_dir`, reporting to `reporter`.
+    pub fn run_stage_in(
+        stage: &dyn Stage,
+        params: &Value,
+        inputs: &BTreeMap<String, Vec<InputArtifact>>,
+        work_dir: &std::path::Path,
+        reporter: &dyn StageReporter,
+    ) -> Result<(), StageError> {
+        let resolved = stage.resolve(params).unwrap();
+        stage.run(&StageContext {
             name: "test",
             params: &resolved.params,
             inputs,
-            work_dir: dir.path(),
-            reporter: &NullReporter,
-        };
-        let result = stage.run(&ctx);
-        (dir, result)
+            work_dir,
+            reporter,
+        })
     }
 }
 

@@ -10,6 +10,11 @@
 //! each selected checkpoint into `alignment.csv`: columns `step,statistic,bin_lo,bin_hi,count`, with
 //! `statistic` one of `dots`, `cosines`, `sq_norms`, and the values outside the edges counted in the
 //! open bins (−inf, first edge) and (last edge, inf).
+//!
+//! The kind is resumable: after each measured checkpoint it records its progress (see [`PROGRESS`]),
+//! so a killed run continues after the last checkpoint it measured.
+
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,10 +23,11 @@ use crate::curvature::{model_gradient_alignment, AlignmentConfig, AlignmentRepor
 use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::checkpoint as weights;
+use crate::nn::Model;
 use crate::train::measure::{
     at_step, samples_batch_quotients, MeasureConfig, MeasurePoint, MeasureState,
 };
-use crate::train::metrics::{MetricsLog, Row};
+use crate::train::metrics::{flushed_len, reopen_truncated, MetricsLog, Row};
 use crate::train::schedule::HyperSchedule;
 use crate::train::{checkpoint, DeviceData, TrainConfig};
 
@@ -159,15 +165,51 @@ impl Stage for MeasureStage {
             checkpoints.retain(|(step, _)| params.measure.any_due(*step));
         }
 
-        let mut log = MetricsLog::create(&ctx.work_dir.join("metrics.csv"), &[])?;
+        let metrics_path = ctx.work_dir.join("metrics.csv");
         let alignment_path = ctx.work_dir.join("alignment.csv");
-        let mut alignment_csv = match &params.alignment {
-            Some(_) => Some(alignment_writer(&alignment_path)?),
-            None => None,
-        };
+        let progress_path = ctx.work_dir.join(PROGRESS);
         let mut state = MeasureState::default();
+        let earlier = match read_progress(&progress_path, model.as_ref(), &mut state) {
+            Ok(progress) => progress,
+            Err(why) => {
+                ctx.reporter.log(&format!("starting afresh: {why}"));
+                state = MeasureState::default();
+                None
+            }
+        };
+        let (mut log, mut alignment_csv) = match &earlier {
+            Some(p) => (
+                MetricsLog::resume(&metrics_path, p.metrics_bytes)?,
+                p.alignment_bytes
+                    .map(|bytes| {
+                        let file = reopen_truncated(&alignment_path, bytes)
+                            .map_err(|e| StageError::io(&alignment_path, e))?;
+                        Ok::<_, StageError>(csv::Writer::from_writer(file))
+                    })
+                    .transpose()?,
+            ),
+            None => (
+                MetricsLog::create(&metrics_path, &[])?,
+                match &params.alignment {
+                    Some(_) => Some(alignment_writer(&alignment_path)?),
+                    None => None,
+                },
+            ),
+        };
+        let first = match &earlier {
+            Some(p) => checkpoints.partition_point(|(step, _)| *step <= p.step),
+            None => 0,
+        };
+        if let Some(p) = &earlier {
+            ctx.reporter.log(&format!(
+                "resuming after checkpoint {} ({first} of {} checkpoints measured)",
+                p.step,
+                checkpoints.len()
+            ));
+        }
         ctx.reporter.set_length(checkpoints.len() as u64);
-        for (done, (step, path)) in checkpoints.iter().enumerate() {
+        ctx.reporter.set_position(first as u64);
+        for (done, (step, path)) in checkpoints.iter().enumerate().skip(first) {
             weights::load(path, model.as_ref(), None)
                 .map_err(|e| input_error("run", e.to_string()))?;
             let (lr, batch_size) = schedule.at(*step);
@@ -198,6 +240,16 @@ impl Stage for MeasureStage {
                 write_alignment(csv, *step, &report)
                     .map_err(|e| StageError::io(&alignment_path, e))?;
             }
+            let progress = Progress {
+                step: *step,
+                metrics_bytes: log.flushed_len()?,
+                alignment_bytes: alignment_csv
+                    .as_mut()
+                    .map(flushed_len)
+                    .transpose()
+                    .map_err(|e| StageError::io(&alignment_path, e))?,
+            };
+            save_progress(&progress_path, model.as_ref(), &state, &progress)?;
             ctx.reporter.log(&format!("measured checkpoint {step}"));
             ctx.reporter.set_position(done as u64 + 1);
         }
@@ -208,11 +260,92 @@ impl Stage for MeasureStage {
             csv.flush()
                 .map_err(|e| StageError::io(&alignment_path, e))?;
         }
-        log.flush()
+        log.flush()?;
+        match std::fs::remove_file(&progress_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StageError::io(&progress_path, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn resumable(&self) -> bool {
+        true
     }
 }
 
-fn alignment_writer(path: &std::path::Path) -> Result<csv::Writer<std::fs::File>, StageError> {
+/// The file in which a run records how far it got, rewritten after every measured checkpoint: the
+/// weights of that checkpoint, the warm-start vectors of the eigenvalue solvers, and a [`Progress`]
+/// in its metadata. A killed (or failed) run resumes after that checkpoint and ends bit-identical
+/// (CPU) to an uninterrupted one; the file is removed when the run completes.
+const PROGRESS: &str = "progress.safetensors";
+const PROGRESS_KEY: &str = "eoss.measure_progress";
+
+/// How far a run got.
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    /// The checkpoint step measured last.
+    step: u64,
+    /// Length of `metrics.csv` once that checkpoint's row was written.
+    metrics_bytes: u64,
+    /// Length of `alignment.csv` then, when alignment is measured.
+    alignment_bytes: Option<u64>,
+}
+
+fn save_progress(
+    path: &Path,
+    model: &dyn Model,
+    state: &MeasureState,
+    progress: &Progress,
+) -> Result<(), StageError> {
+    let mut extras = weights::Extras::default();
+    extras.metadata.insert(
+        PROGRESS_KEY.to_string(),
+        serde_json::to_string(progress).expect("progress serializes"),
+    );
+    checkpoint::store_warm_vectors(state, &mut extras);
+    weights::save(path, model, None, &extras)
+        .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))
+}
+
+/// The progress an earlier run of this key left at `path` (`None` if there is none), with its
+/// warm-start vectors restored into `state`. An error says why the earlier work cannot be used.
+fn read_progress(
+    path: &Path,
+    model: &dyn Model,
+    state: &mut MeasureState,
+) -> Result<Option<Progress>, String> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let extras = weights::load(path, model, None).map_err(|e| e.to_string())?;
+    let progress: Progress = extras
+        .metadata
+        .get(PROGRESS_KEY)
+        .and_then(|text| serde_json::from_str(text).ok())
+        .ok_or_else(|| format!("{}: no progress record", path.display()))?;
+    checkpoint::restore_warm_vectors(&extras, model, state).map_err(|e| e.to_string())?;
+    // The rows it counts must all be on disk (they are flushed before the record is written).
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (name, bytes) in [
+        ("metrics.csv", Some(progress.metrics_bytes)),
+        ("alignment.csv", progress.alignment_bytes),
+    ] {
+        let Some(bytes) = bytes else { continue };
+        let on_disk = std::fs::metadata(dir.join(name))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if on_disk < bytes {
+            return Err(format!(
+                "{name} holds {on_disk} bytes, fewer than the {bytes} recorded in {}",
+                path.display()
+            ));
+        }
+    }
+    Ok(Some(progress))
+}
+
+fn alignment_writer(path: &Path) -> Result<csv::Writer<std::fs::File>, StageError> {
     let mut w =
         csv::Writer::from_path(path).map_err(|e| StageError::io(path, std::io::Error::other(e)))?;
     w.write_record(["step", "statistic", "bin_lo", "bin_hi", "count"])
@@ -252,4 +385,140 @@ fn write_alignment(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::stages::analysis::test_support::{run_stage_in, NullReporter};
+    use crate::stages::dataset::DatasetStage;
+    use crate::stages::train::TrainStage;
+    use crate::stages::{InputArtifact, StageReporter};
+
+    /// A reporter that keeps the log lines.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl StageReporter for Recorder {
+        fn set_length(&self, _: u64) {}
+        fn set_position(&self, _: u64) {}
+        fn log(&self, line: &str) {
+            self.0.lock().unwrap().push(line.to_string());
+        }
+    }
+
+    fn input(
+        slot: &str,
+        stage: &dyn Stage,
+        params: &Value,
+        dir: &Path,
+    ) -> (String, Vec<InputArtifact>) {
+        let artifact = InputArtifact {
+            stage: slot.to_string(),
+            key: slot.to_string(),
+            dir: dir.to_path_buf(),
+            params: stage.resolve(params).unwrap().params,
+            upstream_params: BTreeMap::new(),
+            output: None,
+        };
+        (slot.to_string(), vec![artifact])
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn a_run_stopped_part_way_resumes_after_its_last_checkpoint_and_ends_bit_identical() {
+        let data_params = json!({"source": "synthetic", "n": 24, "seed": 1,
+            "synthetic": {"channels": 1, "height": 2, "width": 3, "num_classes": 3, "train_size": 24}});
+        let data = tempfile::tempdir().unwrap();
+        run_stage_in(
+            &DatasetStage,
+            &data_params,
+            &BTreeMap::new(),
+            data.path(),
+            &NullReporter,
+        )
+        .unwrap();
+        let train_params = json!({"model": {"arch": "mlp", "depth": 2, "width": 8},
+            "init_scale": 1.0, "lr": 0.05, "batch_size": 4, "steps": 40, "checkpoint_every": 10});
+        let train = tempfile::tempdir().unwrap();
+        let data_input = input("data", &DatasetStage, &data_params, data.path());
+        let train_inputs = BTreeMap::from([data_input.clone()]);
+        run_stage_in(
+            &TrainStage,
+            &train_params,
+            &train_inputs,
+            train.path(),
+            &NullReporter,
+        )
+        .unwrap();
+        let inputs = BTreeMap::from([
+            input("run", &TrainStage, &train_params, train.path()),
+            data_input,
+        ]);
+        // λmax warm-starts from the previous checkpoint's eigenvector: resuming needs it back.
+        let params = json!({"measure": {
+                "lambda_max": {"every": 10, "rel_tol": 1e-3, "max_iter": 6},
+                "batch_sharpness": {"every": 10, "min_samples": 4, "max_samples": 8}},
+            "alignment": {"samples": 6}});
+        let whole = tempfile::tempdir().unwrap();
+        run_stage_in(&MeasureStage, &params, &inputs, whole.path(), &NullReporter).unwrap();
+        assert!(!whole.path().join(PROGRESS).exists());
+
+        // A run that fails at the checkpoint of step 30 (an unreadable file), after writing part of
+        // the next rows as a kill between a flush and the progress record would.
+        let step_30 = train
+            .path()
+            .join("checkpoints")
+            .join(checkpoint::file_name(30));
+        let original = std::fs::read(&step_30).unwrap();
+        std::fs::write(&step_30, b"not a checkpoint").unwrap();
+        let stopped = tempfile::tempdir().unwrap();
+        let err = run_stage_in(
+            &MeasureStage,
+            &params,
+            &inputs,
+            stopped.path(),
+            &NullReporter,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("step-00000030"), "{err}");
+        for name in ["metrics.csv", "alignment.csv"] {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(stopped.path().join(name))
+                .unwrap();
+            std::io::Write::write_all(&mut file, b"30,0.05,4,7.2").unwrap();
+        }
+        std::fs::write(&step_30, original).unwrap();
+
+        let log = Recorder::default();
+        run_stage_in(&MeasureStage, &params, &inputs, stopped.path(), &log).unwrap();
+        let lines = log.0.into_inner().unwrap();
+        assert!(
+            lines.contains(
+                &"resuming after checkpoint 20 (2 of 4 checkpoints measured)".to_string()
+            ),
+            "{lines:?}"
+        );
+        assert!(
+            !lines.contains(&"measured checkpoint 20".to_string()),
+            "{lines:?}"
+        );
+        for name in ["metrics.csv", "alignment.csv"] {
+            assert_eq!(
+                read(&whole.path().join(name)),
+                read(&stopped.path().join(name)),
+                "{name}"
+            );
+        }
+        assert!(!stopped.path().join(PROGRESS).exists());
+    }
 }

@@ -70,6 +70,46 @@ fn warm_slots(measure: &mut MeasureState) -> [&mut Option<ParamVec>; 2] {
     ]
 }
 
+/// Adds the measurements' warm-start vectors to `extras`, as tensors `<name>.<part>`.
+pub fn store_warm_vectors(measure: &MeasureState, extras: &mut Extras) {
+    let vectors = [&measure.lambda_max_vector, &measure.lambda_max_gn_vector];
+    for (name, vector) in WARM_VECTORS.iter().zip(vectors) {
+        for (part, tensor) in vector.iter().flat_map(|v| v.parts().iter().enumerate()) {
+            extras
+                .tensors
+                .insert(format!("{name}.{part:04}"), tensor.clone());
+        }
+    }
+}
+
+/// Restores the warm-start vectors [`store_warm_vectors`] put in `extras`, in the dtype and on the
+/// device of `model`'s parameters.
+pub fn restore_warm_vectors(
+    extras: &Extras,
+    model: &dyn Model,
+    measure: &mut MeasureState,
+) -> candle_core::Result<()> {
+    let template = model.params();
+    for (name, slot) in WARM_VECTORS.iter().zip(warm_slots(measure)) {
+        let prefix = format!("{name}.");
+        let parts: BTreeMap<&String, &Tensor> = extras
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let parts = parts
+            .into_values()
+            .zip(template)
+            .map(|(t, p)| t.to_dtype(p.var.dtype())?.to_device(p.var.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        *slot = Some(ParamVec::new(parts));
+    }
+    Ok(())
+}
+
 fn failed(path: &Path, e: impl std::fmt::Display) -> StageError {
     StageError::Failed(format!("{}: {e}", path.display()))
 }
@@ -104,14 +144,7 @@ pub fn save(
         STATE_KEY.to_string(),
         serde_json::to_string(state).expect("train state serializes"),
     );
-    let vectors = [&measure.lambda_max_vector, &measure.lambda_max_gn_vector];
-    for (name, vector) in WARM_VECTORS.iter().zip(vectors) {
-        for (part, tensor) in vector.iter().flat_map(|v| v.parts().iter().enumerate()) {
-            extras
-                .tensors
-                .insert(format!("{name}.{part:04}"), tensor.clone());
-        }
-    }
+    store_warm_vectors(measure, &mut extras);
     weights::save(&path, model, Some(optimizer), &extras).map_err(|e| failed(&path, e))?;
     Ok(path)
 }
@@ -130,24 +163,7 @@ pub fn load(
         .ok_or_else(|| failed(path, "not an eoss training checkpoint"))?;
     let state =
         serde_json::from_str(text).map_err(|e| failed(path, format!("bad training state: {e}")))?;
-    let template = model.params();
-    for (name, slot) in WARM_VECTORS.iter().zip(warm_slots(measure)) {
-        let prefix = format!("{name}.");
-        let parts: BTreeMap<&String, &Tensor> = extras
-            .tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .collect();
-        if parts.is_empty() {
-            continue;
-        }
-        let parts = parts
-            .into_values()
-            .zip(template)
-            .map(|(t, p)| t.to_dtype(p.var.dtype())?.to_device(p.var.device()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        *slot = Some(ParamVec::new(parts));
-    }
+    restore_warm_vectors(&extras, model, measure).map_err(|e| failed(path, e))?;
     Ok(state)
 }
 

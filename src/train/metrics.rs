@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 
 use crate::stages::StageError;
@@ -115,6 +116,22 @@ impl MetricsLog {
         Ok(log)
     }
 
+    /// Reopens `path`, left by a killed run, for appending after its first `bytes` bytes (what it
+    /// held when the run last recorded its progress; anything written after is dropped).
+    pub fn resume(path: &Path, bytes: u64) -> Result<Self, StageError> {
+        let file = reopen_truncated(path, bytes).map_err(|e| StageError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            columns: header(),
+            writer: csv::Writer::from_writer(file),
+        })
+    }
+
+    /// The file's length in bytes once buffered rows are flushed.
+    pub fn flushed_len(&mut self) -> Result<u64, StageError> {
+        flushed_len(&mut self.writer).map_err(|e| StageError::io(&self.path, e))
+    }
+
     /// Appends one row (buffered).
     pub fn append(&mut self, row: &Row) -> Result<(), StageError> {
         let cells: Vec<String> = self
@@ -137,6 +154,20 @@ impl MetricsLog {
     fn csv_error(&self, e: csv::Error) -> StageError {
         StageError::Failed(format!("{}: {e}", self.path.display()))
     }
+}
+
+/// Flushes `writer` and returns the length of its file.
+pub fn flushed_len(writer: &mut csv::Writer<File>) -> std::io::Result<u64> {
+    writer.flush()?;
+    Ok(writer.get_ref().metadata()?.len())
+}
+
+/// Opens `path` for appending after its first `bytes` bytes, cutting off the rest.
+pub fn reopen_truncated(path: &Path, bytes: u64) -> std::io::Result<File> {
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(bytes)?;
+    file.seek(std::io::SeekFrom::End(0))?;
+    Ok(file)
 }
 
 /// Shortest decimal that reads back to the same f64; `nan`/`inf` spelled as pandas reads them.
