@@ -11,7 +11,7 @@
 //! `statistic` one of `dots`, `cosines`, `sq_norms`, and the values outside the edges counted in the
 //! open bins (−inf, first edge) and (last edge, inf).
 //!
-//! The kind is resumable: after each measured checkpoint it records its progress (see [`PROGRESS`]),
+//! The kind is resumable: after each measured checkpoint it records its progress (`progress.safetensors`),
 //! so a killed run continues after the last checkpoint it measured.
 
 use std::path::Path;
