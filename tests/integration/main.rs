@@ -682,6 +682,61 @@ fn a_killed_training_resumes_from_its_checkpoint_bit_identically() {
 }
 
 #[test]
+fn a_killed_measure_resumes_after_its_last_measured_checkpoint_bit_identically() {
+    // A short training with many checkpoints, then λmax (warm-started from checkpoint to
+    // checkpoint) and batch sharpness on each: seconds, long enough to be killed part way.
+    let text = format!(
+        "{}  measure:\n    kind: measure\n    inputs: {{run: train, data: data}}\n    params: {{measure: {{lambda_max: {{every: 10, rel_tol: 1.0e-4, max_iter: 40}}, batch_sharpness: {{every: 10, min_samples: 10, max_samples: 20}}}}}}\n",
+        trained(
+            "measured",
+            2048,
+            "lr: 0.05, batch_size: 32, steps: 400, checkpoint_every: 10",
+        )
+    );
+    let env = Env::new();
+    let p = env.pipeline("measured.yaml", &text);
+    let mut child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("a measured checkpoint", Duration::from_secs(120), || {
+        work_dirs(&env.store())
+            .iter()
+            .any(|d| d.join("progress.safetensors").exists())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let dir = artifact(&env, &p, &[], "measure");
+    assert!(!dir.exists(), "a killed run published its artifact");
+    assert_eq!(
+        env.run(&p, &[], 0),
+        pairs(&[
+            ("data", "cached"),
+            ("train", "cached"),
+            ("measure", "computed")
+        ])
+    );
+    let log = String::from_utf8(read(&dir.join("log.txt"))).unwrap();
+    assert!(
+        log.contains("resuming after checkpoint "),
+        "the rerun did not resume:\n{log}"
+    );
+
+    let fresh = Env::new();
+    let q = fresh.pipeline("measured.yaml", &text);
+    fresh.run(&q, &[], 0);
+    let uninterrupted = artifact(&fresh, &q, &[], "measure");
+    assert_eq!(uninterrupted.file_name(), dir.file_name());
+    assert!(
+        read(&dir.join("metrics.csv")) == read(&uninterrupted.join("metrics.csv")),
+        "metrics.csv differs after resuming:\n{log}"
+    );
+    assert!(!dir.join("progress.safetensors").exists());
+}
+
+#[test]
 fn a_branch_continues_its_base_and_names_the_available_steps() {
     let env = Env::new();
     let text = format!(
