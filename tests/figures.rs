@@ -189,7 +189,7 @@ fn figure_2_lambda_max_settles_below_two_over_eta_and_grows_with_b() {
 }
 
 #[test]
-fn figure_3_sgd_on_a_quadratic_diverges_only_above_eta_two() {
+fn figure_3_sgd_on_a_quadratic_oscillates_with_gni_at_two_over_eta_and_diverges_only_above_two() {
     let runs = run_figure("fig03", "quadratic", None);
     assert_eq!(runs.len(), 5);
     for run in &runs {
@@ -204,6 +204,14 @@ fn figure_3_sgd_on_a_quadratic_diverges_only_above_eta_two() {
                 loss > min_loss * (1.0 + 1e-6),
                 "{}: the loss settled at its minimum",
                 run.name
+            );
+            // GNI, averaged over windows (its numerator and denominator summed), sits at 2/η.
+            let gni = run.mean_over_last("gni_windowed", 0.5);
+            assert!(
+                (gni * lr / 2.0 - 1.0).abs() < 0.15,
+                "{}: windowed GNI {gni} vs 2/η = {}",
+                run.name,
+                2.0 / lr
             );
         }
     }

@@ -329,6 +329,42 @@ fn legend_layout(
     (corner(&y, &y2).0, y, y2)
 }
 
+/// Splits a polyline into runs that meet at its sharp turns in pixels (interior angle under 60°).
+/// The bitmap backend strokes a wide line as a polygon whose inner corner at a turn of angle φ lies
+/// (width/2)/sin(φ/2) from the line, unbounded as the line doubles back: a dense, noisy series (a
+/// per-step loss) grew thin spikes far outside its panel. Each run is stroked on its own.
+fn split_at_sharp_turns(
+    points: &[(f64, f64)],
+    pixel: impl Fn(&(f64, f64)) -> (i32, i32),
+) -> Vec<Vec<(f64, f64)>> {
+    // Points at distinct pixels, as the backend sees the line.
+    let mut distinct: Vec<(usize, (i32, i32))> = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        let at = pixel(p);
+        if distinct.last().is_none_or(|&(_, last)| last != at) {
+            distinct.push((i, at));
+        }
+    }
+    let sharp = |a: (i32, i32), b: (i32, i32), c: (i32, i32)| {
+        let (u, v) = (
+            (f64::from(a.0 - b.0), f64::from(a.1 - b.1)),
+            (f64::from(c.0 - b.0), f64::from(c.1 - b.1)),
+        );
+        let cos = (u.0 * v.0 + u.1 * v.1) / ((u.0.hypot(u.1)) * (v.0.hypot(v.1)));
+        cos > 0.5
+    };
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for w in distinct.windows(3) {
+        if sharp(w[0].1, w[1].1, w[2].1) {
+            runs.push(points[start..=w[1].0].to_vec());
+            start = w[1].0;
+        }
+    }
+    runs.push(points[start..].to_vec());
+    runs
+}
+
 fn rgb(style: &Style) -> RGBColor {
     RGBColor(style.color.0, style.color.1, style.color.2)
 }
@@ -431,8 +467,15 @@ fn draw_panel<DB: DrawingBackend>(
         let color = rgb(&s.style);
         let line = ShapeStyle::from(&color).stroke_width(2);
         let anno = match (s.style.mark, s.axis) {
-            (Mark::Line, Axis::Left) => chart.draw_series(LineSeries::new(pts, line)),
-            (Mark::Line, Axis::Right) => chart.draw_secondary_series(LineSeries::new(pts, line)),
+            (Mark::Line, Axis::Left) => {
+                let runs = split_at_sharp_turns(&pts, |p| chart.backend_coord(p));
+                chart.draw_series(runs.into_iter().map(|r| PathElement::new(r, line)))
+            }
+            (Mark::Line, Axis::Right) => {
+                let secondary = chart.borrow_secondary();
+                let runs = split_at_sharp_turns(&pts, |p| secondary.backend_coord(p));
+                chart.draw_secondary_series(runs.into_iter().map(|r| PathElement::new(r, line)))
+            }
             (Mark::Dashed, Axis::Left) => chart.draw_series(DashedLineSeries::new(pts, 8, 5, line)),
             (Mark::Dashed, Axis::Right) => {
                 chart.draw_secondary_series(DashedLineSeries::new(pts, 8, 5, line))
@@ -725,18 +768,27 @@ mod tests {
         assert_eq!((y, y2), ranges);
     }
 
+    /// The test figure's first panel holding only `points` of `column`, on the left axis.
+    fn panel_of(column: &str, points: Vec<(f64, f64)>) -> Panel {
+        let mut panel = figure().panels.remove(0);
+        panel.series = vec![Series {
+            name: column.into(),
+            style: column_style(column, 0),
+            axis: Axis::Left,
+            points,
+        }];
+        panel
+    }
+
     #[test]
     fn a_legend_with_no_free_corner_gets_headroom_above_the_data() {
-        let mut panel = figure().panels.remove(0);
         // Points over the whole plotting area: every corner is crowded.
-        panel.series = vec![Series {
-            name: "batch sharpness".into(),
-            style: column_style("batch_sharpness", 0),
-            axis: Axis::Left,
-            points: (0..=20)
+        let mut panel = panel_of(
+            "batch_sharpness",
+            (0..=20)
                 .flat_map(|i| (0..=20).map(move |j| (f64::from(i), f64::from(j))))
                 .collect(),
-        }];
+        );
         let x = 0.0..20.0;
         let (corner, y, y2) = legend_layout(&panel, &x, (0.0..20.0, 0.0..1.0), BOX);
         assert_eq!(corner, SeriesLabelPosition::UpperLeft);
@@ -753,6 +805,48 @@ mod tests {
         panel.series.extend(panel.series.clone());
         let two = legend_box(&area, &panel);
         assert!(two.1 > one.1 && two.0 == one.0, "{one:?} {two:?}");
+    }
+
+    #[test]
+    fn lines_split_only_where_they_double_back() {
+        let pixel = |p: &(f64, f64)| (p.0 as i32, p.1 as i32);
+        let zigzag = [(0.0, 0.0), (1.0, 10.0), (2.0, 0.0), (2.0, 0.2), (3.0, 10.0)];
+        // (2, 0.2) is the pixel of (2, 0): the turn at it is the turn at (2, 0).
+        assert_eq!(
+            split_at_sharp_turns(&zigzag, pixel),
+            vec![
+                zigzag[..2].to_vec(),
+                zigzag[1..3].to_vec(),
+                zigzag[2..].to_vec()
+            ]
+        );
+        let gentle = [(0.0, 0.0), (10.0, 1.0), (20.0, 0.0), (30.0, 5.0)];
+        assert_eq!(split_at_sharp_turns(&gentle, pixel), vec![gentle.to_vec()]);
+    }
+
+    #[test]
+    fn a_dense_zigzag_stays_inside_its_panel() {
+        let panel = panel_of(
+            "lambda_max",
+            (0..400).map(|i| (f64::from(i), f64::from(i % 2))).collect(),
+        );
+        let (w, h) = (520, 380);
+        let mut pixels = vec![0u8; w * h * 3];
+        {
+            let area =
+                BitMapBackend::with_buffer(&mut pixels, (w as u32, h as u32)).into_drawing_area();
+            draw_panel(&panel, &area).unwrap();
+            area.present().unwrap();
+        }
+        let blue_in_rows = |rows: std::ops::Range<usize>| {
+            rows.flat_map(|y| (0..w).map(move |x| (y * w + x) * 3))
+                .filter(|&i| pixels[i..i + 3] == [BLUE.0, BLUE.1, BLUE.2])
+                .count()
+        };
+        assert!(blue_in_rows(h / 3..2 * h / 3) > 1000, "the line is drawn");
+        // The caption above the plotting area and the tick labels below it hold no line.
+        assert_eq!(blue_in_rows(0..20), 0);
+        assert_eq!(blue_in_rows(h - 30..h), 0);
     }
 
     #[test]

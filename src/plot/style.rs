@@ -33,6 +33,7 @@ pub fn display_name(column: &str) -> String {
         "lambda_max" => "λmax",
         "step_sharpness" => "Step Sharpness",
         "gni" => "GNI",
+        "gni_windowed" => "GNI (windowed)",
         "ias" => "IAS",
         "loss" => "Train loss (batch)",
         "full_loss" => "Train loss",

@@ -3,7 +3,9 @@
 //! and `summary.json` with `diverged_at`. Divergence (expected for η > 2) is a result, not a failure.
 //!
 //! Columns: `step,epoch,lr,batch_size,loss` (batch loss), `full_loss`, `grad_norm_sq`, `gni`,
-//! `lambda_max` (= 1, the closed form) and `x`.
+//! `gni_windowed` (GNI as the ratio of the sums of its numerator and denominator over the last
+//! `gni_window` steps: the time average that sits at 2/η while SGD oscillates), `lambda_max` (= 1,
+//! the closed form) and `x`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -26,6 +28,9 @@ fn default_x0() -> f64 {
 }
 fn default_divergence() -> f64 {
     1e10
+}
+fn default_gni_window() -> usize {
+    50
 }
 
 /// Params of the `quadratic` kind.
@@ -55,6 +60,9 @@ pub struct QuadraticParams {
     /// Full loss beyond which the run is stopped as diverged (default 1e10).
     #[serde(default = "default_divergence")]
     pub divergence_loss: f64,
+    /// Steps in the trailing window of `gni_windowed` (default 50).
+    #[serde(default = "default_gni_window")]
+    pub gni_window: usize,
 }
 
 /// The `quadratic` stage kind.
@@ -67,7 +75,8 @@ impl Stage for QuadraticStage {
     }
 
     fn version(&self, _params: &serde_json::Value) -> u32 {
-        1
+        // 2: the `gni_windowed` column.
+        2
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -76,6 +85,12 @@ impl Stage for QuadraticStage {
             return Err(ParamError {
                 path: "batch_size".into(),
                 message: format!("must lie in 1..={} (n), got {}", p.n, p.batch_size),
+            });
+        }
+        if p.gni_window == 0 {
+            return Err(ParamError {
+                path: "gni_window".into(),
+                message: "must be at least 1".into(),
             });
         }
         if !(p.lr > 0.0 && p.lr.is_finite()) {
@@ -105,10 +120,15 @@ impl Stage for QuadraticStage {
             divergence_loss: p.divergence_loss,
         })
         .map_err(|e| StageError::Failed(e.to_string()))?;
+        let grad_norm_sq: Vec<f64> = run.steps.iter().map(|s| s.grad_norm_sq).collect();
+        let windowed =
+            run.problem
+                .windowed_gni(&grad_norm_sq, p.batch_size, p.sampling, p.gni_window);
         let rows: Vec<Vec<String>> = run
             .steps
             .iter()
-            .map(|s| {
+            .zip(&windowed)
+            .map(|(s, windowed)| {
                 vec![
                     s.step.to_string(),
                     s.epoch.to_string(),
@@ -118,6 +138,7 @@ impl Stage for QuadraticStage {
                     s.full_loss.to_string(),
                     s.grad_norm_sq.to_string(),
                     s.gni.to_string(),
+                    windowed.to_string(),
                     "1".to_string(),
                     s.x.to_string(),
                 ]
@@ -134,6 +155,7 @@ impl Stage for QuadraticStage {
                 "full_loss",
                 "grad_norm_sq",
                 "gni",
+                "gni_windowed",
                 "lambda_max",
                 "x",
             ],
