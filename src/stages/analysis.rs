@@ -421,15 +421,17 @@ pub fn group_runs<'a>(
 }
 
 /// One label per run: its swept params (those its instance name binds, `train[batch_size=8,lr=0.04]`)
-/// whose values differ across `runs`, as `b = 8`; the instance names where that leaves a run with
-/// no label or two runs with the same one.
+/// whose values differ across `runs` (all of them for a lone run), as `b = 8`; the instance names
+/// where that leaves a run with no label or two runs with the same one.
 fn varying_labels(runs: &[RunMetrics]) -> Vec<String> {
     let labels: Vec<String> = runs
         .iter()
         .map(|run| {
             swept_params(&run.stage)
                 .into_iter()
-                .filter(|p| runs.iter().any(|other| other.label(p) != run.label(p)))
+                .filter(|p| {
+                    runs.len() == 1 || runs.iter().any(|other| other.label(p) != run.label(p))
+                })
                 .map(|p| format!("{} = {}", short_name(p), run.label(p).unwrap_or_default()))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -995,16 +997,22 @@ mod tests {
             })
             .collect();
         assert_eq!(titles, ["b = 8, model = mlp", "b = 32, model = cnn"]);
+        // A lone run of a sweep is titled by all its swept params.
+        let lone = &runs[..1];
+        assert_eq!(
+            group_runs(lone, &[], "runs").unwrap()[0].0,
+            "b = 8, η = 0.04, model = mlp"
+        );
     }
 
     #[test]
     fn runs_that_the_swept_params_do_not_tell_apart_keep_their_instance_names() {
-        // Two stages sweeping the same values, and a lone run.
+        // Two stages sweeping the same values, and a lone run of a stage without a sweep.
         let same = named_runs(&[
             ("train[batch_size=8]", json!({"batch_size": 8})),
             ("sde[batch_size=8]", json!({"batch_size": 8})),
         ]);
-        let lone = named_runs(&[("train[batch_size=8]", json!({"batch_size": 8}))]);
+        let lone = named_runs(&[("train", json!({"batch_size": 8}))]);
         for runs in [same, lone] {
             let titles: Vec<String> = group_runs(&runs, &[], "runs")
                 .unwrap()

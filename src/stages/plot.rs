@@ -538,7 +538,8 @@ impl Stage for PlotStage {
         // 10: without `panel_by`, panels are titled by the swept params that vary (`b = 8`).
         // 11: names for the accuracy columns; a right axis holding accuracies says so.
         // 12: a few outlying dots (above a series' 99th percentile) no longer set the axis range.
-        // 13: lines split at their sharp turns (no spikes in PNGs); a name for `gni_windowed`.
+        // 13: lines split at their sharp turns (no spikes in PNGs); a name for `gni_windowed`; a
+        //     lone run's panel titled by all its swept params.
         13
     }
 
