@@ -177,36 +177,37 @@ impl Stage for MeasureStage {
                 None
             }
         };
-        let (mut log, mut alignment_csv) = match &earlier {
-            Some(p) => (
-                MetricsLog::resume(&metrics_path, p.metrics_bytes)?,
-                p.alignment_bytes
+        let (mut log, mut alignment_csv, first) = match &earlier {
+            Some(p) => {
+                let first = checkpoints.partition_point(|(step, _)| *step <= p.step);
+                ctx.reporter.log(&format!(
+                    "resuming after checkpoint {} ({first} of {} checkpoints measured)",
+                    p.step,
+                    checkpoints.len()
+                ));
+                let alignment = p
+                    .alignment_bytes
                     .map(|bytes| {
                         let file = reopen_truncated(&alignment_path, bytes)
                             .map_err(|e| StageError::io(&alignment_path, e))?;
                         Ok::<_, StageError>(csv::Writer::from_writer(file))
                     })
-                    .transpose()?,
-            ),
+                    .transpose()?;
+                (
+                    MetricsLog::resume(&metrics_path, p.metrics_bytes)?,
+                    alignment,
+                    first,
+                )
+            }
             None => (
                 MetricsLog::create(&metrics_path, &[])?,
                 match &params.alignment {
                     Some(_) => Some(alignment_writer(&alignment_path)?),
                     None => None,
                 },
+                0,
             ),
         };
-        let first = match &earlier {
-            Some(p) => checkpoints.partition_point(|(step, _)| *step <= p.step),
-            None => 0,
-        };
-        if let Some(p) = &earlier {
-            ctx.reporter.log(&format!(
-                "resuming after checkpoint {} ({first} of {} checkpoints measured)",
-                p.step,
-                checkpoints.len()
-            ));
-        }
         ctx.reporter.set_length(checkpoints.len() as u64);
         ctx.reporter.set_position(first as u64);
         for (done, (step, path)) in checkpoints.iter().enumerate().skip(first) {

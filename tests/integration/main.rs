@@ -220,6 +220,35 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Runs `eoss run pipeline` and kills it (SIGKILL: no destructor, no cleanup) once `ready` holds.
+fn kill_run_when(
+    env: &Env,
+    pipeline: &Path,
+    what: &str,
+    timeout: Duration,
+    ready: impl FnMut() -> bool,
+) {
+    let mut child = env
+        .cmd()
+        .args(["run", pipeline.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(what, timeout, ready);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The artifact of `stage` after running `text` (as `file`) in a fresh store, which is returned too
+/// (the artifact lives in it).
+fn uninterrupted_artifact(file: &str, text: &str, stage: &str) -> (Env, PathBuf) {
+    let env = Env::new();
+    let p = env.pipeline(file, text);
+    env.run(&p, &[], 0);
+    let dir = artifact(&env, &p, &[], stage);
+    (env, dir)
+}
+
 fn work_dirs(store: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(store.join("tmp"))
         .map(|rd| {
@@ -261,21 +290,22 @@ fn two_concurrent_runs_compute_each_key_once() {
 fn kill_during_a_stage_leaves_no_artifact_and_the_rerun_completes() {
     let env = Env::new();
     let p = env.pipeline("slow.yaml", &slow("killed"));
-    let mut child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap()])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the stage to start", Duration::from_secs(20), || {
-        work_dirs(&env.store())
-            .iter()
-            .any(|d| d.join("log.txt").exists())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    // SIGKILL: no destructor, no cleanup.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // Killed 300 ms into the stage.
+    kill_run_when(
+        &env,
+        &p,
+        "the stage to start",
+        Duration::from_secs(20),
+        || {
+            let started = work_dirs(&env.store())
+                .iter()
+                .any(|d| d.join("log.txt").exists());
+            if started {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            started
+        },
+    );
     assert!(
         !env.store().join("dataset").exists()
             || std::fs::read_dir(env.store().join("dataset"))
@@ -631,17 +661,13 @@ fn a_killed_training_resumes_from_its_checkpoint_bit_identically() {
     );
     let env = Env::new();
     let p = env.pipeline("resumed.yaml", &text);
-    let mut child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap()])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("three checkpoints", Duration::from_secs(60), || {
-        work_checkpoints(&env.store()) >= 3
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_run_when(
+        &env,
+        &p,
+        "three checkpoints",
+        Duration::from_secs(60),
+        || work_checkpoints(&env.store()) >= 3,
+    );
     let dir = artifact(&env, &p, &[], "train");
     assert!(!dir.exists(), "a killed run published its artifact");
     assert_eq!(
@@ -663,10 +689,7 @@ fn a_killed_training_resumes_from_its_checkpoint_bit_identically() {
         "{resumed_at}"
     );
 
-    let fresh = Env::new();
-    let q = fresh.pipeline("resumed.yaml", &text);
-    fresh.run(&q, &[], 0);
-    let uninterrupted = artifact(&fresh, &q, &[], "train");
+    let (_fresh, uninterrupted) = uninterrupted_artifact("resumed.yaml", &text, "train");
     assert_eq!(uninterrupted.file_name(), dir.file_name());
     for file in [
         "metrics.csv",
@@ -695,19 +718,17 @@ fn a_killed_measure_resumes_after_its_last_measured_checkpoint_bit_identically()
     );
     let env = Env::new();
     let p = env.pipeline("measured.yaml", &text);
-    let mut child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap()])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("a measured checkpoint", Duration::from_secs(120), || {
-        work_dirs(&env.store())
-            .iter()
-            .any(|d| d.join("progress.safetensors").exists())
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_run_when(
+        &env,
+        &p,
+        "a measured checkpoint",
+        Duration::from_secs(120),
+        || {
+            work_dirs(&env.store())
+                .iter()
+                .any(|d| d.join("progress.safetensors").exists())
+        },
+    );
     let dir = artifact(&env, &p, &[], "measure");
     assert!(!dir.exists(), "a killed run published its artifact");
     assert_eq!(
@@ -724,10 +745,7 @@ fn a_killed_measure_resumes_after_its_last_measured_checkpoint_bit_identically()
         "the rerun did not resume:\n{log}"
     );
 
-    let fresh = Env::new();
-    let q = fresh.pipeline("measured.yaml", &text);
-    fresh.run(&q, &[], 0);
-    let uninterrupted = artifact(&fresh, &q, &[], "measure");
+    let (_fresh, uninterrupted) = uninterrupted_artifact("measured.yaml", &text, "measure");
     assert_eq!(uninterrupted.file_name(), dir.file_name());
     assert!(
         read(&dir.join("metrics.csv")) == read(&uninterrupted.join("metrics.csv")),
