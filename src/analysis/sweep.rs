@@ -8,6 +8,10 @@
 //! curvature rejects the power law for every exponent, which is what the paper's "no robust straight
 //! line" (Fact 6) claims. Residuals of the linear fit are reported too.
 //!
+//! Level on log-log axes (figures 14–15, panel (b)): a least-squares line through (log b, log λ) over
+//! the steep part of the curve, the batch sizes up to the critical batch size when the two-segment
+//! fit leaves at least three there, else all of them.
+//!
 //! Critical batch size: a continuous hinge `λ = a + s₁ min(x − k, 0) + s₂ max(x − k, 0)`,
 //! x = ln b, fitted by profiling the residual sum of squares over the knee k (for fixed k the model is
 //! linear); b_c = e^k. Its uncertainty is a seeded residual bootstrap (percentile interval).
@@ -67,6 +71,48 @@ impl PowerLawFit {
     }
 }
 
+/// A least-squares line through (log₁₀ x, log₁₀ y): `y ≈ C x^slope`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogLogLine {
+    /// The slope on log-log axes.
+    pub slope: f64,
+    /// Standard error of the slope.
+    pub slope_stderr: f64,
+    /// log₁₀ C.
+    pub log10_c: f64,
+    /// Coefficient of determination.
+    pub r_squared: f64,
+    /// Residuals of log₁₀ y around the line, in the order of the points.
+    pub residuals: Vec<f64>,
+}
+
+impl LogLogLine {
+    /// Fits the line to points with positive coordinates (two at least); `None` otherwise.
+    pub fn fit(points: &[(f64, f64)]) -> Option<LogLogLine> {
+        let lx: Vec<f64> = points.iter().map(|p| p.0.log10()).collect();
+        let ly: Vec<f64> = points.iter().map(|p| p.1.log10()).collect();
+        if lx.len() < 2 || lx.iter().chain(&ly).any(|v| !v.is_finite()) {
+            return None;
+        }
+        let design: Vec<Vec<f64>> = lx.iter().map(|&x| vec![1.0, x]).collect();
+        let fit = least_squares(&design, &ly)?;
+        let my = ly.iter().sum::<f64>() / ly.len() as f64;
+        let tss: f64 = ly.iter().map(|y| (y - my).powi(2)).sum();
+        Some(LogLogLine {
+            slope: fit.coef[1],
+            slope_stderr: fit.stderr[1],
+            log10_c: fit.coef[0],
+            r_squared: if tss > 0.0 { 1.0 - fit.rss / tss } else { 1.0 },
+            residuals: fit.residuals,
+        })
+    }
+
+    /// The fitted y at `x`.
+    pub fn predict(&self, x: f64) -> f64 {
+        10f64.powf(self.log10_c + self.slope * x.log10())
+    }
+}
+
 /// Fits `2/η − λ = C b^(−α)` to `(b, λ)` points (e.g. final λmax of each run of a sweep).
 pub fn gap_power_law(points: &[(f64, f64)], lr: f64) -> Result<PowerLawFit, AnalysisError> {
     if lr.is_nan() || lr <= 0.0 {
@@ -92,12 +138,9 @@ pub fn gap_power_law(points: &[(f64, f64)], lr: f64) -> Result<PowerLawFit, Anal
     if used.len() < 3 {
         return Err(not_enough());
     }
+    let line = LogLogLine::fit(&used).ok_or_else(not_enough)?;
     let lx: Vec<f64> = used.iter().map(|p| p.0.log10()).collect();
     let ly: Vec<f64> = used.iter().map(|p| p.1.log10()).collect();
-    let linear: Vec<Vec<f64>> = lx.iter().map(|&x| vec![1.0, x]).collect();
-    let fit = least_squares(&linear, &ly).ok_or_else(not_enough)?;
-    let my = ly.iter().sum::<f64>() / ly.len() as f64;
-    let tss: f64 = ly.iter().map(|y| (y - my).powi(2)).sum();
     let curvature = if used.len() >= 4 {
         // Centre log b so the quadratic design is well conditioned.
         let mx = lx.iter().sum::<f64>() / lx.len() as f64;
@@ -125,15 +168,54 @@ pub fn gap_power_law(points: &[(f64, f64)], lr: f64) -> Result<PowerLawFit, Anal
         None
     };
     Ok(PowerLawFit {
-        alpha: -fit.coef[1],
-        alpha_stderr: fit.stderr[1],
-        log10_c: fit.coef[0],
-        r_squared: if tss > 0.0 { 1.0 - fit.rss / tss } else { 1.0 },
+        alpha: -line.slope,
+        alpha_stderr: line.slope_stderr,
+        log10_c: line.log10_c,
+        r_squared: line.r_squared,
         used,
         excluded,
-        residuals: fit.residuals,
+        residuals: line.residuals,
         curvature,
     })
+}
+
+/// The line through the steep part of λ against b on log-log axes (figures 14–15, panel (b)).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LevelLogLogFit {
+    /// The fitted line.
+    pub line: LogLogLine,
+    /// The (b, λ) points fitted.
+    pub used: Vec<(f64, f64)>,
+}
+
+/// Fits a line to `(b, λ)` points on log-log axes: those with b ≤ the `knee`'s critical batch size
+/// when it leaves at least three, else all of them (at least three with λ > 0).
+pub fn level_log_log(
+    points: &[(f64, f64)],
+    knee: Option<&KneeFit>,
+) -> Result<LevelLogLogFit, AnalysisError> {
+    let positive: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|&(b, l)| b > 0.0 && l > 0.0 && l.is_finite())
+        .collect();
+    let below: Vec<(f64, f64)> = knee.map_or_else(Vec::new, |k| {
+        positive
+            .iter()
+            .copied()
+            .filter(|p| p.0 <= k.critical_batch)
+            .collect()
+    });
+    let used = if below.len() >= 3 { below } else { positive };
+    let line = (used.len() >= 3)
+        .then(|| LogLogLine::fit(&used))
+        .flatten()
+        .ok_or_else(|| AnalysisError::NotEnoughData {
+            what: "log-log line of the final λ against b".to_string(),
+            needed: 3,
+            got: used.len(),
+        })?;
+    Ok(LevelLogLogFit { line, used })
 }
 
 /// A two-segment (hinge) fit of λ against ln b, with the knee as the critical batch size.
@@ -366,6 +448,37 @@ mod tests {
         assert!(fit.ci_high / fit.ci_low < 3.0, "interval too wide: {fit:?}");
         // Same seed, same interval.
         assert_eq!(fit, critical_batch_size(&pts, 200, 0.95, 9).unwrap());
+    }
+
+    #[test]
+    fn level_line_fits_the_steep_part_below_the_knee() {
+        // λ = 2 b^0.8 up to b = 64, then flat at 2·64^0.8: the knee falls at 64 and the log-log
+        // line through b ≤ 64 recovers the exponent and the constant exactly.
+        let level = |b: f64| 2.0 * b.min(64.0).powf(0.8);
+        let pts: Vec<(f64, f64)> = BATCHES.iter().map(|&b| (b, level(b))).collect();
+        let knee = KneeFit {
+            critical_batch: 64.0,
+            ..critical_batch_size(&pts, 0, 0.9, 0).unwrap()
+        };
+        let fit = level_log_log(&pts, Some(&knee)).unwrap();
+        assert_eq!(fit.used.len(), 5);
+        assert!((fit.line.slope - 0.8).abs() < 1e-12, "{fit:?}");
+        assert!((fit.line.predict(10.0) - 2.0 * 10f64.powf(0.8)).abs() < 1e-10);
+        assert!((fit.line.r_squared - 1.0).abs() < 1e-12);
+        // Without a knee every point is used, and the flat part pulls the slope down.
+        let all = level_log_log(&pts, None).unwrap();
+        assert_eq!(all.used.len(), BATCHES.len());
+        assert!(all.line.slope < 0.7, "{all:?}");
+        // A knee below the third batch size leaves too few points: all are used.
+        let low = KneeFit {
+            critical_batch: 10.0,
+            ..knee
+        };
+        assert_eq!(level_log_log(&pts, Some(&low)).unwrap().used.len(), 8);
+        assert!(matches!(
+            level_log_log(&pts[..2], None),
+            Err(AnalysisError::NotEnoughData { got: 2, .. })
+        ));
     }
 
     #[test]

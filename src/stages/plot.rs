@@ -5,9 +5,11 @@
 //! titled by its swept params that vary across the runs: `b = 8`), the chosen `columns` against `x`
 //! in the paper's styles, `secondary` columns (losses) on a log twin axis, and the dashed 2/η,
 //! which follows the run's `lr` column when it changes.
-//! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b with 2/η and, with ≥ 4 batch
-//! sizes, the two-segment fit whose knee is the critical batch size; (b) the gap 2/η − λ on log-log
-//! axes with its least-squares power law. One curve per value of `series_by` (e.g. `lr`).
+//! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b (on a log or, as in the paper's
+//! figures 13–20, linear `batch_axis`) with 2/η and, with ≥ 4 batch sizes, the two-segment fit whose
+//! knee is the critical batch size; with `log_log_level` (figures 14–15) the same λ on log-log axes
+//! with a line through its steep part; then the gap 2/η − λ on log-log axes with its least-squares
+//! power law. One curve per value of `series_by` (e.g. `lr`).
 //! `mode: alignment` (figures 23–24): the inputs are `measure` artifacts with `alignment.csv`; one
 //! panel per input and statistic (pairwise dot products, cosines, squared norms), one histogram
 //! (fraction of values per bin, drawn as a staircase) per checkpoint step.
@@ -24,8 +26,8 @@ use super::analysis::{
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
 use crate::analysis::stats::trailing_mean;
-use crate::analysis::sweep::{critical_batch_size, gap_power_law};
-use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Series, Style};
+use crate::analysis::sweep::{critical_batch_size, gap_power_law, level_log_log};
+use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Scale, Series, Style};
 use crate::plot::render::{write_png, write_svg};
 use crate::plot::style::{column_style, display_name, threshold_style, CYCLE};
 
@@ -66,6 +68,9 @@ fn default_panel_size() -> (u32, u32) {
 }
 fn default_protocol() -> FinalProtocol {
     FinalProtocol::FinalEpoch
+}
+fn default_batch_axis() -> Scale {
+    Scale::Log
 }
 
 /// Params of the `plot` kind.
@@ -122,6 +127,15 @@ pub struct PlotParams {
     /// Final-value protocol for `lambda_vs_batch` (default `final_epoch`).
     #[serde(default = "default_protocol")]
     pub protocol: FinalProtocol,
+    /// Scale of the batch-size axis of `lambda_vs_batch`'s first panel: `log` (default) or
+    /// `linear` (the paper's figures 13–20).
+    #[serde(default = "default_batch_axis")]
+    pub batch_axis: Scale,
+    /// `lambda_vs_batch`: add a panel of the final λ against b on log-log axes with a line fitted
+    /// through its steep part, up to the critical batch size (the paper's figures 14–15; default
+    /// false).
+    #[serde(default)]
+    pub log_log_level: bool,
     /// Trailing moving average per `time_series` column, over that many measured rows, e.g.
     /// `{loss: 50}` for the spiky mini-batch loss (default none; the CSV gets what is drawn).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -345,6 +359,7 @@ fn lambda_vs_batch(
     })?;
     let name = display_name(column);
     let mut level = Vec::new();
+    let mut level_log = Vec::new();
     let mut gap = Vec::new();
     let mut fits = Vec::new();
     let mut thresholds = Vec::new();
@@ -374,7 +389,7 @@ fn lambda_vs_batch(
             });
         }
         let (bmin, bmax) = (points[0].0, points[points.len() - 1].0);
-        level.push(Series {
+        let finals = Series {
             name: format!("final {name}{suffix}"),
             style: Style {
                 color,
@@ -382,7 +397,11 @@ fn lambda_vs_batch(
             },
             axis: Axis::Left,
             points: points.clone(),
-        });
+        };
+        if params.log_log_level {
+            level_log.push(finals.clone());
+        }
+        level.push(finals);
         thresholds.push((lr, bmin, bmax));
         // The figure shows the point estimate; the `analysis` kind gives its interval.
         let knee = critical_batch_size(&points, 0, 0.95, 0).ok();
@@ -393,6 +412,17 @@ fn lambda_vs_batch(
                 (bmin, bmax),
                 |b| k.predict(b),
             ));
+        }
+        let steep = level_log_log(&points, knee.as_ref()).ok();
+        if params.log_log_level {
+            if let Some(s) = &steep {
+                level_log.push(fitted_curve(
+                    format!("log-log fit, slope {:.2}{suffix}", s.line.slope),
+                    color,
+                    (s.used[0].0, s.used[s.used.len() - 1].0),
+                    |b| s.line.predict(b),
+                ));
+            }
         }
         let power = gap_power_law(&points, lr).ok();
         gap.push(Series {
@@ -416,27 +446,47 @@ fn lambda_vs_batch(
                 |b| p.predict(b),
             ));
         }
-        fits.push(json!({"curve": label, "lr": lr, "points": points, "critical_batch": knee, "power_law": power}));
+        fits.push(
+            json!({"curve": label, "lr": lr, "points": points, "critical_batch": knee,
+                         "power_law": power, "log_log_level": steep}),
+        );
     }
     if params.threshold {
-        level.extend(threshold_lines(&thresholds));
+        let lines = threshold_lines(&thresholds);
+        if params.log_log_level {
+            level_log.extend(lines.iter().cloned());
+        }
+        level.extend(lines);
     }
-    let panels = vec![
-        Panel {
-            title: format!("(a) final {name} vs batch size"),
-            x: AxisSpec::log("batch size b"),
-            y: AxisSpec::linear(&name),
-            y2: None,
-            series: level,
+    let mut panels = vec![Panel {
+        title: format!("(a) final {name} vs batch size"),
+        x: AxisSpec {
+            label: "batch size b".to_string(),
+            scale: params.batch_axis,
         },
-        Panel {
-            title: format!("(b) gap 2/η − {name} (log-log)"),
+        y: AxisSpec::linear(&name),
+        y2: None,
+        series: level,
+    }];
+    if params.log_log_level {
+        panels.push(Panel {
+            title: format!("(b) final {name} (log-log)"),
             x: AxisSpec::log("batch size b"),
-            y: AxisSpec::log(&format!("2/η − {name}")),
+            y: AxisSpec::log(&name),
             y2: None,
-            series: gap,
-        },
-    ];
+            series: level_log,
+        });
+    }
+    panels.push(Panel {
+        title: format!(
+            "({}) gap 2/η − {name} (log-log)",
+            if params.log_log_level { 'c' } else { 'b' }
+        ),
+        x: AxisSpec::log("batch size b"),
+        y: AxisSpec::log(&format!("2/η − {name}")),
+        y2: None,
+        series: gap,
+    });
     Ok((panels, json!({ "curves": fits })))
 }
 
@@ -540,7 +590,9 @@ impl Stage for PlotStage {
         // 12: a few outlying dots (above a series' 99th percentile) no longer set the axis range.
         // 13: lines split at their sharp turns (no spikes in PNGs); a name for `gni_windowed`; a
         //     lone run's panel titled by all its swept params.
-        13
+        // 14: `lambda_vs_batch` takes `batch_axis` and `log_log_level`; its data JSON has the
+        //     log-log line of each curve.
+        14
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -806,6 +858,95 @@ mod tests {
         );
         let img = image::open(dir.path().join("figure.png")).unwrap();
         assert_eq!((img.width(), img.height()), (2 * 520, 380));
+    }
+
+    #[test]
+    fn lambda_vs_batch_adds_the_log_log_level_panel_on_request() {
+        let params = json!({"mode": "lambda_vs_batch", "columns": ["lambda_max"],
+                            "batch_axis": "linear", "log_log_level": true});
+        let (dir, r) = run_stage(&PlotStage, params, &fixture_runs());
+        r.unwrap();
+        let img = image::open(dir.path().join("figure.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (3 * 520, 380));
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        let curve = &summary["fits"]["curves"][0];
+        let pairs = |v: &Value| -> Vec<(f64, f64)> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        };
+        // The line goes through the final values up to the knee (all of them when fewer than
+        // three lie there).
+        let finals = pairs(&curve["points"]);
+        let knee = curve["critical_batch"]["critical_batch"].as_f64().unwrap();
+        let below: Vec<(f64, f64)> = finals.iter().copied().filter(|p| p.0 <= knee).collect();
+        let used = pairs(&curve["log_log_level"]["used"]);
+        assert_eq!(used, if below.len() >= 3 { below } else { finals });
+        // Its slope against the closed-form simple regression of log λ on log b.
+        let (x, y): (Vec<f64>, Vec<f64>) = used.iter().map(|p| (p.0.ln(), p.1.ln())).unzip();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (mx, my) = (mean(&x), mean(&y));
+        let sxy: f64 = x.iter().zip(&y).map(|(a, b)| (a - mx) * (b - my)).sum();
+        let sxx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+        let slope = sxy / sxx;
+        // The drawn line (in the figure's CSV) has that slope on log-log axes.
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let drawn: Vec<(f64, f64)> = reader
+            .records()
+            .map(|r| r.unwrap())
+            .filter(|r| &r[0] == "(b) final λmax (log-log)" && r[1].starts_with("log-log fit"))
+            .map(|r| (r[3].parse().unwrap(), r[4].parse().unwrap()))
+            .collect();
+        let (first, last) = (drawn[0], drawn[drawn.len() - 1]);
+        let drawn_slope = (last.1 / first.1).ln() / (last.0 / first.0).ln();
+        assert!(
+            (drawn_slope - slope).abs() < 1e-9,
+            "{drawn_slope} vs {slope}"
+        );
+        assert_eq!((first.0, last.0), (used[0].0, used[used.len() - 1].0));
+        assert!(
+            text.contains(&format!("log-log fit, slope {slope:.2}")),
+            "{text}"
+        );
+        // The finals appear in (a) and (b); the gap moves to (c).
+        for panel in ["(a) final λmax vs batch size", "(b) final λmax (log-log)"] {
+            let n = text
+                .lines()
+                .filter(|l| l.starts_with(panel) && l.contains(",final λmax,"))
+                .count();
+            assert_eq!(n, 5, "{panel}: {text}");
+        }
+        assert!(text.contains("(c) gap 2/η − λmax (log-log)"));
+        // Panel (a)'s batch axis is linear (ticks 50, 100 over b = 8…128); (b) and (c) are log
+        // (10, 20, 50, 100).
+        let svg = std::fs::read_to_string(dir.path().join("figure.svg")).unwrap();
+        let ticks = x_tick_labels(&svg, 3, 520, 331);
+        assert_eq!(ticks[0], ["50", "100"], "{ticks:?}");
+        assert_eq!(ticks[1], ["10", "20", "50", "100"], "{ticks:?}");
+        assert_eq!(ticks[2], ticks[1]);
+    }
+
+    /// The numeric labels below `axis_y` in an SVG figure, per panel of `width` pixels.
+    fn x_tick_labels(svg: &str, panels: usize, width: usize, axis_y: usize) -> Vec<Vec<String>> {
+        let attr = |tag: &str, name: &str| -> usize {
+            let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            tag[start..].split('"').next().unwrap().parse().unwrap()
+        };
+        let mut out = vec![Vec::new(); panels];
+        for element in svg.split("<text").skip(1) {
+            let (tag, rest) = element.split_once('>').unwrap();
+            let text = rest.split('<').next().unwrap().trim();
+            if attr(tag, "y") > axis_y && text.parse::<f64>().is_ok() {
+                out[attr(tag, "x") / width].push(text.to_string());
+            }
+        }
+        out
     }
 
     #[test]
