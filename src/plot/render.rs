@@ -88,16 +88,27 @@ fn ticks(range: &std::ops::Range<f64>, scale: Scale) -> Vec<f64> {
     }
     match scale {
         Scale::Linear => {
+            // The smallest 1-2-5 step giving at most about six ticks, or the next smaller one when
+            // that leaves fewer than four (b = 8…128: 20, 40, …, not just 50 and 100).
             let raw = span / 6.0;
             let decade = 10f64.powf(raw.log10().floor());
-            let step = [1.0, 2.0, 5.0, 10.0]
+            let steps: Vec<f64> = [0.5, 1.0, 2.0, 5.0, 10.0]
                 .iter()
                 .map(|m| m * decade)
-                .find(|&st| st >= raw)
-                .unwrap_or(10.0 * decade);
-            let first = (lo / step).ceil() as i64;
-            let last = (hi / step).floor() as i64;
-            (first..=last).map(|i| i as f64 * step).collect()
+                .collect();
+            let fit = steps.iter().position(|&st| st >= raw).unwrap_or(4);
+            let on = |step: f64| {
+                let (first, last) = ((lo / step).ceil() as i64, (hi / step).floor() as i64);
+                (first..=last)
+                    .map(|i| i as f64 * step)
+                    .collect::<Vec<f64>>()
+            };
+            let ticks = on(steps[fit]);
+            if ticks.len() < 4 && fit > 0 {
+                on(steps[fit - 1])
+            } else {
+                ticks
+            }
         }
         Scale::Log => {
             let multiples: &[f64] = if span <= 1.2 {
@@ -692,6 +703,12 @@ mod tests {
             labels(-3.0..52.0, Scale::Linear),
             ["0", "10", "20", "30", "40", "50"]
         );
+        // Batch sizes 8…128, linear: at least four ticks (step 50 would give two).
+        assert_eq!(
+            labels(8.0..128.0, Scale::Linear),
+            ["20", "40", "60", "80", "100", "120"]
+        );
+        assert_eq!(labels(0.0..4000.0, Scale::Linear).len(), 5);
         // Batch sizes 8…128 (log): 1-2-5 multiples, not 10^0.2 steps.
         let b = 8f64.log10()..128f64.log10();
         assert_eq!(labels(b, Scale::Log), ["10", "20", "50", "100"]);

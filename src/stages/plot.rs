@@ -592,7 +592,8 @@ impl Stage for PlotStage {
         //     lone run's panel titled by all its swept params.
         // 14: `lambda_vs_batch` takes `batch_axis` and `log_log_level`; its data JSON has the
         //     log-log line of each curve.
-        14
+        // 15: a linear axis gets at least four ticks.
+        15
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -923,11 +924,15 @@ mod tests {
             assert_eq!(n, 5, "{panel}: {text}");
         }
         assert!(text.contains("(c) gap 2/η − λmax (log-log)"));
-        // Panel (a)'s batch axis is linear (ticks 50, 100 over b = 8…128); (b) and (c) are log
-        // (10, 20, 50, 100).
+        // Panel (a)'s batch axis is linear (ticks 20, 40, …, 120 over b = 8…128); (b) and (c) are
+        // log (10, 20, 50, 100).
         let svg = std::fs::read_to_string(dir.path().join("figure.svg")).unwrap();
         let ticks = x_tick_labels(&svg, 3, 520, 331);
-        assert_eq!(ticks[0], ["50", "100"], "{ticks:?}");
+        assert_eq!(
+            ticks[0],
+            ["20", "40", "60", "80", "100", "120"],
+            "{ticks:?}"
+        );
         assert_eq!(ticks[1], ["10", "20", "50", "100"], "{ticks:?}");
         assert_eq!(ticks[2], ticks[1]);
     }
