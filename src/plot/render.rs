@@ -96,7 +96,10 @@ fn ticks(range: &std::ops::Range<f64>, scale: Scale) -> Vec<f64> {
                 .iter()
                 .map(|m| m * decade)
                 .collect();
-            let fit = steps.iter().position(|&st| st >= raw).unwrap_or(4);
+            let fit = steps
+                .iter()
+                .position(|&st| st >= raw)
+                .unwrap_or(steps.len() - 1);
             let on = |step: f64| {
                 let (first, last) = ((lo / step).ceil() as i64, (hi / step).floor() as i64);
                 (first..=last)

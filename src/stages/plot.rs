@@ -398,9 +398,7 @@ fn lambda_vs_batch(
             axis: Axis::Left,
             points: points.clone(),
         };
-        if params.log_log_level {
-            level_log.push(finals.clone());
-        }
+        level_log.push(finals.clone());
         level.push(finals);
         thresholds.push((lr, bmin, bmax));
         // The figure shows the point estimate; the `analysis` kind gives its interval.
@@ -414,15 +412,13 @@ fn lambda_vs_batch(
             ));
         }
         let steep = level_log_log(&points, knee.as_ref()).ok();
-        if params.log_log_level {
-            if let Some(s) = &steep {
-                level_log.push(fitted_curve(
-                    format!("log-log fit, slope {:.2}{suffix}", s.line.slope),
-                    color,
-                    (s.used[0].0, s.used[s.used.len() - 1].0),
-                    |b| s.line.predict(b),
-                ));
-            }
+        if let Some(s) = &steep {
+            level_log.push(fitted_curve(
+                format!("log-log fit, slope {:.2}{suffix}", s.line.slope),
+                color,
+                (s.used[0].0, s.used[s.used.len() - 1].0),
+                |b| s.line.predict(b),
+            ));
         }
         let power = gap_power_law(&points, lr).ok();
         gap.push(Series {
@@ -453,9 +449,7 @@ fn lambda_vs_batch(
     }
     if params.threshold {
         let lines = threshold_lines(&thresholds);
-        if params.log_log_level {
-            level_log.extend(lines.iter().cloned());
-        }
+        level_log.extend(lines.iter().cloned());
         level.extend(lines);
     }
     let mut panels = vec![Panel {
