@@ -191,29 +191,51 @@ fn figure_2_lambda_max_settles_below_two_over_eta_and_grows_with_b() {
 #[test]
 fn figure_3_sgd_on_a_quadratic_oscillates_with_gni_at_two_over_eta_and_diverges_only_above_two() {
     let runs = run_figure("fig03", "quadratic", None);
-    assert_eq!(runs.len(), 5);
-    for run in &runs {
-        let lr = run.param("lr");
-        let diverged = !run.summary["diverged_at"].is_null();
-        assert_eq!(diverged, lr > 2.0, "{}: diverged = {diverged}", run.name);
-        if !diverged {
-            // SGD keeps oscillating (Type-1): the loss never settles at its minimum.
-            let loss = run.mean_over_last("full_loss", 0.5);
-            let min_loss = run.summary["min_loss"].as_f64().unwrap();
-            assert!(
-                loss > min_loss * (1.0 + 1e-6),
-                "{}: the loss settled at its minimum",
-                run.name
-            );
-            // GNI, averaged over windows (its numerator and denominator summed), sits at 2/η.
-            let gni = run.mean_over_last("gni_windowed", 0.5);
-            assert!(
-                (gni * lr / 2.0 - 1.0).abs() < 0.15,
-                "{}: windowed GNI {gni} vs 2/η = {}",
-                run.name,
-                2.0 / lr
-            );
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    // One run, η stepped up across 2/λmax = 2: it diverges, and only after η exceeds 2.
+    let lr = run.series("lr");
+    let diverged_at = run.summary["diverged_at"]
+        .as_f64()
+        .expect("the run must diverge once η > 2");
+    let crossing = lr.iter().find(|p| p.1 > 2.0).expect("η never exceeds 2").0;
+    assert!(
+        diverged_at > crossing,
+        "diverged at {diverged_at} before η > 2 at {crossing}"
+    );
+    let min_loss = run.summary["min_loss"].as_f64().unwrap();
+    let levels: Vec<f64> = lr.iter().fold(Vec::new(), |mut levels, p| {
+        if levels.last() != Some(&p.1) {
+            levels.push(p.1);
         }
+        levels
+    });
+    assert!(levels.len() >= 4, "step sizes {levels:?}");
+    for &eta in levels.iter().filter(|&&eta| eta < 2.0) {
+        // The second half of the steps at this η (past the window of the windowed GNI).
+        let steps: Vec<f64> = lr.iter().filter(|p| p.1 == eta).map(|p| p.0).collect();
+        let (from, to) = (steps[steps.len() / 2], steps[steps.len() - 1]);
+        let mean = |column: &str| {
+            let values: Vec<f64> = run
+                .series(column)
+                .iter()
+                .filter(|p| p.0 >= from && p.0 <= to)
+                .map(|p| p.1)
+                .collect();
+            values.iter().sum::<f64>() / values.len() as f64
+        };
+        // SGD keeps oscillating (Type-1): the loss never settles at its minimum.
+        assert!(
+            mean("full_loss") > min_loss * (1.0 + 1e-6),
+            "η {eta}: the loss settled"
+        );
+        // GNI, averaged over windows (its numerator and denominator summed), sits at 2/η.
+        let gni = mean("gni_windowed");
+        assert!(
+            (gni * eta / 2.0 - 1.0).abs() < 0.15,
+            "η {eta}: windowed GNI {gni} vs 2/η = {}",
+            2.0 / eta
+        );
     }
 }
 

@@ -50,6 +50,7 @@ pub fn display_name(column: &str) -> String {
         "smc_eq37" => "λmax(E[(I − ηH_B)²])",
         "smc_eq39" => "λmax(−2ηH + η²E[H_B²])",
         "grad_norm_sq" => "‖∇L‖²",
+        "lr" => "step size η",
         other => other,
     }
     .to_string()

@@ -4,7 +4,9 @@
 //! `mode: time_series` (figures 1, 3–11, 36–44…): one panel per value of `panel_by` (or per run,
 //! titled by its swept params that vary across the runs: `b = 8`), the chosen `columns` against `x`
 //! in the paper's styles, `secondary` columns (losses) on a log twin axis, and the dashed 2/η,
-//! which follows the run's `lr` column when it changes.
+//! which follows the run's `lr` column when it changes; with `panels`, several panels per run, each
+//! drawing its own columns (figure 3), and with `instability_line` a red vertical line where a run's
+//! 2/η falls below its λmax.
 //! `mode: lambda_vs_batch` (figures 12–20): (a) final λ against b (on a log or, as in the paper's
 //! figures 13–20, linear `batch_axis`) with 2/η and, with ≥ 4 batch sizes, the two-segment fit whose
 //! knee is the critical batch size; with `log_log_level` (figures 14–15) the same λ on log-log axes
@@ -29,7 +31,7 @@ use crate::analysis::stats::trailing_mean;
 use crate::analysis::sweep::{critical_batch_size, gap_power_law, level_log_log};
 use crate::plot::figure::{Axis, AxisSpec, Figure, Mark, Panel, Scale, Series, Style};
 use crate::plot::render::{write_png, write_svg};
-use crate::plot::style::{column_style, display_name, threshold_style, CYCLE};
+use crate::plot::style::{column_style, display_name, threshold_style, CYCLE, RED};
 
 /// What kind of figure to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -136,10 +138,58 @@ pub struct PlotParams {
     /// false).
     #[serde(default)]
     pub log_log_level: bool,
+    /// `time_series`: the panels drawn for each run (or `panel_by` group), each with its own
+    /// `columns` and optional `title`, `secondary`, `threshold`, `reference` and `log_y` (else the
+    /// plot's), e.g. a run's GNI, iterate and loss side by side (figure 3); default one panel of
+    /// the plot's `columns` and `secondary`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub panels: Vec<PanelSpec>,
+    /// `time_series`: a red vertical line in each panel at the first x where a run's 2/η falls
+    /// below its `lambda_max` (η crosses 2/λmax: the red line of figure 3); default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub instability_line: bool,
     /// Trailing moving average per `time_series` column, over that many measured rows, e.g.
     /// `{loss: 50}` for the spiky mini-batch loss (default none; the CSV gets what is drawn).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub smooth: BTreeMap<String, usize>,
+}
+
+/// One panel of a `time_series` plot's `panels`: what it draws, the rest taken from the plot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PanelSpec {
+    /// Panel title (default: the run's or group's title).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Left-axis columns.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Right-axis columns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secondary: Vec<String>,
+    /// Draw the dashed 2/η here (default: the plot's `threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<bool>,
+    /// A dashed level here (default: the plot's `reference`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<f64>,
+    /// Log left axis here (default: the plot's `log_y`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_y: Option<bool>,
+}
+
+impl PanelSpec {
+    /// The plot's params as this panel draws them (its title aside).
+    fn apply(&self, params: &PlotParams) -> PlotParams {
+        PlotParams {
+            columns: self.columns.clone(),
+            secondary: self.secondary.clone(),
+            threshold: self.threshold.unwrap_or(params.threshold),
+            reference: self.reference.or(params.reference),
+            log_y: self.log_y.unwrap_or(params.log_y),
+            ..params.clone()
+        }
+    }
 }
 
 /// The `plot` stage kind.
@@ -171,133 +221,209 @@ fn step_value(line: &[(f64, f64)], x: f64) -> Option<f64> {
     line.iter().take_while(|p| p.0 <= x).last().map(|p| p.1)
 }
 
-/// The panels of a `time_series` plot. Runs in one panel (e.g. a `train` run and the `measure`
+/// The panels of a `time_series` plot: per run or `panel_by` group, one panel, or one per entry
+/// of `panels` (titled by the entry, prefixed by the group when there are several).
+fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
+    let groups = group_runs(runs, &params.panel_by, RUNS)?;
+    let views: Vec<(Option<&String>, PlotParams)> = if params.panels.is_empty() {
+        vec![(None, params.clone())]
+    } else {
+        params
+            .panels
+            .iter()
+            .map(|spec| (spec.title.as_ref(), spec.apply(params)))
+            .collect()
+    };
+    let mut panels = Vec::new();
+    for (group, members) in &groups {
+        for (title, view) in &views {
+            let title = match title {
+                Some(title) if groups.len() == 1 => title.to_string(),
+                Some(title) => format!("{group}: {title}"),
+                None => group.clone(),
+            };
+            panels.push(time_series_panel(view, title, members)?);
+        }
+    }
+    Ok(panels)
+}
+
+/// The first x at which a run's 2/η lies below its `lambda_max` (`None` if never, or if it has
+/// no `lambda_max` values).
+fn instability_x(run: &RunMetrics, x: &str) -> Result<Option<f64>, StageError> {
+    if !run.table.has("lambda_max") {
+        return Ok(None);
+    }
+    let thresholds = threshold_points(run, x)?;
+    let lambdas = run
+        .table
+        .pairs(x, "lambda_max")
+        .map_err(|e| input_error(RUNS, e))?;
+    Ok(lambdas
+        .into_iter()
+        .find(|&(xv, l)| step_value(&thresholds, xv).is_some_and(|t| t < l))
+        .map(|p| p.0))
+}
+
+/// One `time_series` panel of `members`. Runs in one panel (e.g. a `train` run and the `measure`
 /// stages on its checkpoints) each contribute the columns they have values for (a column no run
 /// of the panel has is an error); a series names its run only when several runs in the panel draw
 /// the same column, and a 2/η line equal to one already drawn is drawn once.
-fn time_series(params: &PlotParams, runs: &[RunMetrics]) -> Result<Vec<Panel>, StageError> {
+fn time_series_panel(
+    params: &PlotParams,
+    title: String,
+    members: &[&RunMetrics],
+) -> Result<Panel, StageError> {
     let columns: Vec<(&String, Axis)> = params
         .columns
         .iter()
         .map(|c| (c, Axis::Left))
         .chain(params.secondary.iter().map(|c| (c, Axis::Right)))
         .collect();
-    let mut panels = Vec::new();
-    for (title, members) in group_runs(runs, &params.panel_by, RUNS)? {
-        let suffix = |run: &RunMetrics, shared: bool| {
-            if shared {
-                format!(" ({})", run.stage)
-            } else {
-                String::new()
-            }
-        };
-        let mut series = Vec::new();
-        if params.threshold {
-            let mut lines: Vec<(&RunMetrics, Vec<(f64, f64)>)> = Vec::new();
-            for &run in &members {
-                let points = threshold_points(run, &params.x)?;
-                let covered = lines
-                    .iter()
-                    .any(|(_, line)| points.iter().all(|&(x, y)| step_value(line, x) == Some(y)));
-                if !points.is_empty() && !covered {
-                    lines.push((run, points));
-                }
-            }
-            let shared = lines.len() > 1;
-            for (run, points) in lines {
-                series.push(Series {
-                    name: format!("2/η{}", suffix(run, shared)),
-                    style: threshold_style(),
-                    axis: Axis::Left,
-                    points,
-                });
-            }
-        }
-        for (ci, &(column, axis)) in columns.iter().enumerate() {
-            // A column missing from every run of the panel is an error (a typo); from some, not.
-            if !members.iter().any(|r| r.table.has(column)) {
-                members[0]
-                    .table
-                    .column(column)
-                    .map_err(|e| input_error(RUNS, e))?;
-            }
-            let mut drawn = Vec::new();
-            for &run in members.iter().filter(|r| r.table.has(column)) {
-                let points = run
-                    .table
-                    .pairs(&params.x, column)
-                    .map_err(|e| input_error(RUNS, e))?;
-                if !points.is_empty() {
-                    drawn.push((run, points));
-                }
-            }
-            let shared = drawn.len() > 1;
-            for (k, (run, mut points)) in drawn.into_iter().enumerate() {
-                let mut style = column_style(column, ci);
-                if k > 0 {
-                    style.color = CYCLE[(k + ci) % CYCLE.len()];
-                }
-                let mut name = display_name(column);
-                if let Some(&window) = params.smooth.get(column.as_str()) {
-                    let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
-                    for (p, y) in points.iter_mut().zip(trailing_mean(&ys, window)) {
-                        p.1 = y;
-                    }
-                    name = format!("{name}, mean of {window}");
-                }
-                series.push(Series {
-                    name: format!("{name}{}", suffix(run, shared)),
-                    style,
-                    axis,
-                    points,
-                });
-            }
-        }
-        if let Some(level) = params.reference {
-            let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-            let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-                (lo.min(x), hi.max(x))
-            });
-            if lo <= hi {
-                series.push(Series {
-                    name: format!("threshold {level}"),
-                    style: threshold_style(),
-                    axis: Axis::Left,
-                    points: vec![(lo, level), (hi, level)],
-                });
-            }
-        }
-        let y_label = if params.columns.len() == 1 {
-            display_name(&params.columns[0])
+    let suffix = |run: &RunMetrics, shared: bool| {
+        if shared {
+            format!(" ({})", run.stage)
         } else {
-            "sharpness".to_string()
-        };
-        panels.push(Panel {
-            title,
-            x: AxisSpec::linear(&params.x),
-            y: if params.log_y {
-                AxisSpec::log(&y_label)
-            } else {
-                AxisSpec::linear(&y_label)
-            },
-            y2: (!params.secondary.is_empty()).then(|| {
-                let label = if params.secondary.len() == 1 {
-                    display_name(&params.secondary[0])
-                } else if params.secondary.iter().any(|c| c.ends_with("accuracy")) {
-                    "loss, accuracy".to_string()
-                } else {
-                    "loss".to_string()
-                };
-                if params.log_secondary {
-                    AxisSpec::log(&label)
-                } else {
-                    AxisSpec::linear(&label)
-                }
-            }),
-            series,
-        });
+            String::new()
+        }
+    };
+    let mut series = Vec::new();
+    if params.threshold {
+        let mut lines: Vec<(&RunMetrics, Vec<(f64, f64)>)> = Vec::new();
+        for &run in members {
+            let points = threshold_points(run, &params.x)?;
+            let covered = lines
+                .iter()
+                .any(|(_, line)| points.iter().all(|&(x, y)| step_value(line, x) == Some(y)));
+            if !points.is_empty() && !covered {
+                lines.push((run, points));
+            }
+        }
+        let shared = lines.len() > 1;
+        for (run, points) in lines {
+            series.push(Series {
+                name: format!("2/η{}", suffix(run, shared)),
+                style: threshold_style(),
+                axis: Axis::Left,
+                points,
+            });
+        }
     }
-    Ok(panels)
+    for (ci, &(column, axis)) in columns.iter().enumerate() {
+        // A column missing from every run of the panel is an error (a typo); from some, not.
+        if !members.iter().any(|r| r.table.has(column)) {
+            members[0]
+                .table
+                .column(column)
+                .map_err(|e| input_error(RUNS, e))?;
+        }
+        let mut drawn = Vec::new();
+        for &run in members.iter().filter(|r| r.table.has(column)) {
+            let points = run
+                .table
+                .pairs(&params.x, column)
+                .map_err(|e| input_error(RUNS, e))?;
+            if !points.is_empty() {
+                drawn.push((run, points));
+            }
+        }
+        let shared = drawn.len() > 1;
+        for (k, (run, mut points)) in drawn.into_iter().enumerate() {
+            let mut style = column_style(column, ci);
+            if k > 0 {
+                style.color = CYCLE[(k + ci) % CYCLE.len()];
+            }
+            let mut name = display_name(column);
+            if let Some(&window) = params.smooth.get(column.as_str()) {
+                let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+                for (p, y) in points.iter_mut().zip(trailing_mean(&ys, window)) {
+                    p.1 = y;
+                }
+                name = format!("{name}, mean of {window}");
+            }
+            series.push(Series {
+                name: format!("{name}{}", suffix(run, shared)),
+                style,
+                axis,
+                points,
+            });
+        }
+    }
+    if let Some(level) = params.reference {
+        let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+        let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+        if lo <= hi {
+            series.push(Series {
+                name: format!("threshold {level}"),
+                style: threshold_style(),
+                axis: Axis::Left,
+                points: vec![(lo, level), (hi, level)],
+            });
+        }
+    }
+    if params.instability_line {
+        let mut marks: Vec<f64> = Vec::new();
+        for &run in members {
+            if let Some(x) = instability_x(run, &params.x)? {
+                if !marks.contains(&x) {
+                    marks.push(x);
+                }
+            }
+        }
+        // Spanning the panel's left-axis lines (dots may hold outliers the axis leaves out).
+        let ys = series
+            .iter()
+            .filter(|s| s.axis == Axis::Left && s.style.mark != Mark::Dots)
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|&y| y.is_finite() && (!params.log_y || y > 0.0));
+        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+            (lo.min(y), hi.max(y))
+        });
+        if lo <= hi {
+            for x in marks {
+                series.push(Series {
+                    name: "η > 2/λmax".to_string(),
+                    style: Style {
+                        color: RED,
+                        mark: Mark::Line,
+                    },
+                    axis: Axis::Left,
+                    points: vec![(x, lo), (x, hi)],
+                });
+            }
+        }
+    }
+    let y_label = if params.columns.len() == 1 {
+        display_name(&params.columns[0])
+    } else {
+        "sharpness".to_string()
+    };
+    Ok(Panel {
+        title,
+        x: AxisSpec::linear(&params.x),
+        y: if params.log_y {
+            AxisSpec::log(&y_label)
+        } else {
+            AxisSpec::linear(&y_label)
+        },
+        y2: (!params.secondary.is_empty()).then(|| {
+            let label = if params.secondary.len() == 1 {
+                display_name(&params.secondary[0])
+            } else if params.secondary.iter().any(|c| c.ends_with("accuracy")) {
+                "loss, accuracy".to_string()
+            } else {
+                "loss".to_string()
+            };
+            if params.log_secondary {
+                AxisSpec::log(&label)
+            } else {
+                AxisSpec::linear(&label)
+            }
+        }),
+        series,
+    })
 }
 
 /// A fitted curve `predict(b)`, dashed in its curve's colour, on 41 log-spaced batch sizes over
@@ -606,7 +732,23 @@ impl Stage for PlotStage {
                 ),
             });
         }
-        let drawn = |c: &String| p.columns.contains(c) || p.secondary.contains(c);
+        let drawn = |c: &String| {
+            p.columns.contains(c)
+                || p.secondary.contains(c)
+                || p.panels
+                    .iter()
+                    .any(|panel| panel.columns.contains(c) || panel.secondary.contains(c))
+        };
+        if let Some(i) = p
+            .panels
+            .iter()
+            .position(|panel| panel.columns.is_empty() && panel.secondary.is_empty())
+        {
+            return Err(ParamError {
+                path: format!("panels[{i}].columns"),
+                message: "a panel needs at least one column (`columns` or `secondary`)".into(),
+            });
+        }
         if let Some(column) = p.smooth.keys().find(|c| !drawn(c)) {
             return Err(ParamError {
                 path: format!("smooth.{column}"),
@@ -666,6 +808,7 @@ mod tests {
     use super::super::analysis::test_support::{fixture_runs, run_stage};
     use super::*;
     use crate::analysis::metrics::MetricsTable;
+    use crate::stages::InputArtifact;
 
     fn count_green(png: &std::path::Path) -> usize {
         let img = image::open(png).unwrap().to_rgb8();
@@ -677,6 +820,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("metrics.csv"), csv).unwrap();
         dir
+    }
+
+    /// The first fixture runs (b = 8, 16, …), one per entry of `csvs`, reading it as their
+    /// metrics; keep the directories alive while the inputs are used.
+    fn runs_with_metrics(
+        csvs: &[&str],
+    ) -> (BTreeMap<String, Vec<InputArtifact>>, Vec<tempfile::TempDir>) {
+        let mut inputs = fixture_runs();
+        let runs = inputs.get_mut("runs").unwrap();
+        runs.truncate(csvs.len());
+        let dirs: Vec<_> = csvs.iter().map(|csv| metrics_dir(csv)).collect();
+        for (run, dir) in runs.iter_mut().zip(&dirs) {
+            run.dir = dir.path().to_path_buf();
+        }
+        (inputs, dirs)
     }
 
     #[test]
@@ -775,14 +933,10 @@ mod tests {
 
     #[test]
     fn a_right_axis_with_accuracy_says_so() {
-        let mut inputs = fixture_runs();
-        let runs = inputs.get_mut("runs").unwrap();
-        runs.truncate(1);
-        let evaluated = metrics_dir(
+        let (inputs, _dirs) = runs_with_metrics(&[
             "step,lr,batch_size,loss,full_loss,full_accuracy,batch_sharpness\n\
              0,0.04,8,0.9,0.95,0.1,3\n10,0.04,8,0.5,0.45,0.6,5\n",
-        );
-        runs[0].dir = evaluated.path().to_path_buf();
+        ]);
         let params =
             json!({"columns": ["batch_sharpness"], "secondary": ["loss", "full_accuracy"]});
         let (dir, r) = run_stage(&PlotStage, params, &inputs);
@@ -794,6 +948,62 @@ mod tests {
         r.unwrap();
         let svg = std::fs::read_to_string(dir.path().join("figure.svg")).unwrap();
         assert!(svg.contains(">\nloss\n<") && !svg.contains("accuracy"));
+    }
+
+    #[test]
+    fn panels_split_a_run_and_the_instability_line_marks_where_eta_passes_two_over_lambda() {
+        // Run 0: η = 0.5 then 2.5 from step 5, λmax = 1: 2/η < λmax from step 5 on. Run 1 never.
+        let (inputs, _dirs) = runs_with_metrics(&[
+            "step,lr,batch_size,lambda_max,gni,full_loss\n\
+             0,0.5,8,1,4,1\n3,0.5,8,1,3.5,2\n5,2.5,8,1,0.9,50\n7,2.5,8,1,0.8,900\n",
+            "step,lr,batch_size,lambda_max,gni,full_loss\n0,0.5,16,1,4,1\n7,0.5,16,1,4.5,3\n",
+        ]);
+        let params = json!({"instability_line": true, "panels": [
+            {"title": "GNI", "columns": ["gni"]},
+            {"title": "loss", "columns": ["full_loss"], "threshold": false, "log_y": true}]});
+        let (dir, r) = run_stage(&PlotStage, params, &inputs);
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let rows = |panel: &str, series: &str| -> Vec<(f64, f64)> {
+            text.lines()
+                .skip(1)
+                .map(|l| l.split(',').collect::<Vec<_>>())
+                .filter(|f| f[0] == panel && f[1] == series)
+                .map(|f| (f[3].parse().unwrap(), f[4].parse().unwrap()))
+                .collect()
+        };
+        // Two runs × two panels, titled by run and panel; 2/η only where asked.
+        let panels: std::collections::BTreeSet<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap())
+            .collect();
+        assert_eq!(
+            panels,
+            ["b = 8: GNI", "b = 8: loss", "b = 16: GNI", "b = 16: loss"]
+                .into_iter()
+                .collect()
+        );
+        assert_eq!(
+            rows("b = 8: GNI", "2/η"),
+            [(0.0, 4.0), (5.0, 4.0), (5.0, 0.8), (7.0, 0.8)]
+        );
+        assert!(rows("b = 8: loss", "2/η").is_empty());
+        // The red line stands at step 5, across each panel's left-axis range.
+        assert_eq!(rows("b = 8: GNI", "η > 2/λmax"), [(5.0, 0.8), (5.0, 4.0)]);
+        assert_eq!(
+            rows("b = 8: loss", "η > 2/λmax"),
+            [(5.0, 1.0), (5.0, 900.0)]
+        );
+        assert!(rows("b = 16: GNI", "η > 2/λmax").is_empty());
+
+        let bad = json!({"panels": [{"columns": ["gni"]}, {"title": "empty"}]});
+        assert_eq!(
+            PlotStage.resolve(&bad).unwrap_err().path,
+            "panels[1].columns"
+        );
+        let unknown = json!({"panels": [{"columns": ["gni"], "colour": "red"}]});
+        assert!(PlotStage.resolve(&unknown).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::analysis::{write_json, write_table};
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::toy::quadratic::{run_sgd, QuadraticConfig, Sampling};
+use crate::train::schedule::Change;
 
 fn default_n() -> usize {
     100
@@ -39,6 +40,9 @@ fn default_gni_window() -> usize {
 pub struct QuadraticParams {
     /// Step size η (required).
     pub lr: f64,
+    /// Step-size changes `[{step, lr}]` (default none), e.g. η stepped across 2 in one run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<Change>,
     /// Number of data points N (default 100).
     #[serde(default = "default_n")]
     pub n: usize,
@@ -75,8 +79,8 @@ impl Stage for QuadraticStage {
     }
 
     fn version(&self, _params: &serde_json::Value) -> u32 {
-        // 2: the `gni_windowed` column.
-        2
+        // 2: the `gni_windowed` column; 3: `lr` per step (step-size schedules).
+        3
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -99,6 +103,24 @@ impl Stage for QuadraticStage {
                 message: format!("must be a positive number, got {}", p.lr),
             });
         }
+        for (i, change) in p.schedule.iter().enumerate() {
+            let path = |field: &str| format!("schedule[{i}].{field}");
+            match (change.lr, change.batch_size) {
+                (_, Some(_)) => {
+                    return Err(ParamError {
+                        path: path("batch_size"),
+                        message: "the quadratic takes step-size changes only".into(),
+                    })
+                }
+                (Some(lr), None) if lr > 0.0 && lr.is_finite() => {}
+                (lr, None) => {
+                    return Err(ParamError {
+                        path: path("lr"),
+                        message: format!("must be a positive number, got {lr:?}"),
+                    })
+                }
+            }
+        }
         Ok(Resolved::cpu(canonical))
     }
 
@@ -113,6 +135,7 @@ impl Stage for QuadraticStage {
             n: p.n,
             batch_size: p.batch_size,
             lr: p.lr,
+            schedule: p.schedule.clone(),
             steps: p.steps,
             seed: p.seed,
             x0: p.x0,
@@ -132,7 +155,7 @@ impl Stage for QuadraticStage {
                 vec![
                     s.step.to_string(),
                     s.epoch.to_string(),
-                    p.lr.to_string(),
+                    s.lr.to_string(),
                     p.batch_size.to_string(),
                     s.batch_loss.to_string(),
                     s.full_loss.to_string(),
@@ -209,6 +232,23 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_writes_each_step_s_step_size() {
+        let params = json!({"lr": 1.5, "n": 50, "batch_size": 5, "steps": 500, "seed": 1,
+                            "schedule": [{"step": 100, "lr": 2.5}]});
+        let (dir, r) = run_stage(&QuadraticStage, params, &BTreeMap::new());
+        r.unwrap();
+        let t = MetricsTable::read(&dir.path().join("metrics.csv")).unwrap();
+        let lr: Vec<f64> = t.column("lr").unwrap().iter().flatten().copied().collect();
+        assert!(lr[..100].iter().all(|&l| l == 1.5) && lr[100..].iter().all(|&l| l == 2.5));
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        let at = summary["diverged_at"].as_u64().expect("η = 2.5 diverges");
+        assert!(at > 100 && lr.len() as u64 == at + 1, "diverged at {at}");
+    }
+
+    #[test]
     fn params_are_checked() {
         assert_eq!(
             QuadraticStage
@@ -225,5 +265,16 @@ mod tests {
         assert!(QuadraticStage
             .resolve(&json!({"lr": 0.5, "eta": 1}))
             .is_err());
+        let schedule = |change| json!({"lr": 0.5, "schedule": [{"step": 9, "lr": 1.0}, change]});
+        let err = |change| QuadraticStage.resolve(&schedule(change)).unwrap_err().path;
+        assert_eq!(
+            err(json!({"step": 10, "batch_size": 2})),
+            "schedule[1].batch_size"
+        );
+        assert_eq!(err(json!({"step": 10, "lr": -1.0})), "schedule[1].lr");
+        assert_eq!(err(json!({"step": 10})), "schedule[1].lr");
+        assert!(QuadraticStage
+            .resolve(&schedule(json!({"step": 10, "lr": 2.1})))
+            .is_ok());
     }
 }

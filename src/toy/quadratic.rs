@@ -14,6 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::train::schedule::{Change, HyperSchedule};
+
 /// How mini-batches are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -101,14 +103,17 @@ impl QuadraticProblem {
 }
 
 /// Settings of one SGD run on the quadratic.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuadraticConfig {
     /// Number of data points N.
     pub n: usize,
     /// Batch size b (1 ≤ b ≤ N).
     pub batch_size: usize,
-    /// Step size η.
+    /// Step size η at step 0.
     pub lr: f64,
+    /// Step-size changes (`lr` only: the batch size is fixed), e.g. η stepped across 2/λmax = 2
+    /// in one run (the paper's figure 3).
+    pub schedule: Vec<Change>,
     /// Number of SGD steps.
     pub steps: usize,
     /// Seed of the data (stream 0) and of the batch order (stream 1).
@@ -128,6 +133,8 @@ pub struct QuadraticStep {
     pub step: usize,
     /// Epoch index (t divided by steps per epoch).
     pub epoch: usize,
+    /// Step size η used for the update from x_t.
+    pub lr: f64,
     /// The iterate x_t.
     pub x: f64,
     /// Loss of the batch used at this step.
@@ -179,12 +186,20 @@ pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError>
             ),
         ));
     }
-    if !(config.lr > 0.0 && config.lr.is_finite()) {
+    let lrs = std::iter::once(config.lr).chain(config.schedule.iter().filter_map(|c| c.lr));
+    if let Some(bad) = lrs.into_iter().find(|lr| !(*lr > 0.0 && lr.is_finite())) {
+        return Err(invalid("lr", format!("must be positive, got {bad}")));
+    }
+    if let Some(change) = config.schedule.iter().find(|c| c.batch_size.is_some()) {
         return Err(invalid(
-            "lr",
-            format!("must be positive, got {}", config.lr),
+            "schedule",
+            format!(
+                "changes the batch size at step {}; the quadratic takes step-size changes only",
+                change.step
+            ),
         ));
     }
+    let schedule = HyperSchedule::new(config.lr, config.batch_size, config.schedule.clone());
     let problem = QuadraticProblem::sample(config.n, config.seed);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(1);
@@ -217,9 +232,11 @@ pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError>
             .sum::<f64>()
             / (2.0 * b as f64);
         let full_loss = problem.loss(x);
+        let (lr, _) = schedule.at(t as u64);
         steps.push(QuadraticStep {
             step: t,
             epoch: t / steps_per_epoch,
+            lr,
             x,
             batch_loss,
             full_loss,
@@ -230,7 +247,7 @@ pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError>
             diverged_at = Some(t);
             break;
         }
-        x -= config.lr * (x - batch_mean);
+        x -= lr * (x - batch_mean);
     }
     Ok(QuadraticRun {
         problem,
@@ -248,6 +265,7 @@ mod tests {
             n: 100,
             batch_size: 10,
             lr,
+            schedule: Vec::new(),
             steps: 30_000,
             seed: 4,
             x0: 3.0,
@@ -339,23 +357,70 @@ mod tests {
     }
 
     #[test]
+    fn a_stepped_step_size_oscillates_at_each_level_and_diverges_only_past_two() {
+        // η = 0.5 → 1.5 → 2.2 in one run: each stable segment settles at its own stationary
+        // E[y²] = η v_b / (2 − η) within a few steps, the run matches the constant-η run up to the
+        // first change (same batches), and it diverges only once η = 2.2 > 2/λmax.
+        let change = |step, lr| Change {
+            step,
+            lr: Some(lr),
+            batch_size: None,
+        };
+        let mut c = config(0.5, Sampling::Replacement);
+        c.schedule = vec![change(20_000, 2.2), change(10_000, 1.5)];
+        let run = run_sgd(&c).unwrap();
+        let constant = run_sgd(&config(0.5, Sampling::Replacement)).unwrap();
+        assert_eq!(run.steps[..10_000], constant.steps[..10_000]);
+        let v = run.problem.batch_mean_variance(10, Sampling::Replacement);
+        for (lr, from, to) in [(0.5, 1_000, 10_000), (1.5, 11_000, 20_000)] {
+            let segment = &run.steps[from..to];
+            assert!(segment.iter().all(|s| s.lr == lr));
+            let ey2 = segment.iter().map(|s| s.grad_norm_sq).sum::<f64>() / segment.len() as f64;
+            let expected = lr * v / (2.0 - lr);
+            assert!(
+                (ey2 / expected - 1.0).abs() < 0.1,
+                "η {lr}: {ey2} vs {expected}"
+            );
+        }
+        let at = run.diverged_at.expect("η = 2.2 must diverge");
+        assert!((20_040..20_080).contains(&at), "diverged at {at}");
+        assert_eq!(run.steps[at].lr, 2.2);
+    }
+
+    #[test]
     fn runs_are_reproducible_and_validated() {
         let c = config(0.8, Sampling::Reshuffle);
         assert_eq!(run_sgd(&c).unwrap(), run_sgd(&c).unwrap());
-        let mut other = c;
+        let mut other = c.clone();
         other.seed = 5;
         assert_ne!(
             run_sgd(&c).unwrap().steps[50].x,
             run_sgd(&other).unwrap().steps[50].x
         );
-        let mut bad = c;
+        let mut bad = c.clone();
         bad.batch_size = 101;
         assert!(run_sgd(&bad)
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
-        bad = c;
+        bad = c.clone();
         bad.lr = -1.0;
         assert!(run_sgd(&bad).is_err());
+        bad = c.clone();
+        bad.schedule = vec![Change {
+            step: 10,
+            lr: Some(f64::NAN),
+            batch_size: None,
+        }];
+        assert!(run_sgd(&bad).unwrap_err().to_string().contains("lr"));
+        bad.schedule[0] = Change {
+            step: 10,
+            lr: None,
+            batch_size: Some(5),
+        };
+        assert!(run_sgd(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("step-size changes only"));
     }
 }
