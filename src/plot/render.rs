@@ -122,11 +122,28 @@ fn ticks(range: &std::ops::Range<f64>, scale: Scale) -> Vec<f64> {
                 &[1.0]
             };
             let stride = (span / 7.0).ceil().max(1.0) as i64;
-            (lo.floor() as i64..=hi.ceil() as i64)
-                .filter(|k| multiples.len() > 1 || k.rem_euclid(stride) == 0)
-                .flat_map(|k| multiples.iter().map(move |m| m.log10() + k as f64))
-                .filter(|v| (lo..=hi).contains(v))
-                .collect()
+            let on = |multiples: &[f64]| -> Vec<f64> {
+                (lo.floor() as i64..=hi.ceil() as i64)
+                    .filter(|k| multiples.len() > 1 || k.rem_euclid(stride) == 0)
+                    .flat_map(|k| multiples.iter().map(move |m| m.log10() + k as f64))
+                    .filter(|v| (lo..=hi).contains(v))
+                    .collect()
+            };
+            // Under a decade, fewer than three ticks take every integer multiple (λ from 12 to
+            // 45: 20, 30, 40), and then, on a still narrower axis, the linear axis' round values.
+            let mut ticks_on = on(multiples);
+            if ticks_on.len() < 3 && span <= 1.2 {
+                ticks_on = on(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+            }
+            if ticks_on.len() < 3 {
+                let values = 10f64.powf(lo)..10f64.powf(hi);
+                ticks_on = ticks(&values, Scale::Linear)
+                    .into_iter()
+                    .filter(|&v| v > 0.0)
+                    .map(f64::log10)
+                    .collect();
+            }
+            ticks_on
         }
     }
 }
@@ -723,6 +740,11 @@ mod tests {
             labels(-9.5..3.5, Scale::Log),
             ["1e-8", "1e-6", "1e-4", "0.01", "1", "100"]
         );
+        // Under a decade, at least three ticks: integer multiples, then round linear values.
+        let lambda = 12f64.log10()..45f64.log10();
+        assert_eq!(labels(lambda, Scale::Log), ["20", "30", "40"]);
+        let narrow = 30f64.log10()..45f64.log10();
+        assert_eq!(labels(narrow, Scale::Log), ["30", "35", "40", "45"]);
         assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
     }
 

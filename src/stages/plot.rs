@@ -713,7 +713,8 @@ impl Stage for PlotStage {
         // 14: `lambda_vs_batch` takes `batch_axis` and `log_log_level`; its data JSON has the
         //     log-log line of each curve.
         // 15: a linear axis gets at least four ticks.
-        15
+        // 16: a log axis under a decade gets at least three.
+        16
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
