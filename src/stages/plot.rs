@@ -11,7 +11,8 @@
 //! figures 13–20, linear `batch_axis`) with 2/η and, with ≥ 4 batch sizes, the two-segment fit whose
 //! knee is the critical batch size; with `log_log_level` (figures 14–15) the same λ on log-log axes
 //! with a line through its steep part; then the gap 2/η − λ on log-log axes with its least-squares
-//! power law. One curve per value of `series_by` (e.g. `lr`).
+//! power law. One curve per value of `series_by` (e.g. `lr`). With `fits: false` (figure 29), one
+//! panel of every column's final values against b, nothing fitted.
 //! `mode: alignment` (figures 23–24): the inputs are `measure` artifacts with `alignment.csv`; one
 //! panel per input and statistic (pairwise dot products, cosines, squared norms), one histogram
 //! (fraction of values per bin, drawn as a staircase) per checkpoint step.
@@ -65,6 +66,9 @@ fn default_grid_columns() -> usize {
 fn default_true() -> bool {
     true
 }
+fn is_true(value: &bool) -> bool {
+    *value
+}
 fn default_panel_size() -> (u32, u32) {
     (520, 380)
 }
@@ -89,7 +93,7 @@ pub struct PlotParams {
     #[serde(default)]
     pub mode: PlotMode,
     /// Left-axis metrics columns (default step sharpness, batch sharpness, λmax); for
-    /// `lambda_vs_batch` the first one is the quantity.
+    /// `lambda_vs_batch` the first one is the quantity (each one with `fits: false`).
     #[serde(default = "default_columns")]
     pub columns: Vec<String>,
     /// Right-axis (log) columns, e.g. `[loss]` (default none).
@@ -148,6 +152,11 @@ pub struct PlotParams {
     /// below its `lambda_max` (η crosses 2/λmax: the red line of figure 3); default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub instability_line: bool,
+    /// `lambda_vs_batch`: fit the two-segment knee and the gap's power law, and draw the gap panel
+    /// (default true; the first column only). `false` draws every column's final values against b
+    /// in one panel, fits left out (figure 29: quantities whose level does not depend on b).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub fits: bool,
     /// Trailing moving average per `time_series` column, over that many measured rows, e.g.
     /// `{loss: 50}` for the spiky mini-batch loss (default none; the CSV gets what is drawn).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -483,7 +492,12 @@ fn lambda_vs_batch(
             "params.columns: lambda_vs_batch needs the quantity as the first column".into(),
         )
     })?;
-    let name = display_name(column);
+    // With fits, the first column; without, one curve per column (and per `series_by` group).
+    let quantities = if params.fits {
+        &params.columns[..1]
+    } else {
+        &params.columns[..]
+    };
     let mut level = Vec::new();
     let mut level_log = Vec::new();
     let mut gap = Vec::new();
@@ -491,8 +505,16 @@ fn lambda_vs_batch(
     let mut thresholds = Vec::new();
     // Without `series_by`, the whole sweep is one curve.
     let curves = series(runs, &params.series_by, RUNS)?;
-    for (gi, (label, members)) in curves.into_iter().enumerate() {
-        let color = CYCLE[gi % CYCLE.len()];
+    let pairs = quantities
+        .iter()
+        .flat_map(|column| curves.iter().map(move |curve| (column, curve)));
+    for (gi, (column, (label, members))) in pairs.enumerate() {
+        let name = display_name(column);
+        let color = if quantities.len() > 1 && params.series_by.is_empty() {
+            column_style(column, gi).color
+        } else {
+            CYCLE[gi % CYCLE.len()]
+        };
         let suffix = if !params.series_by.is_empty() {
             format!(" ({label})")
         } else {
@@ -500,7 +522,7 @@ fn lambda_vs_batch(
         };
         let mut points = Vec::new();
         let mut lrs = Vec::new();
-        for run in &members {
+        for run in members {
             let v = final_value(&run.table, column, params.protocol)
                 .map_err(|e| input_error(RUNS, e))?;
             points.push((run.require("batch_size", RUNS)?, v.value));
@@ -527,6 +549,10 @@ fn lambda_vs_batch(
         level_log.push(finals.clone());
         level.push(finals);
         thresholds.push((lr, bmin, bmax));
+        if !params.fits {
+            fits.push(json!({"quantity": column, "curve": label, "lr": lr, "points": points}));
+            continue;
+        }
         // The figure shows the point estimate; the `analysis` kind gives its interval.
         let knee = critical_batch_size(&points, 0, 0.95, 0).ok();
         if let Some(k) = &knee {
@@ -569,7 +595,7 @@ fn lambda_vs_batch(
             ));
         }
         fits.push(
-            json!({"curve": label, "lr": lr, "points": points, "critical_batch": knee,
+            json!({"quantity": column, "curve": label, "lr": lr, "points": points, "critical_batch": knee,
                          "power_law": power, "log_log_level": steep}),
         );
     }
@@ -578,16 +604,25 @@ fn lambda_vs_batch(
         level_log.extend(lines.iter().cloned());
         level.extend(lines);
     }
+    let name = display_name(column);
+    let (title, y_label) = match (params.fits, quantities.len()) {
+        (true, _) => (format!("(a) final {name} vs batch size"), name.clone()),
+        (false, 1) => (format!("final {name} vs batch size"), name.clone()),
+        (false, _) => ("final values vs batch size".into(), "final value".into()),
+    };
     let mut panels = vec![Panel {
-        title: format!("(a) final {name} vs batch size"),
+        title,
         x: AxisSpec {
             label: "batch size b".to_string(),
             scale: params.batch_axis,
         },
-        y: AxisSpec::linear(&name),
+        y: AxisSpec::linear(&y_label),
         y2: None,
         series: level,
     }];
+    if !params.fits {
+        return Ok((panels, json!({ "curves": fits })));
+    }
     if params.log_log_level {
         panels.push(Panel {
             title: format!("(b) final {name} (log-log)"),
@@ -714,7 +749,8 @@ impl Stage for PlotStage {
         //     log-log line of each curve.
         // 15: a linear axis gets at least four ticks.
         // 16: a log axis under a decade gets at least three.
-        16
+        // 17: `lambda_vs_batch` names each curve's quantity in its data JSON (`fits: false`).
+        17
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
@@ -740,6 +776,12 @@ impl Stage for PlotStage {
                     .iter()
                     .any(|panel| panel.columns.contains(c) || panel.secondary.contains(c))
         };
+        if p.log_log_level && !p.fits {
+            return Err(ParamError {
+                path: "log_log_level".into(),
+                message: "draws a fitted line, which `fits: false` leaves out".into(),
+            });
+        }
         if let Some(i) = p
             .panels
             .iter()
@@ -1064,6 +1106,57 @@ mod tests {
         );
         let img = image::open(dir.path().join("figure.png")).unwrap();
         assert_eq!((img.width(), img.height()), (2 * 520, 380));
+    }
+
+    #[test]
+    fn lambda_vs_batch_without_fits_draws_every_column_in_one_panel() {
+        let params = json!({"mode": "lambda_vs_batch", "columns": ["batch_sharpness", "lambda_max"],
+                            "fits": false, "protocol": {"last_k": 2}});
+        let (dir, r) = run_stage(&PlotStage, params, &fixture_runs());
+        r.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("figure.csv")).unwrap();
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(summary["panels"], 1);
+        // One curve per column, each point the mean of that column's last two values in its run.
+        for (column, series) in [
+            ("batch_sharpness", "final Batch Sharpness"),
+            ("lambda_max", "final λmax"),
+        ] {
+            let drawn: Vec<(f64, f64)> = text
+                .lines()
+                .map(|l| l.split(',').collect::<Vec<_>>())
+                .filter(|f| f[1] == series)
+                .map(|f| (f[3].parse().unwrap(), f[4].parse().unwrap()))
+                .collect();
+            assert_eq!(drawn.len(), 5, "{series}");
+            for (b, y) in drawn {
+                let path = format!(
+                    "{}/tests/fixtures/metrics/b{b}/metrics.csv",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                let t = MetricsTable::read(std::path::Path::new(&path)).unwrap();
+                let values: Vec<f64> = t
+                    .column(column)
+                    .unwrap()
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                let expected = (values[values.len() - 1] + values[values.len() - 2]) / 2.0;
+                assert!(
+                    (y - expected).abs() < 1e-9 * expected.abs().max(1.0),
+                    "{series} b = {b}"
+                );
+            }
+        }
+        assert!(!text.contains("fit") && !text.contains("power law") && !text.contains("2/η −"));
+        assert_eq!(summary["fits"]["curves"][1]["quantity"], "lambda_max");
+
+        let both = json!({"mode": "lambda_vs_batch", "fits": false, "log_log_level": true});
+        assert_eq!(PlotStage.resolve(&both).unwrap_err().path, "log_log_level");
     }
 
     #[test]
