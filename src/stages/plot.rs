@@ -274,6 +274,47 @@ fn instability_x(run: &RunMetrics, x: &str) -> Result<Option<f64>, StageError> {
         .map(|p| p.0))
 }
 
+/// The red vertical lines of `instability_line`: one at each distinct [`instability_x`] of the
+/// panel's runs, spanning the left-axis range of the panel's `series` (lines only: dots may hold
+/// outliers the axis leaves out).
+fn instability_lines(
+    params: &PlotParams,
+    members: &[&RunMetrics],
+    series: &[Series],
+) -> Result<Vec<Series>, StageError> {
+    let mut marks: Vec<f64> = Vec::new();
+    for &run in members {
+        if let Some(x) = instability_x(run, &params.x)? {
+            if !marks.contains(&x) {
+                marks.push(x);
+            }
+        }
+    }
+    let ys = series
+        .iter()
+        .filter(|s| s.axis == Axis::Left && s.style.mark != Mark::Dots)
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter(|&y| y.is_finite() && (!params.log_y || y > 0.0));
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+        (lo.min(y), hi.max(y))
+    });
+    if lo > hi {
+        return Ok(Vec::new());
+    }
+    Ok(marks
+        .into_iter()
+        .map(|x| Series {
+            name: "η > 2/λmax".to_string(),
+            style: Style {
+                color: RED,
+                mark: Mark::Line,
+            },
+            axis: Axis::Left,
+            points: vec![(x, lo), (x, hi)],
+        })
+        .collect())
+}
+
 /// One `time_series` panel of `members`. Runs in one panel (e.g. a `train` run and the `measure`
 /// stages on its checkpoints) each contribute the columns they have values for (a column no run
 /// of the panel has is an error); a series names its run only when several runs in the panel draw
@@ -373,36 +414,8 @@ fn time_series_panel(
         }
     }
     if params.instability_line {
-        let mut marks: Vec<f64> = Vec::new();
-        for &run in members {
-            if let Some(x) = instability_x(run, &params.x)? {
-                if !marks.contains(&x) {
-                    marks.push(x);
-                }
-            }
-        }
-        // Spanning the panel's left-axis lines (dots may hold outliers the axis leaves out).
-        let ys = series
-            .iter()
-            .filter(|s| s.axis == Axis::Left && s.style.mark != Mark::Dots)
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .filter(|&y| y.is_finite() && (!params.log_y || y > 0.0));
-        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
-            (lo.min(y), hi.max(y))
-        });
-        if lo <= hi {
-            for x in marks {
-                series.push(Series {
-                    name: "η > 2/λmax".to_string(),
-                    style: Style {
-                        color: RED,
-                        mark: Mark::Line,
-                    },
-                    axis: Axis::Left,
-                    points: vec![(x, lo), (x, hi)],
-                });
-            }
-        }
+        let lines = instability_lines(params, members, &series)?;
+        series.extend(lines);
     }
     let y_label = if params.columns.len() == 1 {
         display_name(&params.columns[0])
