@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,12 +25,14 @@ struct EchoParams {
     cuda: bool,
 }
 
-/// Writes `out.txt` = its `value` followed by the `out.txt` of its inputs; counts its runs and the
-/// most exclusive-device runs seen at once.
+/// Writes `out.txt` = its `value` followed by the `out.txt` of its inputs; counts its runs, the
+/// most runs and the most exclusive-device runs seen at once.
 #[derive(Default)]
 pub(crate) struct Echo {
     pub runs: AtomicUsize,
     pub version: u32,
+    active: AtomicUsize,
+    pub max_active: AtomicUsize,
     active_cuda: AtomicUsize,
     pub max_cuda: AtomicUsize,
     /// When set, the next run writes `partial.txt` and fails (once).
@@ -101,6 +103,8 @@ impl Stage for Echo {
             std::fs::write(&partial, "half").unwrap();
             return Err(StageError::Failed("interrupted".into()));
         }
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active.fetch_max(now, Ordering::SeqCst);
         if p.cuda {
             let now = self.active_cuda.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_cuda.fetch_max(now, Ordering::SeqCst);
@@ -109,6 +113,7 @@ impl Stage for Echo {
         ctx.reporter.log(&format!("echo {}", p.value));
         std::thread::sleep(Duration::from_millis(p.sleep_ms));
         ctx.reporter.set_position(2);
+        self.active.fetch_sub(1, Ordering::SeqCst);
         if p.cuda {
             self.active_cuda.fetch_sub(1, Ordering::SeqCst);
         }
@@ -226,12 +231,11 @@ fn independent_stages_run_in_parallel_but_exclusive_devices_do_not_overlap() {
     let echo = Arc::new(Echo::default());
     let text = "name: par\nstages:\n  s:\n    kind: echo\n    params: {value: x, sleep_ms: 300}\n    matrix: {value: [a, b, c, d]}\n  g:\n    kind: echo\n    params: {value: y, sleep_ms: 50, cuda: true}\n    matrix: {value: [a, b, c, d]}\n";
     let plan = plan_for(text, &echo, &store);
-    let t0 = Instant::now();
     let out = run(&plan, &store, &opts(4), &Recorder::default());
-    let wall = t0.elapsed();
     assert!(out.iter().all(|o| o.status == Status::Computed));
-    // Four 300 ms stages on four jobs: well under the 1.2 s they take one after another.
-    assert!(wall < Duration::from_millis(1100), "{wall:?}");
+    // Four 300 ms stages on four jobs overlap (counted, not timed: a loaded machine may be slow);
+    // the exclusive-device stages never do.
+    assert!(echo.max_active.load(Ordering::SeqCst) >= 2);
     assert_eq!(echo.max_cuda.load(Ordering::SeqCst), 1);
 }
 
