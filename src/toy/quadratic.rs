@@ -186,8 +186,8 @@ pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError>
             ),
         ));
     }
-    let lrs = std::iter::once(config.lr).chain(config.schedule.iter().filter_map(|c| c.lr));
-    if let Some(bad) = lrs.into_iter().find(|lr| !(*lr > 0.0 && lr.is_finite())) {
+    let mut lrs = std::iter::once(config.lr).chain(config.schedule.iter().filter_map(|c| c.lr));
+    if let Some(bad) = lrs.find(|lr| !(*lr > 0.0 && lr.is_finite())) {
         return Err(invalid("lr", format!("must be positive, got {bad}")));
     }
     if let Some(change) = config.schedule.iter().find(|c| c.batch_size.is_some()) {
