@@ -559,13 +559,15 @@ fn lambda_vs_batch(
             axis: Axis::Left,
             points: points.clone(),
         };
-        level_log.push(finals.clone());
-        level.push(finals);
         thresholds.push((lr, bmin, bmax));
+        let mut curve = json!({"quantity": column, "curve": label, "lr": lr, "points": points});
         if !params.fits {
-            fits.push(json!({"quantity": column, "curve": label, "lr": lr, "points": points}));
+            level.push(finals);
+            fits.push(curve);
             continue;
         }
+        level_log.push(finals.clone());
+        level.push(finals);
         // The figure shows the point estimate; the `analysis` kind gives its interval.
         let knee = critical_batch_size(&points, 0, 0.95, 0).ok();
         if let Some(k) = &knee {
@@ -607,10 +609,10 @@ fn lambda_vs_batch(
                 |b| p.predict(b),
             ));
         }
-        fits.push(
-            json!({"quantity": column, "curve": label, "lr": lr, "points": points, "critical_batch": knee,
-                         "power_law": power, "log_log_level": steep}),
-        );
+        curve["critical_batch"] = json!(knee);
+        curve["power_law"] = json!(power);
+        curve["log_log_level"] = json!(steep);
+        fits.push(curve);
     }
     if params.threshold {
         let lines = threshold_lines(&thresholds);
@@ -633,10 +635,7 @@ fn lambda_vs_batch(
         y2: None,
         series: level,
     }];
-    if !params.fits {
-        return Ok((panels, json!({ "curves": fits })));
-    }
-    if params.log_log_level {
+    if params.fits && params.log_log_level {
         panels.push(Panel {
             title: format!("(b) final {name} (log-log)"),
             x: AxisSpec::log("batch size b"),
@@ -645,16 +644,18 @@ fn lambda_vs_batch(
             series: level_log,
         });
     }
-    panels.push(Panel {
-        title: format!(
-            "({}) gap 2/η − {name} (log-log)",
-            if params.log_log_level { 'c' } else { 'b' }
-        ),
-        x: AxisSpec::log("batch size b"),
-        y: AxisSpec::log(&format!("2/η − {name}")),
-        y2: None,
-        series: gap,
-    });
+    if params.fits {
+        panels.push(Panel {
+            title: format!(
+                "({}) gap 2/η − {name} (log-log)",
+                if params.log_log_level { 'c' } else { 'b' }
+            ),
+            x: AxisSpec::log("batch size b"),
+            y: AxisSpec::log(&format!("2/η − {name}")),
+            y2: None,
+            series: gap,
+        });
+    }
     Ok((panels, json!({ "curves": fits })))
 }
 

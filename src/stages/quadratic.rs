@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::analysis::{write_json, write_table};
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
-use crate::toy::quadratic::{run_sgd, QuadraticConfig, Sampling};
+use crate::toy::quadratic::{run_sgd, QuadraticConfig, QuadraticError, Sampling};
 use crate::train::schedule::Change;
 
 fn default_n() -> usize {
@@ -69,6 +69,23 @@ pub struct QuadraticParams {
     pub gni_window: usize,
 }
 
+impl QuadraticParams {
+    /// The run these params describe.
+    fn config(&self) -> QuadraticConfig {
+        QuadraticConfig {
+            n: self.n,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            schedule: self.schedule.clone(),
+            steps: self.steps,
+            seed: self.seed,
+            x0: self.x0,
+            sampling: self.sampling,
+            divergence_loss: self.divergence_loss,
+        }
+    }
+}
+
 /// The `quadratic` stage kind.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QuadraticStage;
@@ -85,42 +102,18 @@ impl Stage for QuadraticStage {
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
         let (p, canonical) = resolve_typed::<QuadraticParams>(params)?;
-        if p.batch_size == 0 || p.batch_size > p.n {
-            return Err(ParamError {
-                path: "batch_size".into(),
-                message: format!("must lie in 1..={} (n), got {}", p.n, p.batch_size),
-            });
-        }
         if p.gni_window == 0 {
             return Err(ParamError {
                 path: "gni_window".into(),
                 message: "must be at least 1".into(),
             });
         }
-        if !(p.lr > 0.0 && p.lr.is_finite()) {
-            return Err(ParamError {
-                path: "lr".into(),
-                message: format!("must be a positive number, got {}", p.lr),
-            });
-        }
-        for (i, change) in p.schedule.iter().enumerate() {
-            let path = |field: &str| format!("schedule[{i}].{field}");
-            match (change.lr, change.batch_size) {
-                (_, Some(_)) => {
-                    return Err(ParamError {
-                        path: path("batch_size"),
-                        message: "the quadratic takes step-size changes only".into(),
-                    })
-                }
-                (Some(lr), None) if lr > 0.0 && lr.is_finite() => {}
-                (lr, None) => {
-                    return Err(ParamError {
-                        path: path("lr"),
-                        message: format!("must be a positive number, got {lr:?}"),
-                    })
-                }
-            }
-        }
+        p.config()
+            .validate()
+            .map_err(|QuadraticError::Invalid { field, message }| ParamError {
+                path: field,
+                message,
+            })?;
         Ok(Resolved::cpu(canonical))
     }
 
@@ -131,18 +124,7 @@ impl Stage for QuadraticStage {
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let p: QuadraticParams = ctx.typed_params()?;
         ctx.reporter.set_length(p.steps as u64);
-        let run = run_sgd(&QuadraticConfig {
-            n: p.n,
-            batch_size: p.batch_size,
-            lr: p.lr,
-            schedule: p.schedule.clone(),
-            steps: p.steps,
-            seed: p.seed,
-            x0: p.x0,
-            sampling: p.sampling,
-            divergence_loss: p.divergence_loss,
-        })
-        .map_err(|e| StageError::Failed(e.to_string()))?;
+        let run = run_sgd(&p.config()).map_err(|e| StageError::Failed(e.to_string()))?;
         let grad_norm_sq: Vec<f64> = run.steps.iter().map(|s| s.grad_norm_sq).collect();
         let windowed =
             run.problem

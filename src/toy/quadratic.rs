@@ -162,43 +162,63 @@ pub struct QuadraticRun {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuadraticError {
     /// A setting is out of range.
-    #[error("quadratic: {field} {message}")]
+    #[error("quadratic: {field}: {message}")]
     Invalid {
-        /// The setting at fault.
-        field: &'static str,
+        /// The setting at fault, as a path (`batch_size`, `schedule[1].lr`).
+        field: String,
         /// What is wrong.
         message: String,
     },
 }
 
+impl QuadraticConfig {
+    /// Checks every setting, naming the first one at fault by its path.
+    pub fn validate(&self) -> Result<(), QuadraticError> {
+        let invalid =
+            |field: String, message: String| Err(QuadraticError::Invalid { field, message });
+        if self.n == 0 {
+            return invalid("n".into(), "must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.batch_size > self.n {
+            return invalid(
+                "batch_size".into(),
+                format!("must lie in 1..={} (n), got {}", self.n, self.batch_size),
+            );
+        }
+        if !is_step_size(self.lr) {
+            return invalid(
+                "lr".into(),
+                format!("must be a positive number, got {}", self.lr),
+            );
+        }
+        for (i, change) in self.schedule.iter().enumerate() {
+            match (change.lr, change.batch_size) {
+                (_, Some(_)) => {
+                    return invalid(
+                        format!("schedule[{i}].batch_size"),
+                        "the quadratic takes step-size changes only".into(),
+                    )
+                }
+                (Some(lr), None) if is_step_size(lr) => {}
+                (lr, None) => {
+                    return invalid(
+                        format!("schedule[{i}].lr"),
+                        format!("must be a positive number, got {lr:?}"),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_step_size(lr: f64) -> bool {
+    lr > 0.0 && lr.is_finite()
+}
+
 /// Runs SGD `x ← x − η ∇L_B(x)` with the configured sampling, stopping early on divergence.
 pub fn run_sgd(config: &QuadraticConfig) -> Result<QuadraticRun, QuadraticError> {
-    let invalid = |field, message: String| QuadraticError::Invalid { field, message };
-    if config.n == 0 {
-        return Err(invalid("n", "must be at least 1".into()));
-    }
-    if config.batch_size == 0 || config.batch_size > config.n {
-        return Err(invalid(
-            "batch_size",
-            format!(
-                "must lie in 1..={} (n), got {}",
-                config.n, config.batch_size
-            ),
-        ));
-    }
-    let mut lrs = std::iter::once(config.lr).chain(config.schedule.iter().filter_map(|c| c.lr));
-    if let Some(bad) = lrs.find(|lr| !(*lr > 0.0 && lr.is_finite())) {
-        return Err(invalid("lr", format!("must be positive, got {bad}")));
-    }
-    if let Some(change) = config.schedule.iter().find(|c| c.batch_size.is_some()) {
-        return Err(invalid(
-            "schedule",
-            format!(
-                "changes the batch size at step {}; the quadratic takes step-size changes only",
-                change.step
-            ),
-        ));
-    }
+    config.validate()?;
     let schedule = HyperSchedule::new(config.lr, config.batch_size, config.schedule.clone());
     let problem = QuadraticProblem::sample(config.n, config.seed);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -421,6 +441,6 @@ mod tests {
         assert!(run_sgd(&bad)
             .unwrap_err()
             .to_string()
-            .contains("step-size changes only"));
+            .contains("schedule[0].batch_size: the quadratic takes step-size changes only"));
     }
 }
