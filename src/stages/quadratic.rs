@@ -253,8 +253,22 @@ mod tests {
             err(json!({"step": 10, "batch_size": 2})),
             "schedule[1].batch_size"
         );
+        let message = |change| {
+            QuadraticStage
+                .resolve(&schedule(change))
+                .unwrap_err()
+                .message
+        };
         assert_eq!(err(json!({"step": 10, "lr": -1.0})), "schedule[1].lr");
-        assert_eq!(err(json!({"step": 10})), "schedule[1].lr");
+        assert_eq!(
+            message(json!({"step": 10, "lr": -1.0})),
+            "must be a positive number, got -1"
+        );
+        assert_eq!(err(json!({"step": 10})), "schedule[1]");
+        assert_eq!(
+            message(json!({"step": 10})),
+            "sets neither `lr` nor `batch_size`"
+        );
         assert!(QuadraticStage
             .resolve(&schedule(json!({"step": 10, "lr": 2.1})))
             .is_ok());

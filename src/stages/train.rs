@@ -2,13 +2,15 @@
 //! `dataset`), or a branch continuing a cached base run from one of its checkpoints.
 //!
 //! Outputs: `metrics.csv`, `checkpoints/step-*.safetensors`, `summary.json` (status, steps run,
-//! `diverged_at`). A diverged run is a valid, cached result. The kind is resumable: a killed run
-//! continues from the last checkpoint in its work dir and ends bit-identical to an uninterrupted run.
+//! `diverged_at`). A diverged run fails the stage, unless `on_divergence: record` makes it a valid,
+//! cached result. The kind is resumable: a killed run continues from the last checkpoint in its work
+//! dir and ends bit-identical to an uninterrupted run.
 
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
-use crate::train::{checkpoint, train, StartPoint, TrainConfig};
+use crate::train::schedule::schedule_path;
+use crate::train::{checkpoint, train, OnDivergence, StartPoint, TrainConfig};
 
 /// The `train` kind.
 pub struct TrainStage;
@@ -78,6 +80,11 @@ impl Stage for TrainStage {
         if config.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));
         }
+        for (i, change) in config.schedule.iter().enumerate() {
+            change
+                .check()
+                .map_err(|(field, message)| invalid(&schedule_path(i, field), &message))?;
+        }
         config.model.validate().map_err(|e| match e {
             crate::nn::SpecError::Invalid { field, message } => {
                 invalid(&format!("model.{field}"), &message)
@@ -103,7 +110,6 @@ impl Stage for TrainStage {
         }
         for (path, value) in [
             ("checkpoint_every", config.checkpoint_every),
-            ("eval.every", config.eval.every),
             ("eval_chunk", config.eval_chunk as u64),
         ] {
             if value == 0 {
@@ -193,13 +199,71 @@ impl Stage for TrainStage {
             &summary,
             serde_json::to_vec_pretty(&outcome).expect("outcome serializes"),
         )
-        .map_err(|e| StageError::io(&summary, e))
+        .map_err(|e| StageError::io(&summary, e))?;
+        match (outcome.diverged_at, config.on_divergence) {
+            (Some(step), OnDivergence::Fail) => Err(StageError::Failed(format!(
+                "diverged at step {step}: the loss was NaN, infinite or above divergence_loss = {:e} \
+                 (metrics.csv up to that step is kept beside the log); lower `lr`, or set \
+                 `on_divergence: record` to keep a diverged run as a result",
+                config.divergence_loss
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn params_are_checked_and_the_error_names_the_field() {
+        use serde_json::json;
+        let error = |changes: serde_json::Value| {
+            let mut raw = json!({"model": {"arch": "mlp"}, "init_scale": 0.2, "lr": 0.1,
+                                 "batch_size": 8, "steps": 10});
+            for (field, value) in changes.as_object().unwrap() {
+                raw[field] = value.clone();
+            }
+            TrainStage
+                .resolve(&raw)
+                .map(|_| ())
+                .map_err(|e| (e.path, e.message))
+        };
+        assert_eq!(error(json!({})), Ok(()));
+        let path = |changes| error(changes).unwrap_err().0;
+        assert_eq!(path(json!({"lr": -0.1})), "lr");
+        assert_eq!(path(json!({"batch_size": 0})), "batch_size");
+        assert_eq!(path(json!({"checkpoint_every": 0})), "checkpoint_every");
+        assert_eq!(path(json!({"eval": {"every": 0}})), "eval.every");
+        assert_eq!(
+            path(json!({"measure": {"lambda_max": {"every": 0}}})),
+            "measure.lambda_max.every"
+        );
+        assert_eq!(
+            path(json!({"measure": {"batch_sharpness": {"every": 0}}})),
+            "measure.batch_sharpness.every"
+        );
+        assert_eq!(
+            path(json!({"schedule": [{"step": 5, "lr": 0.2}, {"step": 9, "lr": 0.0}]})),
+            "schedule[1].lr"
+        );
+        assert_eq!(
+            path(json!({"schedule": [{"step": 5, "batch_size": 0}]})),
+            "schedule[0].batch_size"
+        );
+        assert_eq!(path(json!({"schedule": [{"step": 5}]})), "schedule[0]");
+        assert_eq!(
+            error(json!({"schedule": [{"step": 5, "lr": 0.2, "batch_size": 4}]})),
+            Ok(())
+        );
+        assert_eq!(
+            path(json!({"dynamics": "diagonal_noise", "noise_refresh_every": 7})),
+            "noise_refresh_every"
+        );
+        assert_eq!(path(json!({"on_divergence": "ignore"})), "on_divergence");
+        assert_eq!(error(json!({"on_divergence": "record"})), Ok(()));
+    }
 
     #[test]
     fn versions_change_only_for_the_runs_whose_values_changed() {

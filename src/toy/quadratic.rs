@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::train::schedule::{Change, HyperSchedule};
+use crate::train::schedule::{schedule_path, Change, HyperSchedule};
 
 /// How mini-batches are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -185,35 +185,25 @@ impl QuadraticConfig {
                 format!("must lie in 1..={} (n), got {}", self.n, self.batch_size),
             );
         }
-        if !is_step_size(self.lr) {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
             return invalid(
                 "lr".into(),
                 format!("must be a positive number, got {}", self.lr),
             );
         }
         for (i, change) in self.schedule.iter().enumerate() {
-            match (change.lr, change.batch_size) {
-                (_, Some(_)) => {
-                    return invalid(
-                        format!("schedule[{i}].batch_size"),
-                        "the quadratic takes step-size changes only".into(),
-                    )
-                }
-                (Some(lr), None) if is_step_size(lr) => {}
-                (lr, None) => {
-                    return invalid(
-                        format!("schedule[{i}].lr"),
-                        format!("must be a positive number, got {lr:?}"),
-                    )
-                }
+            if change.batch_size.is_some() {
+                return invalid(
+                    format!("schedule[{i}].batch_size"),
+                    "the quadratic takes step-size changes only".into(),
+                );
             }
+            change
+                .check()
+                .or_else(|(field, message)| invalid(schedule_path(i, field), message))?;
         }
         Ok(())
     }
-}
-
-fn is_step_size(lr: f64) -> bool {
-    lr > 0.0 && lr.is_finite()
 }
 
 /// Runs SGD `x ← x − η ∇L_B(x)` with the configured sampling, stopping early on divergence.

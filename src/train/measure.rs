@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Row;
-use super::schedule::Cadence;
+use super::schedule::{interval, Cadence};
 use crate::curvature::{
     Batch, BatchSet, CurvatureError, Eigenpairs, Estimate, FullBatchConfig, HvpConfig, LambdaMaxB,
     LanczosConfig, Landscape, MonteCarloConfig, ParamVec, Start,
@@ -21,7 +21,8 @@ use crate::nn::Model;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EigenSpec {
-    /// Measure every this many steps.
+    /// Measure every this many steps (≥ 1).
+    #[serde(deserialize_with = "interval")]
     pub every: u64,
     /// Steps after which the interval doubles.
     #[serde(default)]
@@ -38,7 +39,8 @@ pub struct EigenSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonteCarloSpec {
-    /// Measure every this many steps.
+    /// Measure every this many steps (≥ 1).
+    #[serde(deserialize_with = "interval")]
     pub every: u64,
     /// Steps after which the interval doubles.
     #[serde(default)]
@@ -58,7 +60,8 @@ pub struct MonteCarloSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EverySpec {
-    /// Measure every this many steps.
+    /// Measure every this many steps (≥ 1).
+    #[serde(deserialize_with = "interval")]
     pub every: u64,
     /// Steps after which the interval doubles.
     #[serde(default)]
@@ -69,7 +72,8 @@ pub struct EverySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContractionSpec {
-    /// Measure every this many steps.
+    /// Measure every this many steps (≥ 1).
+    #[serde(deserialize_with = "interval")]
     pub every: u64,
     /// Steps after which the interval doubles.
     #[serde(default)]

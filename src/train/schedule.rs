@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct Cadence {
     /// Base interval in steps (≥ 1).
+    #[serde(deserialize_with = "interval")]
     pub every: u64,
     /// Steps after which the interval doubles (sorted ascending).
     #[serde(default)]
@@ -36,6 +37,16 @@ impl Cadence {
     }
 }
 
+/// Deserializes a cadence's interval, refusing 0 (there is no "every 0 steps").
+pub fn interval<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    match u64::deserialize(deserializer)? {
+        0 => Err(serde::de::Error::custom(
+            "must be at least 1 (steps between measurements)",
+        )),
+        every => Ok(every),
+    }
+}
+
 /// A change of hyper-parameters taking effect at `step`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +59,29 @@ pub struct Change {
     /// New batch size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+}
+
+impl Change {
+    /// Checks the values the change sets, naming the field at fault (`lr`, `batch_size`, or
+    /// empty for a change that sets nothing) and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match (self.lr, self.batch_size) {
+            (None, None) => Err(("", "sets neither `lr` nor `batch_size`".into())),
+            (Some(lr), _) if !(lr > 0.0 && lr.is_finite()) => {
+                Err(("lr", format!("must be a positive number, got {lr}")))
+            }
+            (_, Some(0)) => Err(("batch_size", "must be at least 1".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The param path of field `field` of change `index` (`schedule[1].lr`; `schedule[1]` for none).
+pub fn schedule_path(index: usize, field: &str) -> String {
+    match field {
+        "" => format!("schedule[{index}]"),
+        field => format!("schedule[{index}].{field}"),
+    }
 }
 
 /// Step size and batch size at a given step: initial values plus a list of changes.
