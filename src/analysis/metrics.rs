@@ -86,8 +86,21 @@ impl MetricsTable {
             .ok_or_else(|| AnalysisError::MissingColumn {
                 path: self.source.clone(),
                 column: name.to_string(),
+                closest: self.closest_column(name),
                 available: self.columns.keys().cloned().collect::<Vec<_>>().join(","),
             })
+    }
+
+    /// The column whose name is within a few edits of `name` (at most a third of its length),
+    /// the nearest first.
+    fn closest_column(&self, name: &str) -> Option<String> {
+        let limit = (name.chars().count() / 3).max(1);
+        self.columns
+            .keys()
+            .map(|column| (strsim::levenshtein(name, column), column))
+            .filter(|(distance, _)| *distance <= limit)
+            .min()
+            .map(|(_, column)| column.clone())
     }
 
     /// The rows where both `x` and `y` are present, as `(x, y)` pairs in file order.
@@ -130,6 +143,15 @@ mod tests {
         let t = MetricsTable::from_reader(SAMPLE.as_bytes(), Path::new("runs/m.csv")).unwrap();
         let msg = t.column("gni").unwrap_err().to_string();
         assert!(msg.contains("runs/m.csv") && msg.contains("gni") && msg.contains("lambda_max"));
+        assert!(!msg.contains("did you mean"), "{msg}");
+        // A typo gets the nearest name.
+        let msg = t.column("lambda_maxx").unwrap_err().to_string();
+        assert!(
+            msg.contains("no column `lambda_maxx`; did you mean `lambda_max`?"),
+            "{msg}"
+        );
+        let msg = t.column("los").unwrap_err().to_string();
+        assert!(msg.contains("did you mean `loss`?"), "{msg}");
     }
 
     #[test]

@@ -44,12 +44,14 @@ pub enum AnalysisError {
         value: String,
     },
     /// A column the analysis needs is absent.
-    #[error("{path}: no column `{column}` (columns: {available})")]
+    #[error("{path}: no column `{column}`{} (columns: {available})", did_you_mean(.closest))]
     MissingColumn {
         /// The file at fault.
         path: PathBuf,
         /// The missing column.
         column: String,
+        /// The file's column nearest in spelling, if one is near (a likely typo).
+        closest: Option<String>,
         /// The columns the file has, comma-separated.
         available: String,
     },
@@ -66,4 +68,12 @@ pub enum AnalysisError {
     /// A setting is out of its valid range.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `"; did you mean `x`?"` for a near name, or nothing.
+fn did_you_mean(closest: &Option<String>) -> String {
+    closest
+        .as_ref()
+        .map(|name| format!("; did you mean `{name}`?"))
+        .unwrap_or_default()
 }

@@ -359,6 +359,7 @@ fn time_series_panel(
             });
         }
     }
+    let mut measured = false;
     for (ci, &(column, axis)) in columns.iter().enumerate() {
         // A column missing from every run of the panel is an error (a typo); from some, not.
         if !members.iter().any(|r| r.table.has(column)) {
@@ -377,6 +378,7 @@ fn time_series_panel(
                 drawn.push((run, points));
             }
         }
+        measured |= !drawn.is_empty();
         let shared = drawn.len() > 1;
         for (k, (run, mut points)) in drawn.into_iter().enumerate() {
             let mut style = column_style(column, ci);
@@ -398,6 +400,20 @@ fn time_series_panel(
                 points,
             });
         }
+    }
+    if !measured {
+        // Only reference lines would be drawn: the quantities were not measured in these runs.
+        let names: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
+        let stages: Vec<&str> = members.iter().map(|r| r.stage.as_str()).collect();
+        return Err(StageError::Input {
+            input: RUNS.into(),
+            message: format!(
+                "panel `{title}`: no value of {} in {} (a quantity must be measured, e.g. in the \
+                 run's `measure:`, to be plotted)",
+                names.join(", "),
+                stages.join(", ")
+            ),
+        });
     }
     if let Some(level) = params.reference {
         let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
@@ -986,6 +1002,26 @@ mod tests {
         let params = json!({"panel_by": "batch_size", "columns": ["lambda_mx"]});
         let err = run_stage(&PlotStage, params, &inputs).1.unwrap_err();
         assert!(err.to_string().contains("lambda_mx"), "{err}");
+    }
+
+    #[test]
+    fn a_panel_whose_quantities_were_never_measured_is_an_error() {
+        // The column exists (a run's metrics.csv has every quantity's column) but is empty.
+        let csv = "step,lr,batch_size,loss,lambda_max,gni
+0,0.04,8,0.9,,
+10,0.04,8,0.5,,
+";
+        let (inputs, _dirs) = runs_with_metrics(&[csv]);
+        let params = json!({"columns": ["lambda_max", "gni"]});
+        let err = run_stage(&PlotStage, params, &inputs).1.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("no value of lambda_max, gni in") && text.contains("measure"),
+            "{text}"
+        );
+        // One measured quantity in the panel is enough (the loss, here, on the right axis).
+        let params = json!({"columns": ["lambda_max"], "secondary": ["loss"]});
+        run_stage(&PlotStage, params, &inputs).1.unwrap();
     }
 
     #[test]
