@@ -184,7 +184,54 @@ impl Ranged for Ticked {
     }
 }
 
-fn tick_label(v: f64, scale: Scale) -> String {
+/// How an axis writes its tick labels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Labels {
+    /// Round numbers (`0.01`, `250`), with an exponent beyond (`2e4`) on linear axes.
+    Plain,
+    /// Powers of ten (`10⁻³`, `1`, `10⁶`, `2×10⁵`): a log axis any of whose ticks lies outside
+    /// [0.01, 10⁴), labelled alike throughout as matplotlib does, instead of `100` beside `1e4`.
+    Powers,
+}
+
+impl Labels {
+    fn of(range: &std::ops::Range<f64>, scale: Scale) -> Labels {
+        let plain = |v: &f64| (-2.0..4.0).contains(v);
+        if scale == Scale::Log && !ticks(range, scale).iter().all(plain) {
+            Labels::Powers
+        } else {
+            Labels::Plain
+        }
+    }
+}
+
+/// `k` in superscript digits (`⁻³`).
+fn superscript(k: i64) -> String {
+    k.to_string()
+        .chars()
+        .map(|c| match c {
+            '-' => '⁻',
+            d => ['⁰', '¹', '²', '³', '⁴', '⁵', '⁶', '⁷', '⁸', '⁹'][d as usize - '0' as usize],
+        })
+        .collect()
+}
+
+fn tick_label(v: f64, scale: Scale, labels: Labels) -> String {
+    if labels == Labels::Powers {
+        // v = log10(m × 10^k) with m a small integer (the 1-2-5 multiples).
+        let k = (v + 1e-9).floor();
+        let m = 10f64.powf(v - k).round();
+        let power = if k == 0.0 {
+            "1".to_string()
+        } else {
+            format!("10{}", superscript(k as i64))
+        };
+        return match m {
+            1.0 => power,
+            m if k == 0.0 => format!("{m}"),
+            m => format!("{m}×{power}"),
+        };
+    }
     let value = match scale {
         Scale::Linear => v,
         Scale::Log => 10f64.powf(v),
@@ -463,6 +510,11 @@ fn draw_panel<DB: DrawingBackend>(
             .map(|p| p.1),
     );
     let (legend, yr, y2r) = legend_layout(panel, &xr, (yr, y2r), legend_box(area, panel));
+    let (x_labels, y_labels, y2_labels) = (
+        Labels::of(&xr, xs),
+        Labels::of(&yr, ys),
+        Labels::of(&y2r, y2s),
+    );
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FONT, CAPTION_FONT))
         .margin(MARGIN)
@@ -478,8 +530,8 @@ fn draw_panel<DB: DrawingBackend>(
         .bold_line_style(BLACK.mix(0.08))
         .x_desc(panel.x.label.as_str())
         .y_desc(panel.y.label.as_str())
-        .x_label_formatter(&|v| tick_label(*v, xs))
-        .y_label_formatter(&|v| tick_label(*v, ys))
+        .x_label_formatter(&|v| tick_label(*v, xs, x_labels))
+        .y_label_formatter(&|v| tick_label(*v, ys, y_labels))
         .label_style((FONT, 13))
         .draw()
         .map_err(|e| text(&e))?;
@@ -487,7 +539,7 @@ fn draw_panel<DB: DrawingBackend>(
         chart
             .configure_secondary_axes()
             .y_desc(y2.label.as_str())
-            .y_label_formatter(&|v| tick_label(*v, y2s))
+            .y_label_formatter(&|v| tick_label(*v, y2s, y2_labels))
             .label_style((FONT, 13))
             .draw()
             .map_err(|e| text(&e))?;
@@ -710,14 +762,18 @@ mod tests {
     fn log_axes_drop_nonpositive_values_and_label_decades() {
         assert_eq!(to_coord(-1.0, Scale::Log), None);
         assert_eq!(to_coord(100.0, Scale::Log), Some(2.0));
-        assert_eq!(tick_label(2.0, Scale::Log), "100");
-        assert_eq!(tick_label(-5.0, Scale::Log), "1e-5");
+        assert_eq!(tick_label(2.0, Scale::Log, Labels::Plain), "100");
+        assert_eq!(tick_label(-5.0, Scale::Log, Labels::Plain), "1e-5");
     }
 
     #[test]
     fn ticks_are_round_numbers() {
         let labels = |r: std::ops::Range<f64>, s: Scale| -> Vec<String> {
-            ticks(&r, s).iter().map(|&v| tick_label(v, s)).collect()
+            let format = Labels::of(&r, s);
+            ticks(&r, s)
+                .iter()
+                .map(|&v| tick_label(v, s, format))
+                .collect()
         };
         assert_eq!(
             labels(-3.0..52.0, Scale::Linear),
@@ -732,20 +788,34 @@ mod tests {
         // Batch sizes 8…128 (log): 1-2-5 multiples, not 10^0.2 steps.
         let b = 8f64.log10()..128f64.log10();
         assert_eq!(labels(b, Scale::Log), ["10", "20", "50", "100"]);
+        // A log axis reaching beyond [0.01, 10⁴) writes every tick as a power of ten.
         assert_eq!(
             labels(-6.0..1.0, Scale::Log),
-            ["1e-6", "1e-5", "1e-4", "1e-3", "0.01", "0.1", "1", "10"]
+            ["10⁻⁶", "10⁻⁵", "10⁻⁴", "10⁻³", "10⁻²", "10⁻¹", "1", "10¹"]
         );
         assert_eq!(
             labels(-9.5..3.5, Scale::Log),
-            ["1e-8", "1e-6", "1e-4", "0.01", "1", "100"]
+            ["10⁻⁸", "10⁻⁶", "10⁻⁴", "10⁻²", "1", "10²"]
+        );
+        assert_eq!(
+            labels(0.0..8.2, Scale::Log),
+            ["1", "10²", "10⁴", "10⁶", "10⁸"]
+        );
+        let wide = 2e4f64.log10()..6e5f64.log10();
+        assert_eq!(
+            labels(wide, Scale::Log),
+            ["2×10⁴", "5×10⁴", "10⁵", "2×10⁵", "5×10⁵"]
+        );
+        assert_eq!(
+            labels(-2.0..3.9, Scale::Log),
+            ["0.01", "0.1", "1", "10", "100", "1000"]
         );
         // Under a decade, at least three ticks: integer multiples, then round linear values.
         let lambda = 12f64.log10()..45f64.log10();
         assert_eq!(labels(lambda, Scale::Log), ["20", "30", "40"]);
         let narrow = 30f64.log10()..45f64.log10();
         assert_eq!(labels(narrow, Scale::Log), ["30", "35", "40", "45"]);
-        assert_eq!(tick_label(0.25, Scale::Linear), "0.25");
+        assert_eq!(tick_label(0.25, Scale::Linear, Labels::Plain), "0.25");
     }
 
     /// A legend box of 35 % × 30 % of the plotting area.

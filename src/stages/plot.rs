@@ -780,7 +780,8 @@ impl Stage for PlotStage {
         // 15: a linear axis gets at least four ticks.
         // 16: a log axis under a decade gets at least three.
         // 17: `lambda_vs_batch` names each curve's quantity in its data JSON (`fits: false`).
-        17
+        // 18: a log axis reaching beyond [0.01, 10⁴) labels its ticks as powers of ten.
+        18
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
