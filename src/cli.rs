@@ -19,7 +19,8 @@ use crate::store::{self, Manifest, Store};
 
 /// Declarative, cached pipelines reproducing "Edge of Stochastic Stability".
 ///
-/// Exit codes: 0 success, 1 a stage failed (or `verify` found corruption), 2 invalid input.
+/// Exit codes: 0 success, 1 a stage failed (or `verify` found corruption), 2 invalid input, 3 a
+/// training run diverged (`run`, without `--allow-divergence`).
 #[derive(Debug, Parser)]
 #[command(name = "eoss", version, about, long_about = None)]
 pub struct Cli {
@@ -86,6 +87,10 @@ pub enum Command {
         /// Copies the figures of every `plot` stage (PNG, SVG and CSV) into this directory.
         #[arg(long, value_name = "DIR")]
         export: Option<PathBuf>,
+        /// Exits 0 when training runs diverged (a sweep mapping where training becomes unstable);
+        /// without it, a diverged `train` run (cached as a result all the same) makes the exit code 3.
+        #[arg(long)]
+        allow_divergence: bool,
     },
     /// Shows what would run and why, computing nothing.
     Plan {
@@ -189,6 +194,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             jobs,
             report: report_path,
             export,
+            allow_divergence,
         } => {
             let plan = load_plan(&pipeline, &variant.overrides(), &registry, &store)?;
             let reporter = report::HumanReporter::stderr(std::io::stderr().is_terminal());
@@ -212,6 +218,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
                 .count();
             if failed > 0 {
                 return Err(Error::StagesFailed { failed });
+            }
+            let diverged = report::diverged_runs(&plan, &outcomes);
+            if !diverged.is_empty() && !allow_divergence {
+                return Err(Error::Diverged { runs: diverged });
             }
         }
         Command::Plan {

@@ -17,6 +17,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_STAGE_FAILED: i32 = 1;
 /// Exit code: invalid input (pipeline file, command-line overrides, unknown artifact); nothing ran.
 pub const EXIT_INVALID: i32 = 2;
+/// Exit code: every stage completed, but a training run diverged (its result is cached).
+pub const EXIT_DIVERGED: i32 = 3;
 
 /// A pipeline file's text, kept so that diagnostics can point into it.
 #[derive(Debug, Clone)]
@@ -142,6 +144,17 @@ pub enum Error {
         /// How many failed.
         failed: usize,
     },
+    /// Training runs diverged (cached as results; the summary named each with its step).
+    #[error(
+        "{} training run(s) diverged: {}; lower the step size or raise `divergence_loss`, or \
+         pass --allow-divergence to take diverged runs as results",
+        .runs.len(),
+        .runs.join(", ")
+    )]
+    Diverged {
+        /// Each diverged run: its stage name and where it diverged.
+        runs: Vec<String>,
+    },
     /// `verify` found artifacts whose files no longer match their manifests.
     #[error("{corrupt} artifact(s) do not match their manifests")]
     Corrupt {
@@ -164,6 +177,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Invalid(_) | Error::Usage(_) => EXIT_INVALID,
+            Error::Diverged { .. } => EXIT_DIVERGED,
             Error::Store(_)
             | Error::Io { .. }
             | Error::StagesFailed { .. }

@@ -1,5 +1,6 @@
 //! The `eoss` binary: enables candle's double backward, runs the command, renders any error with
-//! miette and exits 0 (success), 1 (a stage failed) or 2 (invalid input).
+//! miette and exits 0 (success), 1 (a stage failed), 2 (invalid input) or 3 (a training run
+//! diverged).
 
 use std::io::IsTerminal;
 

@@ -199,6 +199,22 @@ pub fn summary(plan: &Plan, outcomes: &[Outcome]) -> String {
     out
 }
 
+/// The `train` runs of the plan that diverged (computed now or cached), as `name (diverged at
+/// step k)`. Other kinds' divergence (the `quadratic`'s, which figure 3 is about) is their result.
+pub fn diverged_runs(plan: &Plan, outcomes: &[Outcome]) -> Vec<String> {
+    plan.stages
+        .iter()
+        .zip(outcomes)
+        .filter(|(stage, _)| stage.kind_name == "train")
+        .filter_map(|(stage, o)| match (o.status, &o.message) {
+            (Status::Computed | Status::Cached, Some(note)) => {
+                Some(format!("{} ({note})", stage.name))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The `--report FILE` document: `{"stages":[{"name","kind","key","status","seconds","message"}]}`
 /// (`message`: why it failed or was skipped, a result's note such as "diverged at step 7", or null).
 pub fn run_report(plan: &Plan, outcomes: &[Outcome]) -> Value {

@@ -2,15 +2,15 @@
 //! `dataset`), or a branch continuing a cached base run from one of its checkpoints.
 //!
 //! Outputs: `metrics.csv`, `checkpoints/step-*.safetensors`, `summary.json` (status, steps run,
-//! `diverged_at`). A diverged run fails the stage, unless `on_divergence: record` makes it a valid,
-//! cached result. The kind is resumable: a killed run continues from the last checkpoint in its work
-//! dir and ends bit-identical to an uninterrupted run.
+//! `diverged_at`). A diverged run is a valid, cached result (`eoss run` names it and exits with 3).
+//! The kind is resumable: a killed run continues from the last checkpoint in its work dir and ends
+//! bit-identical to an uninterrupted run.
 
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
 use crate::train::schedule::schedule_path;
-use crate::train::{checkpoint, train, OnDivergence, StartPoint, TrainConfig};
+use crate::train::{checkpoint, train, StartPoint, TrainConfig};
 
 /// The `train` kind.
 pub struct TrainStage;
@@ -199,16 +199,7 @@ impl Stage for TrainStage {
             &summary,
             serde_json::to_vec_pretty(&outcome).expect("outcome serializes"),
         )
-        .map_err(|e| StageError::io(&summary, e))?;
-        match (outcome.diverged_at, config.on_divergence) {
-            (Some(step), OnDivergence::Fail) => Err(StageError::Failed(format!(
-                "diverged at step {step}: the loss was NaN, infinite or above divergence_loss = {:e} \
-                 (metrics.csv up to that step is kept beside the log); lower `lr`, or set \
-                 `on_divergence: record` to keep a diverged run as a result",
-                config.divergence_loss
-            ))),
-            _ => Ok(()),
-        }
+        .map_err(|e| StageError::io(&summary, e))
     }
 }
 
@@ -261,8 +252,6 @@ mod tests {
             path(json!({"dynamics": "diagonal_noise", "noise_refresh_every": 7})),
             "noise_refresh_every"
         );
-        assert_eq!(path(json!({"on_divergence": "ignore"})), "on_divergence");
-        assert_eq!(error(json!({"on_divergence": "record"})), Ok(()));
     }
 
     #[test]

@@ -16,6 +16,6 @@ pub mod schedule;
 mod run;
 pub(crate) use run::DeviceData;
 
-pub use run::{train, OnDivergence, Outcome, StartPoint, Status, TrainConfig};
+pub use run::{train, Outcome, StartPoint, Status, TrainConfig};
 #[cfg(test)]
 mod tests;

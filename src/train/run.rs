@@ -81,9 +81,6 @@ pub struct TrainConfig {
     /// A mini-batch or full loss above this (or NaN/inf) marks the run as diverged.
     #[serde(default = "default_divergence_loss")]
     pub divergence_loss: f64,
-    /// What a diverged run is: a failure (default) or a recorded result.
-    #[serde(default, skip_serializing_if = "OnDivergence::is_fail")]
-    pub on_divergence: OnDivergence,
     /// Checkpoint every this many steps (and always at the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
@@ -158,25 +155,6 @@ pub enum StartPoint {
         /// Metrics file whose earlier rows are kept.
         metrics: PathBuf,
     },
-}
-
-/// What the `train` stage makes of a run that diverged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDivergence {
-    /// The stage fails, naming the step; nothing is published and the work dir (metrics up to the
-    /// divergence, log) is kept.
-    #[default]
-    Fail,
-    /// The run is published as a valid, cached result with `status: diverged` (a sweep that maps
-    /// where training becomes unstable).
-    Record,
-}
-
-impl OnDivergence {
-    fn is_fail(&self) -> bool {
-        *self == OnDivergence::Fail
-    }
 }
 
 /// How a run ended.

@@ -812,60 +812,14 @@ fn a_branch_continues_its_base_and_names_the_available_steps() {
 }
 
 #[test]
-fn a_diverging_run_fails_naming_the_step_and_keeps_its_metrics() {
-    let env = Env::new();
-    let p = env.pipeline(
-        "diverging.yaml",
-        &trained("diverging", 256, "lr: 1000.0, batch_size: 32, steps: 100"),
-    );
-    assert_eq!(
-        env.run(&p, &[], 1),
-        pairs(&[("data", "computed"), ("train", "failed")])
-    );
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(env.path().join("report.json")).unwrap())
-            .unwrap();
-    let message = report["stages"][1]["message"].as_str().unwrap().to_string();
-    let at: u64 = message
-        .strip_prefix("diverged at step ")
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|step| step.parse().ok())
-        .unwrap_or_else(|| panic!("{message}"));
-    assert!(
-        at < 100 && message.contains("on_divergence: record"),
-        "{message}"
-    );
-    // Nothing is published; the work dir keeps the metrics up to the divergence, and the log.
-    let dir = artifact(&env, &p, &[], "train");
-    assert!(!dir.exists(), "{}", dir.display());
-    let work = env.store().join("tmp").join(format!(
-        "train-{}",
-        dir.file_name().unwrap().to_string_lossy()
-    ));
-    let metrics = Metrics::read(&work);
-    assert_eq!(metrics.rows.last().unwrap()[0], Some(at as f64));
-    // Every rerun says the same, with a non-zero exit.
-    let (code, _, err) = env.eoss(&["run", p.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("FAILED train: {message}")) && err.contains("log.txt"),
-        "{err}"
-    );
-}
-
-#[test]
-fn a_diverging_run_on_record_completes_and_records_where() {
+fn a_diverging_run_is_cached_named_with_its_step_and_exits_3() {
     let env = Env::new();
     let p = env.pipeline(
         "diverged.yaml",
-        &trained(
-            "diverged",
-            256,
-            "lr: 1000.0, batch_size: 32, steps: 100, on_divergence: record",
-        ),
+        &trained("diverged", 256, "lr: 1000.0, batch_size: 32, steps: 100"),
     );
     assert_eq!(
-        env.run(&p, &[], 0),
+        env.run(&p, &[], 3),
         pairs(&[("data", "computed"), ("train", "computed")])
     );
     let dir = artifact(&env, &p, &[], "train");
@@ -882,8 +836,8 @@ fn a_diverging_run_on_record_completes_and_records_where() {
         "{out}"
     );
     // A diverged run is a result like any other: cached on the next run, which says where it
-    // diverged on its line, in the summary and in the report.
-    assert!(env.run(&p, &[], 0).iter().all(|(_, s)| s == "cached"));
+    // diverged on its line, in the summary and in the report, and exits 3 again.
+    assert!(env.run(&p, &[], 3).iter().all(|(_, s)| s == "cached"));
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(env.path().join("report.json")).unwrap())
             .unwrap();
@@ -891,14 +845,19 @@ fn a_diverging_run_on_record_completes_and_records_where() {
     assert_eq!(report["stages"][1]["message"], note.as_str(), "{report}");
     assert!(report["stages"][0]["message"].is_null(), "{report}");
     let (code, _, err) = env.eoss(&["run", p.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 3, "{err}");
     assert!(
         err.contains(&format!(
             "train {short}); {note}",
             short = &dir.file_name().unwrap().to_string_lossy()[..12]
-        )) && err.contains(&format!("\n  train: {note}")),
+        )) && err.contains(&format!("\n  train: {note}"))
+            && err.contains(&format!("1 training run(s) diverged: train ({note})"))
+            && err.contains("--allow-divergence"),
         "{err}"
     );
+    // Taken as a result: exit 0.
+    let (code, _, err) = env.eoss(&["run", p.to_str().unwrap(), "--allow-divergence"]);
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
