@@ -9,7 +9,7 @@
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
-use crate::train::schedule::schedule_path;
+use crate::train::schedule::{schedule_path, step_size_error};
 use crate::train::{checkpoint, train, StartPoint, TrainConfig};
 
 /// The `train` kind.
@@ -74,8 +74,8 @@ impl Stage for TrainStage {
             path: path.into(),
             message: message.into(),
         };
-        if !(config.lr > 0.0 && config.lr.is_finite()) {
-            return Err(invalid("lr", "must be a positive number"));
+        if let Some(message) = step_size_error(config.lr) {
+            return Err(invalid("lr", &message));
         }
         if config.batch_size == 0 {
             return Err(invalid("batch_size", "must be at least 1"));

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::train::schedule::{schedule_path, Change, HyperSchedule};
+use crate::train::schedule::{schedule_path, step_size_error, Change, HyperSchedule};
 
 /// How mini-batches are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -185,16 +185,13 @@ impl QuadraticConfig {
                 format!("must lie in 1..={} (n), got {}", self.n, self.batch_size),
             );
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return invalid(
-                "lr".into(),
-                format!("must be a positive number, got {}", self.lr),
-            );
+        if let Some(message) = step_size_error(self.lr) {
+            return invalid("lr".into(), message);
         }
         for (i, change) in self.schedule.iter().enumerate() {
             if change.batch_size.is_some() {
                 return invalid(
-                    format!("schedule[{i}].batch_size"),
+                    schedule_path(i, "batch_size"),
                     "the quadratic takes step-size changes only".into(),
                 );
             }

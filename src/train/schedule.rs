@@ -65,15 +65,22 @@ impl Change {
     /// Checks the values the change sets, naming the field at fault (`lr`, `batch_size`, or
     /// empty for a change that sets nothing) and what is wrong.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
-        match (self.lr, self.batch_size) {
-            (None, None) => Err(("", "sets neither `lr` nor `batch_size`".into())),
-            (Some(lr), _) if !(lr > 0.0 && lr.is_finite()) => {
-                Err(("lr", format!("must be a positive number, got {lr}")))
-            }
-            (_, Some(0)) => Err(("batch_size", "must be at least 1".into())),
-            _ => Ok(()),
+        if self.lr.is_none() && self.batch_size.is_none() {
+            return Err(("", "sets neither `lr` nor `batch_size`".into()));
         }
+        if let Some(message) = self.lr.and_then(step_size_error) {
+            return Err(("lr", message));
+        }
+        if self.batch_size == Some(0) {
+            return Err(("batch_size", "must be at least 1".into()));
+        }
+        Ok(())
     }
+}
+
+/// Why `lr` is not a step size (not positive, or not finite), or `None` when it is one.
+pub fn step_size_error(lr: f64) -> Option<String> {
+    (!(lr > 0.0 && lr.is_finite())).then(|| format!("must be a positive number, got {lr}"))
 }
 
 /// The param path of field `field` of change `index` (`schedule[1].lr`; `schedule[1]` for none).
