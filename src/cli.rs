@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::error::Error;
+use crate::error::{Error, Invalid};
 use crate::expand::Overrides;
 use crate::graph::{self, Plan};
 use crate::key::Key;
@@ -126,10 +126,14 @@ pub enum Command {
         #[command(flatten)]
         variant: Variant,
     },
-    /// Summarises the store, and the state of the given pipelines in it.
+    /// Summarises the store, and the state of the given pipelines in it (a pipeline that cannot be
+    /// assessed is named, the others are still reported).
     Status {
         /// Pipeline files to assess.
         pipelines: Vec<PathBuf>,
+        /// Profile (e.g. `--profile smoke`, as `make figNN` runs) and overrides, for every file.
+        #[command(flatten)]
+        variant: Variant,
     },
     /// Re-hashes every artifact's outputs against its manifest.
     Verify,
@@ -288,8 +292,16 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             };
             write(out, &show(&store, &dir)?);
         }
-        Command::Status { pipelines } => {
-            write(out, &status(&store, &pipelines, &registry)?);
+        Command::Status { pipelines, variant } => {
+            let (text, problems) = status(&store, &pipelines, &variant.overrides(), &registry)?;
+            write(out, &text);
+            if !problems.is_empty() {
+                return Err(Invalid {
+                    what: format!("{} pipeline(s) not assessed", problems.len()),
+                    problems: problems.into_iter().flat_map(|i| i.problems).collect(),
+                }
+                .into());
+            }
         }
         Command::Verify => {
             let (text, corrupt) = verify(&store)?;
@@ -517,8 +529,13 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
-/// `eoss status`.
-fn status(store: &Store, pipelines: &[PathBuf], registry: &Registry) -> Result<String, Error> {
+/// `eoss status`: the summary, and the problems of each pipeline that could not be assessed.
+fn status(
+    store: &Store,
+    pipelines: &[PathBuf],
+    overrides: &Overrides,
+    registry: &Registry,
+) -> Result<(String, Vec<Invalid>), Error> {
     let mut out = format!("store {}\n", store.root().display());
     let mut per_kind: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
     let mut broken = 0;
@@ -554,8 +571,21 @@ fn status(store: &Store, pipelines: &[PathBuf], registry: &Registry) -> Result<S
         };
         out.push_str(&format!("  work dir {}: {state}\n", w.name));
     }
+    let mut invalid = Vec::new();
     for p in pipelines {
-        let plan = load_plan(p, &Overrides::default(), registry, store)?;
+        let plan = match load_plan(p, overrides, registry, store) {
+            Ok(plan) => plan,
+            Err(Error::Invalid(problems)) => {
+                out.push_str(&format!(
+                    "pipeline {}: not assessed, {} problem(s) (below)\n",
+                    p.display(),
+                    problems.problems.len()
+                ));
+                invalid.push(problems);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let a = crate::exec::assess(&plan, store)?;
         let cached = a.iter().filter(|a| a.cached).count();
         out.push_str(&format!(
@@ -566,7 +596,7 @@ fn status(store: &Store, pipelines: &[PathBuf], registry: &Registry) -> Result<S
             a.len() - cached
         ));
     }
-    Ok(out)
+    Ok((out, invalid))
 }
 
 /// `eoss run --export DIR`: copies the figure files of every plot stage that is now in the store.

@@ -502,6 +502,21 @@ fn plan_dag_show_and_status_describe_the_pipeline() {
         status.contains("3 artifact(s)") && status.contains("3 cached, 0 to compute"),
         "{status}"
     );
+    // Overrides apply to every file; a file that cannot be assessed is named, the rest reported.
+    let (code, status, err) = env.eoss(&["status", "gone.yaml", "two.yaml", "--set", "small.n=8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        status.contains("pipeline gone.yaml: not assessed, 1 problem(s)")
+            && status.contains("3 instance(s), 2 cached, 1 to compute"),
+        "{status}"
+    );
+    assert!(
+        err.contains("gone.yaml: cannot read the pipeline file"),
+        "{err}"
+    );
+    let (code, _, err) = env.eoss(&["status", "two.yaml", "--profile", "smoke"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("defines no profile `smoke`"), "{err}");
 }
 
 /// The published directory of instance `name` of `pipeline` (its key from `plan --json`).
