@@ -274,8 +274,14 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
                         .find(|s| s.name == target)
                         .ok_or_else(|| {
                             Error::Usage(format!(
-                                "{} has no stage instance `{target}`",
-                                p.display()
+                                "{} has no stage instance `{target}`{}; it has: {}",
+                                p.display(),
+                                variant
+                                    .profile
+                                    .as_ref()
+                                    .map(|name| format!(" under profile `{name}`"))
+                                    .unwrap_or_default(),
+                                instance_names(&plan, &target)
                             ))
                         })?;
                     let dir = store.artifact_dir(&st.kind_name, &st.key);
@@ -376,6 +382,27 @@ pub fn load_plan(
 ) -> Result<Plan, Error> {
     let pipeline = crate::spec::load(path)?;
     Ok(graph::build(&pipeline, overrides, registry, store)?)
+}
+
+/// The instances of `target`'s stage (the name before `[`), or every instance when it names no
+/// stage of the plan, comma-separated.
+fn instance_names(plan: &Plan, target: &str) -> String {
+    let stage = target.split('[').next().unwrap_or(target);
+    let same_stage: Vec<&str> = plan
+        .stages
+        .iter()
+        .filter(|s| s.stage == stage)
+        .map(|s| s.name.as_str())
+        .collect();
+    if same_stage.is_empty() {
+        plan.stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        same_stage.join(", ")
+    }
 }
 
 /// Finds a published artifact by key, key prefix or instance name (latest by end time).
