@@ -159,6 +159,21 @@ pub fn build(
         }
         // Instances come upstream first, so every input index is already planned.
         let inputs: BTreeMap<String, Vec<usize>> = inst.inputs.clone();
+        let input_params = inputs
+            .iter()
+            .map(|(slot, ups)| {
+                (
+                    slot.clone(),
+                    ups.iter().map(|&u| &stages[u].params).collect(),
+                )
+            })
+            .collect();
+        if let Err(e) = kind.check_inputs(&resolved.params, &input_params) {
+            problems.push(param_problem(
+                p, overrides, decl, &inst.name, &e.path, &e.message,
+            ));
+            continue;
+        }
         let input_outputs: BTreeMap<String, String> = decl
             .inputs
             .iter()

@@ -160,6 +160,15 @@ pub trait Stage: Send + Sync {
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError>;
     /// The input names this kind accepts, and whether each takes a whole sweep.
     fn inputs(&self) -> &'static [InputSlot];
+    /// Checks resolved `params` against the resolved params of the stages feeding each input slot
+    /// (e.g. a batch size no larger than the dataset's `n`) before anything runs. Accepts by default.
+    fn check_inputs(
+        &self,
+        _params: &serde_json::Value,
+        _inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+    ) -> Result<(), ParamError> {
+        Ok(())
+    }
     /// Computes the outputs into `ctx.work_dir`. If the kind writes `summary.json` (a JSON object),
     /// the engine embeds it in the manifest under `summary`.
     fn run(&self, ctx: &StageContext) -> Result<(), StageError>;

@@ -6,6 +6,8 @@
 //! The kind is resumable: a killed run continues from the last checkpoint in its work dir and ends
 //! bit-identical to an uninterrupted run.
 
+use std::collections::BTreeMap;
+
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
@@ -130,6 +132,39 @@ impl Stage for TrainStage {
 
     fn inputs(&self) -> &'static [InputSlot] {
         INPUTS
+    }
+
+    /// Every batch size (the first and each schedule change's) fits in the `data` subset, when
+    /// that subset has an `n` (without one it is the whole collection, checked when the run starts).
+    fn check_inputs(
+        &self,
+        params: &serde_json::Value,
+        inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+    ) -> Result<(), ParamError> {
+        let Some(n) = inputs
+            .get("data")
+            .and_then(|data| data.first())
+            .and_then(|data| data["n"].as_u64())
+        else {
+            return Ok(());
+        };
+        let changes = params["schedule"].as_array().into_iter().flatten();
+        let batch_sizes = std::iter::once(("batch_size".to_string(), &params["batch_size"])).chain(
+            changes
+                .enumerate()
+                .map(|(i, change)| (schedule_path(i, "batch_size"), &change["batch_size"])),
+        );
+        for (path, b) in batch_sizes {
+            if let Some(b) = b.as_u64().filter(|&b| b > n) {
+                return Err(ParamError {
+                    path,
+                    message: format!(
+                        "batch size {b} is larger than the training set (the `data` input has n = {n})"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn resumable(&self) -> bool {
