@@ -14,11 +14,15 @@
 //! The kind is resumable: after each measured checkpoint it records its progress (`progress.safetensors`),
 //! so a killed run continues after the last checkpoint it measured.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use super::{
+    check_fits_data, resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext,
+    StageError,
+};
 use crate::curvature::{model_gradient_alignment, AlignmentConfig, AlignmentReport};
 use crate::data::Dataset;
 use crate::device::DeviceClass;
@@ -100,6 +104,30 @@ impl Stage for MeasureStage {
 
     fn inputs(&self) -> &'static [InputSlot] {
         INPUTS
+    }
+
+    /// The curvature subsample and the alignment's samples fit in the `data` subset.
+    fn check_inputs(
+        &self,
+        params: &serde_json::Value,
+        inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+    ) -> Result<(), ParamError> {
+        let counts = [
+            (
+                "measure.subsample",
+                &params["measure"]["subsample"],
+                "subsample",
+            ),
+            (
+                "alignment.samples",
+                &params["alignment"]["samples"],
+                "alignment samples",
+            ),
+        ];
+        check_fits_data(
+            inputs,
+            counts.map(|(path, value, what)| (path.to_string(), value, what)),
+        )
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
@@ -428,6 +456,27 @@ mod tests {
             output: None,
         };
         (slot.to_string(), vec![artifact])
+    }
+
+    #[test]
+    fn the_subsample_and_the_alignment_samples_must_fit_in_the_data_subset() {
+        let check = |raw: Value| {
+            let params = MeasureStage.resolve(&raw).unwrap().params;
+            let data = json!({"source": "synthetic", "n": 16});
+            let inputs = BTreeMap::from([("data".to_string(), vec![&data])]);
+            MeasureStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| e.path)
+        };
+        assert_eq!(check(json!({"measure": {"subsample": 16}})), Ok(()));
+        assert_eq!(
+            check(json!({"measure": {"subsample": 17}})),
+            Err("measure.subsample".to_string())
+        );
+        assert_eq!(
+            check(json!({"alignment": {"samples": 17}})),
+            Err("alignment.samples".to_string())
+        );
     }
 
     fn read(path: &Path) -> String {

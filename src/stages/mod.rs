@@ -179,6 +179,33 @@ pub trait Stage: Send + Sync {
     }
 }
 
+/// Checks that each count of a kind's params (`(field path, value, what it counts)`, e.g. a batch
+/// size) fits in the subset feeding its `data` input, when that subset has an `n` (without one it is
+/// the whole collection, checked when the stage runs). Absent (null) counts pass.
+fn check_fits_data<'a>(
+    inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+    counts: impl IntoIterator<Item = (String, &'a serde_json::Value, &'static str)>,
+) -> Result<(), ParamError> {
+    let Some(n) = inputs
+        .get("data")
+        .and_then(|data| data.first())
+        .and_then(|data| data["n"].as_u64())
+    else {
+        return Ok(());
+    };
+    for (path, value, what) in counts {
+        if let Some(count) = value.as_u64().filter(|&count| count > n) {
+            return Err(ParamError {
+                path,
+                message: format!(
+                    "{what} {count} is larger than the training set (the `data` input has n = {n})"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One input a kind accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputSlot {

@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use super::{
+    check_fits_data, resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext,
+    StageError,
+};
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
 use crate::train::schedule::{schedule_path, step_size_error};
@@ -134,37 +137,35 @@ impl Stage for TrainStage {
         INPUTS
     }
 
-    /// Every batch size (the first and each schedule change's) fits in the `data` subset, when
-    /// that subset has an `n` (without one it is the whole collection, checked when the run starts).
+    /// Every batch size (the first and each schedule change's) and the curvature subsample fit in
+    /// the `data` subset.
     fn check_inputs(
         &self,
         params: &serde_json::Value,
         inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
     ) -> Result<(), ParamError> {
-        let Some(n) = inputs
-            .get("data")
-            .and_then(|data| data.first())
-            .and_then(|data| data["n"].as_u64())
-        else {
-            return Ok(());
-        };
         let changes = params["schedule"].as_array().into_iter().flatten();
-        let batch_sizes = std::iter::once(("batch_size".to_string(), &params["batch_size"])).chain(
-            changes
-                .enumerate()
-                .map(|(i, change)| (schedule_path(i, "batch_size"), &change["batch_size"])),
-        );
-        for (path, b) in batch_sizes {
-            if let Some(b) = b.as_u64().filter(|&b| b > n) {
-                return Err(ParamError {
-                    path,
-                    message: format!(
-                        "batch size {b} is larger than the training set (the `data` input has n = {n})"
-                    ),
-                });
-            }
-        }
-        Ok(())
+        let counts = [
+            (
+                "batch_size".to_string(),
+                &params["batch_size"],
+                "batch size",
+            ),
+            (
+                "measure.subsample".to_string(),
+                &params["measure"]["subsample"],
+                "subsample",
+            ),
+        ]
+        .into_iter()
+        .chain(changes.enumerate().map(|(i, change)| {
+            (
+                schedule_path(i, "batch_size"),
+                &change["batch_size"],
+                "batch size",
+            )
+        }));
+        check_fits_data(inputs, counts)
     }
 
     fn resumable(&self) -> bool {
@@ -286,6 +287,49 @@ mod tests {
         assert_eq!(
             path(json!({"dynamics": "diagonal_noise", "noise_refresh_every": 7})),
             "noise_refresh_every"
+        );
+    }
+
+    #[test]
+    fn batch_sizes_and_the_subsample_must_fit_in_the_data_subset() {
+        use serde_json::json;
+        let check = |data: serde_json::Value, changes: serde_json::Value| {
+            let mut raw = json!({"model": {"arch": "mlp"}, "init_scale": 0.2, "lr": 0.1,
+                                 "batch_size": 8, "steps": 10});
+            for (field, value) in changes.as_object().unwrap() {
+                raw[field] = value.clone();
+            }
+            let params = TrainStage.resolve(&raw).unwrap().params;
+            let inputs = BTreeMap::from([("data".to_string(), vec![&data])]);
+            TrainStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| (e.path, e.message))
+        };
+        let subset = json!({"source": "synthetic", "n": 32});
+        assert_eq!(check(subset.clone(), json!({"batch_size": 32})), Ok(()));
+        assert_eq!(
+            check(subset.clone(), json!({"batch_size": 33})),
+            Err((
+                "batch_size".to_string(),
+                "batch size 33 is larger than the training set (the `data` input has n = 32)"
+                    .to_string()
+            ))
+        );
+        let schedule = json!({"schedule": [{"step": 2, "lr": 0.2}, {"step": 4, "batch_size": 64}]});
+        assert_eq!(
+            check(subset.clone(), schedule.clone()).unwrap_err().0,
+            "schedule[1].batch_size"
+        );
+        assert_eq!(
+            check(subset.clone(), json!({"measure": {"subsample": 40}}))
+                .unwrap_err()
+                .0,
+            "measure.subsample"
+        );
+        // Without `n` the subset is the whole collection, checked when the run starts.
+        assert_eq!(
+            check(json!({"source": "synthetic", "n": null}), schedule),
+            Ok(())
         );
     }
 
