@@ -500,14 +500,14 @@ fn check_named_outputs(inputs: &BTreeMap<String, Vec<InputArtifact>>) -> Result<
         for a in arts.iter().filter(|a| a.output.is_some()) {
             let path = a.file("");
             if !path.exists() {
-                return Err(StageError::Input {
-                    input: slot.clone(),
-                    message: format!(
+                return Err(StageError::input(
+                    slot.clone(),
+                    format!(
                         "`{}` has no output `{}`",
                         a.stage,
                         a.output.as_deref().unwrap_or_default()
                     ),
-                });
+                ));
             }
         }
     }

@@ -21,7 +21,6 @@ use crate::analysis::catapult::detect_catapults;
 use crate::analysis::metrics::MetricsTable;
 use crate::analysis::run::{final_value, plateau, FinalProtocol, Window};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
-use crate::analysis::AnalysisError;
 
 /// One run of the input sweep with its metrics.
 #[derive(Debug, Clone)]
@@ -78,12 +77,14 @@ impl RunMetrics {
 
     /// A required numeric value (see [`Self::value`]), or an error naming the run.
     pub fn require(&self, name: &str, input: &str) -> Result<f64, StageError> {
-        self.value(name).ok_or_else(|| StageError::Input {
-            input: input.to_string(),
-            message: format!(
-                "run `{}` has neither a `{name}` param nor a `{name}` metrics column",
-                self.stage
-            ),
+        self.value(name).ok_or_else(|| {
+            StageError::input(
+                input,
+                format!(
+                    "run `{}` has neither a `{name}` param nor a `{name}` metrics column",
+                    self.stage
+                ),
+            )
         })
     }
 }
@@ -97,10 +98,7 @@ pub fn input_artifacts<'c>(
         .get(name)
         .filter(|a| !a.is_empty())
         .map(Vec::as_slice)
-        .ok_or_else(|| StageError::Input {
-            input: name.to_string(),
-            message: "no input artifacts given".to_string(),
-        })
+        .ok_or_else(|| StageError::input(name, "no input artifacts given"))
 }
 
 /// Reads `metrics.csv` of every artifact of input `name`, in sweep order.
@@ -108,8 +106,8 @@ pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, Stag
     input_artifacts(ctx, name)?
         .iter()
         .map(|a| {
-            let table =
-                MetricsTable::read(&a.file("metrics.csv")).map_err(|e| input_error(name, e))?;
+            let table = MetricsTable::read(&a.file("metrics.csv"))
+                .map_err(|e| StageError::input(name, e))?;
             Ok(RunMetrics {
                 stage: a.stage.clone(),
                 params: a.params.clone(),
@@ -118,14 +116,6 @@ pub fn load_runs(ctx: &StageContext, name: &str) -> Result<Vec<RunMetrics>, Stag
             })
         })
         .collect()
-}
-
-/// Wraps an analysis error as a failure of input `input`.
-pub fn input_error(input: &str, e: AnalysisError) -> StageError {
-    StageError::Input {
-        input: input.to_string(),
-        message: e.to_string(),
-    }
 }
 
 /// Writes `value` as pretty JSON.
@@ -283,19 +273,20 @@ fn final_points(
         let this_lr = run.require("lr", RUNS)?;
         match lr {
             Some((l, first)) if l != this_lr => {
-                return Err(StageError::Input {
-                    input: RUNS.to_string(),
-                    message: format!(
+                return Err(StageError::input(
+                    RUNS,
+                    format!(
                         "runs `{first}` (lr {l}) and `{}` (lr {this_lr}) differ in step size; a \
                          gap or critical-batch analysis needs one η (split the sweep by lr)",
                         run.stage
                     ),
-                })
+                ))
             }
             None => lr = Some((this_lr, &run.stage)),
             _ => {}
         }
-        let value = final_value(&run.table, column, protocol).map_err(|e| input_error(RUNS, e))?;
+        let value =
+            final_value(&run.table, column, protocol).map_err(|e| StageError::input(RUNS, e))?;
         points.push((run.require("batch_size", RUNS)?, value.value));
     }
     Ok((points, lr.map_or(f64::NAN, |l| l.0)))
@@ -401,12 +392,14 @@ pub fn group_runs<'a>(
         let labels = params
             .iter()
             .map(|p| {
-                let label = run.label(p).ok_or_else(|| StageError::Input {
-                    input: input.into(),
-                    message: format!(
-                        "run `{}` has no param or column `{p}` to group by",
-                        run.stage
-                    ),
+                let label = run.label(p).ok_or_else(|| {
+                    StageError::input(
+                        input,
+                        format!(
+                            "run `{}` has no param or column `{p}` to group by",
+                            run.stage
+                        ),
+                    )
                 })?;
                 Ok(format!("{} = {label}", short_name(p)))
             })
@@ -518,10 +511,10 @@ impl Stage for AnalysisStage {
                     let pts = run
                         .table
                         .pairs("step", column)
-                        .map_err(|e| input_error(RUNS, e))?;
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     let what = format!("`{column}` of run `{}`", run.stage);
-                    let p =
-                        plateau(&pts, *window, *level, &what).map_err(|e| input_error(RUNS, e))?;
+                    let p = plateau(&pts, *window, *level, &what)
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     let ratio = p.mean * lr / 2.0;
                     rows.push(vec![
                         run.stage.clone(),
@@ -570,7 +563,7 @@ impl Stage for AnalysisStage {
                 let mut rows = Vec::new();
                 for run in &runs {
                     let v = final_value(&run.table, column, *protocol)
-                        .map_err(|e| input_error(RUNS, e))?;
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     let lr = run.value("lr");
                     let b = run.value("batch_size");
                     rows.push(vec![
@@ -618,7 +611,7 @@ impl Stage for AnalysisStage {
                 ],
                 |members| {
                     let (points, lr) = final_points(members, column, *protocol)?;
-                    let fit = gap_power_law(&points, lr).map_err(|e| input_error(RUNS, e))?;
+                    let fit = gap_power_law(&points, lr).map_err(|e| StageError::input(RUNS, e))?;
                     let rows = points
                         .iter()
                         .map(|&(b, lam)| {
@@ -660,7 +653,7 @@ impl Stage for AnalysisStage {
                 |members| {
                     let (points, lr) = final_points(members, column, *protocol)?;
                     let knee = critical_batch_size(&points, *bootstrap, *level, *seed)
-                        .map_err(|e| input_error(RUNS, e))?;
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     let rows = points
                         .iter()
                         .map(|&(b, lam)| vec![f(b), f(lam), f(knee.predict(b))])
@@ -685,9 +678,9 @@ impl Stage for AnalysisStage {
                     let pts = run
                         .table
                         .pairs("step", column)
-                        .map_err(|e| input_error(RUNS, e))?;
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     let events = detect_catapults(&pts, *window, *factor)
-                        .map_err(|e| input_error(RUNS, e))?;
+                        .map_err(|e| StageError::input(RUNS, e))?;
                     for e in &events {
                         rows.push(vec![
                             run.stage.clone(),

@@ -69,13 +69,6 @@ const INPUTS: &[InputSlot] = &[
     },
 ];
 
-fn input_error(input: &str, message: impl Into<String>) -> StageError {
-    StageError::Input {
-        input: input.into(),
-        message: message.into(),
-    }
-}
-
 impl Stage for MeasureStage {
     fn kind(&self) -> &'static str {
         "measure"
@@ -136,20 +129,20 @@ impl Stage for MeasureStage {
             .inputs
             .get("run")
             .and_then(|r| r.first())
-            .ok_or_else(|| input_error("run", "missing"))?;
+            .ok_or_else(|| StageError::input("run", "missing"))?;
         let data = ctx
             .inputs
             .get("data")
             .and_then(|d| d.first())
-            .ok_or_else(|| input_error("data", "missing"))?;
+            .ok_or_else(|| StageError::input("data", "missing"))?;
         let config: TrainConfig = serde_json::from_value(run.params.clone()).map_err(|e| {
-            input_error(
+            StageError::input(
                 "run",
                 format!("`{}` is not a train artifact: {e}", run.stage),
             )
         })?;
         let dataset = Dataset::load(data.file("dataset.safetensors"))
-            .map_err(|e| input_error("data", e.to_string()))?;
+            .map_err(|e| StageError::input("data", e))?;
 
         let device = params.device.candle_device()?;
         let train_set = DeviceData::new(&dataset, config.precision.dtype(), &device)?;
@@ -163,7 +156,7 @@ impl Stage for MeasureStage {
             let chosen = run.file("");
             checkpoints.retain(|(_, path)| *path == chosen);
             if checkpoints.is_empty() {
-                return Err(input_error(
+                return Err(StageError::input(
                     "run",
                     format!(
                         "`{}` is not a checkpoint of `{}`",
@@ -178,7 +171,7 @@ impl Stage for MeasureStage {
                 .iter()
                 .find(|s| !checkpoints.iter().any(|(c, _)| c == *s))
             {
-                return Err(input_error(
+                return Err(StageError::input(
                     "run",
                     format!(
                         "`{}` has no checkpoint at step {missing}; it has {:?}",
@@ -239,8 +232,7 @@ impl Stage for MeasureStage {
         ctx.reporter.set_length(checkpoints.len() as u64);
         ctx.reporter.set_position(first as u64);
         for (done, (step, path)) in checkpoints.iter().enumerate().skip(first) {
-            weights::load(path, model.as_ref(), None)
-                .map_err(|e| input_error("run", e.to_string()))?;
+            weights::load(path, model.as_ref(), None).map_err(|e| StageError::input("run", e))?;
             let (lr, batch_size) = schedule.at(*step);
             let mut row = Row::new(*step);
             row.set("lr", lr);

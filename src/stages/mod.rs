@@ -140,6 +140,14 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// A problem with input `input` (missing, malformed, or unfit for these params).
+    pub fn input(input: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        StageError::Input {
+            input: input.into(),
+            message: message.to_string(),
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         StageError::Io {

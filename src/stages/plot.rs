@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::analysis::{
-    group_runs, input_artifacts, input_error, load_runs, one_or_many, series, write_json,
-    RunMetrics, RUNS, RUNS_INPUT,
+    group_runs, input_artifacts, load_runs, one_or_many, series, write_json, RunMetrics, RUNS,
+    RUNS_INPUT,
 };
 use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
 use crate::analysis::run::{final_value, FinalProtocol};
@@ -207,7 +207,10 @@ pub struct PlotStage;
 
 /// The 2/η line of a run as a step function over `x`, following its `lr` column.
 fn threshold_points(run: &RunMetrics, x: &str) -> Result<Vec<(f64, f64)>, StageError> {
-    let pts = run.table.pairs(x, "lr").map_err(|e| input_error(RUNS, e))?;
+    let pts = run
+        .table
+        .pairs(x, "lr")
+        .map_err(|e| StageError::input(RUNS, e))?;
     let mut out: Vec<(f64, f64)> = Vec::new();
     for (i, &(xv, lr)) in pts.iter().enumerate() {
         let y = 2.0 / lr;
@@ -267,7 +270,7 @@ fn instability_x(run: &RunMetrics, x: &str) -> Result<Option<f64>, StageError> {
     let lambdas = run
         .table
         .pairs(x, "lambda_max")
-        .map_err(|e| input_error(RUNS, e))?;
+        .map_err(|e| StageError::input(RUNS, e))?;
     Ok(lambdas
         .into_iter()
         .find(|&(xv, l)| step_value(&thresholds, xv).is_some_and(|t| t < l))
@@ -366,14 +369,14 @@ fn time_series_panel(
             members[0]
                 .table
                 .column(column)
-                .map_err(|e| input_error(RUNS, e))?;
+                .map_err(|e| StageError::input(RUNS, e))?;
         }
         let mut drawn = Vec::new();
         for &run in members.iter().filter(|r| r.table.has(column)) {
             let points = run
                 .table
                 .pairs(&params.x, column)
-                .map_err(|e| input_error(RUNS, e))?;
+                .map_err(|e| StageError::input(RUNS, e))?;
             if !points.is_empty() {
                 drawn.push((run, points));
             }
@@ -405,15 +408,15 @@ fn time_series_panel(
         // Only reference lines would be drawn: the quantities were not measured in these runs.
         let names: Vec<&str> = columns.iter().map(|(c, _)| c.as_str()).collect();
         let stages: Vec<&str> = members.iter().map(|r| r.stage.as_str()).collect();
-        return Err(StageError::Input {
-            input: RUNS.into(),
-            message: format!(
+        return Err(StageError::input(
+            RUNS,
+            format!(
                 "panel `{title}`: no value of {} in {} (a quantity must be measured, e.g. in the \
                  run's `measure:`, to be plotted)",
                 names.join(", "),
                 stages.join(", ")
             ),
-        });
+        ));
     }
     if let Some(level) = params.reference {
         let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
@@ -553,17 +556,17 @@ fn lambda_vs_batch(
         let mut lrs = Vec::new();
         for run in members {
             let v = final_value(&run.table, column, params.protocol)
-                .map_err(|e| input_error(RUNS, e))?;
+                .map_err(|e| StageError::input(RUNS, e))?;
             points.push((run.require("batch_size", RUNS)?, v.value));
             lrs.push(run.require("lr", RUNS)?);
         }
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         let lr = lrs[0];
         if lrs.iter().any(|&l| l != lr) {
-            return Err(StageError::Input {
-                input: RUNS.into(),
-                message: format!("curve `{label}` mixes step sizes; set `series_by: lr`"),
-            });
+            return Err(StageError::input(
+                RUNS,
+                format!("curve `{label}` mixes step sizes; set `series_by: lr`"),
+            ));
         }
         let (bmin, bmax) = (points[0].0, points[points.len() - 1].0);
         let finals = Series {
@@ -691,10 +694,8 @@ fn alignment(ctx: &StageContext) -> Result<Vec<Panel>, StageError> {
     let mut panels = Vec::new();
     for input in inputs {
         let path = input.file("alignment.csv");
-        let bad = |message: String| StageError::Input {
-            input: RUNS.into(),
-            message: format!("{}: {message}", path.display()),
-        };
+        let bad =
+            |message: String| StageError::input(RUNS, format!("{}: {message}", path.display()));
         let mut reader = csv::Reader::from_path(&path).map_err(|e| {
             bad(format!(
                 "{e} (is `{}` a measure stage with `alignment:`?)",

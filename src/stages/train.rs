@@ -42,16 +42,12 @@ fn load_dataset(ctx: &StageContext, input: &str) -> Result<Option<Dataset>, Stag
     let Some(artifacts) = ctx.inputs.get(input) else {
         return Ok(None);
     };
-    let artifact = artifacts.first().ok_or_else(|| StageError::Input {
-        input: input.into(),
-        message: "no artifact given".into(),
-    })?;
+    let artifact = artifacts
+        .first()
+        .ok_or_else(|| StageError::input(input, "no artifact given"))?;
     Dataset::load(artifact.file("dataset.safetensors"))
         .map(Some)
-        .map_err(|e| StageError::Input {
-            input: input.into(),
-            message: e.to_string(),
-        })
+        .map_err(|e| StageError::input(input, e))
 }
 
 impl Stage for TrainStage {
@@ -190,22 +186,23 @@ impl Stage for TrainStage {
                 .inputs
                 .get("base")
                 .and_then(|b| b.first())
-                .ok_or_else(|| StageError::Input {
-                    input: "base".into(),
-                    message: "`branch_step` needs a `base` train input".into(),
+                .ok_or_else(|| {
+                    StageError::input("base", "`branch_step` needs a `base` train input")
                 })?;
             let available = checkpoint::list(&base.dir.join("checkpoints"))?;
             let path = available
                 .iter()
                 .find(|(s, _)| *s == step)
                 .map(|(_, p)| p.clone())
-                .ok_or_else(|| StageError::Input {
-                    input: "base".into(),
-                    message: format!(
-                        "base run `{}` has no checkpoint at step {step}; it has {:?}",
-                        base.stage,
-                        available.iter().map(|(s, _)| s).collect::<Vec<_>>()
-                    ),
+                .ok_or_else(|| {
+                    StageError::input(
+                        "base",
+                        format!(
+                            "base run `{}` has no checkpoint at step {step}; it has {:?}",
+                            base.stage,
+                            available.iter().map(|(s, _)| s).collect::<Vec<_>>()
+                        ),
+                    )
                 })?;
             ctx.reporter
                 .log(&format!("branching from `{}` at step {step}", base.stage));
