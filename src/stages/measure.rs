@@ -99,12 +99,38 @@ impl Stage for MeasureStage {
         INPUTS
     }
 
-    /// The curvature subsample and the alignment's samples fit in the `data` subset.
+    /// The curvature subsample and the alignment's samples fit in the `data` subset, and no listed
+    /// step lies where the `run` can have no checkpoint: after its last step, or (a branch) at or
+    /// before the step it branched at.
     fn check_inputs(
         &self,
         params: &serde_json::Value,
         inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
     ) -> Result<(), ParamError> {
+        if let Some(run) = inputs.get("run").and_then(|run| run.first()) {
+            let last = run["steps"].as_u64().unwrap_or(u64::MAX);
+            let branched_at = run["branch_step"].as_u64();
+            let steps = params["steps"].as_array().into_iter().flatten();
+            for (i, step) in steps
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.as_u64()?)))
+            {
+                let message = if step > last {
+                    format!("the `run` ends at step {last}: no checkpoint at step {step}")
+                } else if let Some(k) = branched_at.filter(|&k| step <= k) {
+                    format!(
+                        "the `run` is a branch from step {k}: its checkpoints come after it, not at \
+                         step {step} (measure the base run there)"
+                    )
+                } else {
+                    continue;
+                };
+                return Err(ParamError {
+                    path: format!("steps[{i}]"),
+                    message,
+                });
+            }
+        }
         let counts = [
             (
                 "measure.subsample",
@@ -469,6 +495,32 @@ mod tests {
             check(json!({"alignment": {"samples": 17}})),
             Err("alignment.samples".to_string())
         );
+    }
+
+    #[test]
+    fn listed_steps_must_be_where_the_run_can_have_checkpoints() {
+        let check = |run: Value, steps: Value| {
+            let params = MeasureStage
+                .resolve(&json!({"steps": steps}))
+                .unwrap()
+                .params;
+            let inputs = BTreeMap::from([("run".to_string(), vec![&run])]);
+            MeasureStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| (e.path, e.message))
+        };
+        let run = json!({"steps": 100, "checkpoint_every": 50});
+        assert_eq!(check(run.clone(), json!([50, 100])), Ok(()));
+        assert_eq!(
+            check(run, json!([50, 150])),
+            Err((
+                "steps[1]".to_string(),
+                "the `run` ends at step 100: no checkpoint at step 150".to_string()
+            ))
+        );
+        let branch = json!({"steps": 100, "branch_step": 40});
+        assert_eq!(check(branch.clone(), json!([60])), Ok(()));
+        assert_eq!(check(branch, json!([40])).unwrap_err().0, "steps[0]");
     }
 
     fn read(path: &Path) -> String {
