@@ -440,8 +440,33 @@ fn find_artifact(store: &Store, target: &str) -> Result<PathBuf, Error> {
         .max_by(|a, b| a.1.finished.cmp(&b.1.finished))
         .map(|(d, _)| d.clone())
         .ok_or_else(|| {
+            let stage = target.split('[').next().unwrap_or(target);
+            let names: BTreeSet<&str> = all
+                .iter()
+                .filter_map(|(_, m)| m.as_ref().ok())
+                .map(|m| m.stage.as_str())
+                .filter(|name| name.split('[').next() == Some(stage))
+                .collect();
+            const SHOWN: usize = 12;
+            let hint = match names.len() {
+                0 => String::new(),
+                n => format!(
+                    "; named `{stage}…` there: {}{}",
+                    names
+                        .iter()
+                        .take(SHOWN)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if n > SHOWN {
+                        format!(" and {} more", n - SHOWN)
+                    } else {
+                        String::new()
+                    }
+                ),
+            };
             Error::Usage(format!(
-                "no artifact named or keyed `{target}` in {}",
+                "no artifact named or keyed `{target}` in {}{hint}",
                 store.root().display()
             ))
         })

@@ -500,6 +500,14 @@ fn plan_dag_show_and_status_describe_the_pipeline() {
         err.contains("no stage instance `swept[seed=9]`; it has: swept[seed=1], swept[seed=2]"),
         "{err}"
     );
+    let (code, _, err) = env.eoss(&["show", "swept[seed=9]"]);
+    assert_eq!(code, 2);
+    // (miette wraps long messages: join its lines.)
+    assert!(
+        err.replace("\n  | ", " ")
+            .contains("named `swept…` there: swept[seed=1], swept[seed=2]"),
+        "{err}"
+    );
     let (_, by_key, _) = env.eoss(&["show", &key[..10]]);
     assert_eq!(by_key, out);
     let (code, status, _) = env.eoss(&["status", "two.yaml"]);
