@@ -384,10 +384,15 @@ pub fn load_plan(
     Ok(graph::build(&pipeline, overrides, registry, store)?)
 }
 
-/// The instances of `target`'s stage (the name before `[`), or every instance when it names no
-/// stage of the plan, comma-separated.
+/// The stage an instance name belongs to: `train` for `train[lr=0.01]`.
+fn stage_of(instance: &str) -> &str {
+    instance.split('[').next().unwrap_or(instance)
+}
+
+/// The instances of `target`'s stage, or every instance when it names no stage of the plan,
+/// comma-separated.
 fn instance_names(plan: &Plan, target: &str) -> String {
-    let stage = target.split('[').next().unwrap_or(target);
+    let stage = stage_of(target);
     let same_stage: Vec<&str> = plan
         .stages
         .iter()
@@ -440,12 +445,12 @@ fn find_artifact(store: &Store, target: &str) -> Result<PathBuf, Error> {
         .max_by(|a, b| a.1.finished.cmp(&b.1.finished))
         .map(|(d, _)| d.clone())
         .ok_or_else(|| {
-            let stage = target.split('[').next().unwrap_or(target);
+            let stage = stage_of(target);
             let names: BTreeSet<&str> = all
                 .iter()
                 .filter_map(|(_, m)| m.as_ref().ok())
                 .map(|m| m.stage.as_str())
-                .filter(|name| name.split('[').next() == Some(stage))
+                .filter(|name| stage_of(name) == stage)
                 .collect();
             const SHOWN: usize = 12;
             let hint = match names.len() {
