@@ -15,7 +15,7 @@ use crate::error::{Invalid, Location, Problem};
 use crate::expand::{self, Overrides, StageDecl};
 use crate::key::{Key, KeyInput, KEY_FORMAT};
 use crate::spec::{keys, locate, parse_field_path, Pipeline, Segment};
-use crate::stages::{Registry, Stage};
+use crate::stages::{PlannedInput, Registry, Stage};
 use crate::store::manifest::ExternalRecord;
 use crate::store::Store;
 
@@ -159,26 +159,28 @@ pub fn build(
         }
         // Instances come upstream first, so every input index is already planned.
         let inputs: BTreeMap<String, Vec<usize>> = inst.inputs.clone();
-        let input_params = inputs
-            .iter()
-            .map(|(slot, ups)| {
-                (
-                    slot.clone(),
-                    ups.iter().map(|&u| &stages[u].params).collect(),
-                )
-            })
-            .collect();
-        if let Err(e) = kind.check_inputs(&resolved.params, &input_params) {
-            problems.push(param_problem(
-                p, overrides, decl, &inst.name, &e.path, &e.message,
-            ));
-            continue;
-        }
         let input_outputs: BTreeMap<String, String> = decl
             .inputs
             .iter()
             .filter_map(|(slot, refs)| Some((slot.clone(), slot_output(refs).ok()??.to_string())))
             .collect();
+        let planned_inputs = inputs
+            .iter()
+            .map(|(slot, ups)| {
+                let planned = ups.iter().map(|&u| PlannedInput {
+                    kind: stages[u].kind.as_ref(),
+                    params: &stages[u].params,
+                    output: input_outputs.get(slot).map(String::as_str),
+                });
+                (slot.clone(), planned.collect())
+            })
+            .collect();
+        if let Err(e) = kind.check_inputs(&resolved.params, &planned_inputs) {
+            problems.push(param_problem(
+                p, overrides, decl, &inst.name, &e.path, &e.message,
+            ));
+            continue;
+        }
         let input_keys = inputs
             .iter()
             .map(|(slot, ups)| (slot.as_str(), ups.iter().map(|&u| &stages[u].key).collect()))

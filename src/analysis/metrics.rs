@@ -86,21 +86,9 @@ impl MetricsTable {
             .ok_or_else(|| AnalysisError::MissingColumn {
                 path: self.source.clone(),
                 column: name.to_string(),
-                closest: self.closest_column(name),
+                closest: super::closest_name(name, self.columns.keys().map(String::as_str)),
                 available: self.columns.keys().cloned().collect::<Vec<_>>().join(","),
             })
-    }
-
-    /// The column whose name is within a few edits of `name` (at most a third of its length),
-    /// the nearest first.
-    fn closest_column(&self, name: &str) -> Option<String> {
-        let limit = (name.chars().count() / 3).max(1);
-        self.columns
-            .keys()
-            .map(|column| (strsim::levenshtein(name, column), column))
-            .filter(|(distance, _)| *distance <= limit)
-            .min()
-            .map(|(_, column)| column.clone())
     }
 
     /// The rows where both `x` and `y` are present, as `(x, y)` pairs in file order.

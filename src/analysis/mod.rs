@@ -77,3 +77,18 @@ fn did_you_mean(closest: &Option<String>) -> String {
         .map(|name| format!("; did you mean `{name}`?"))
         .unwrap_or_default()
 }
+
+/// The candidate within a few edits of `name` (at most a third of its length), the nearest first:
+/// the name a typo most likely meant.
+pub fn closest_name<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let limit = (name.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|candidate| (strsim::levenshtein(name, candidate), candidate))
+        .filter(|(distance, _)| *distance <= limit)
+        .min()
+        .map(|(_, candidate)| candidate.to_string())
+}

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    resolve_typed, InputArtifact, InputSlot, ParamError, Resolved, Stage, StageContext, StageError,
+    check_columns_written, resolve_typed, InputArtifact, InputSlot, ParamError, PlannedInputs,
+    Resolved, Stage, StageContext, StageError,
 };
 use crate::analysis::catapult::detect_catapults;
 use crate::analysis::metrics::MetricsTable;
@@ -495,6 +496,12 @@ impl Stage for AnalysisStage {
         RUNS_INPUT
     }
 
+    /// The analysed `column` is written by some run.
+    fn check_inputs(&self, params: &Value, inputs: &PlannedInputs<'_>) -> Result<(), ParamError> {
+        let column = params["column"].as_str();
+        check_columns_written(inputs, RUNS, column.map(|c| ("column".to_string(), c)))
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let params: AnalysisParams = ctx.typed_params()?;
         let runs = load_runs(ctx, RUNS)?;
@@ -789,6 +796,29 @@ mod tests {
 
     fn summary(dir: &Path) -> Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_analysed_column_must_be_written_by_some_run() {
+        use crate::stages::{train::TrainStage, PlannedInput, PlannedInputs};
+        let train = json!({});
+        let check = |raw: Value| {
+            let params = AnalysisStage.resolve(&raw).unwrap().params;
+            let runs = vec![PlannedInput::of(&TrainStage, &train)];
+            let inputs = PlannedInputs::from([(RUNS.to_string(), runs)]);
+            AnalysisStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| e.path)
+        };
+        assert_eq!(check(json!({"mode": "plateau"})), Ok(()));
+        assert_eq!(
+            check(json!({"mode": "final_lambda", "column": "lambda_max_gn"})),
+            Ok(())
+        );
+        assert_eq!(
+            check(json!({"mode": "catapults", "column": "los"})),
+            Err("column".to_string())
+        );
     }
 
     #[test]

@@ -14,14 +14,13 @@
 //! The kind is resumable: after each measured checkpoint it records its progress (`progress.safetensors`),
 //! so a killed run continues after the last checkpoint it measured.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_fits_data, resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext,
-    StageError,
+    check_fits_data, resolve_typed, InputSlot, ParamError, PlannedInputs, Resolved, Stage,
+    StageContext, StageError,
 };
 use crate::curvature::{model_gradient_alignment, AlignmentConfig, AlignmentReport};
 use crate::data::Dataset;
@@ -105,9 +104,13 @@ impl Stage for MeasureStage {
     fn check_inputs(
         &self,
         params: &serde_json::Value,
-        inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+        inputs: &PlannedInputs<'_>,
     ) -> Result<(), ParamError> {
-        if let Some(run) = inputs.get("run").and_then(|run| run.first()) {
+        if let Some(run) = inputs
+            .get("run")
+            .and_then(|run| run.first())
+            .map(|run| run.params)
+        {
             let last = run["steps"].as_u64().unwrap_or(u64::MAX);
             let branched_at = run["branch_step"].as_u64();
             let steps = params["steps"].as_array().into_iter().flatten();
@@ -316,6 +319,10 @@ impl Stage for MeasureStage {
         }
     }
 
+    fn metrics_columns(&self, _params: &serde_json::Value) -> Option<Vec<String>> {
+        Some(crate::train::metrics::header())
+    }
+
     fn resumable(&self) -> bool {
         true
     }
@@ -445,6 +452,7 @@ mod tests {
     use crate::stages::analysis::test_support::{run_stage_in, NullReporter};
     use crate::stages::dataset::DatasetStage;
     use crate::stages::train::TrainStage;
+    use crate::stages::PlannedInput;
     use crate::stages::{InputArtifact, StageReporter};
 
     /// A reporter that keeps the log lines.
@@ -481,7 +489,10 @@ mod tests {
         let check = |raw: Value| {
             let params = MeasureStage.resolve(&raw).unwrap().params;
             let data = json!({"source": "synthetic", "n": 16});
-            let inputs = BTreeMap::from([("data".to_string(), vec![&data])]);
+            let inputs = BTreeMap::from([(
+                "data".to_string(),
+                vec![PlannedInput::of(&DatasetStage, &data)],
+            )]);
             MeasureStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| e.path)
@@ -504,7 +515,8 @@ mod tests {
                 .resolve(&json!({"steps": steps}))
                 .unwrap()
                 .params;
-            let inputs = BTreeMap::from([("run".to_string(), vec![&run])]);
+            let inputs =
+                BTreeMap::from([("run".to_string(), vec![PlannedInput::of(&TrainStage, &run)])]);
             MeasureStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| (e.path, e.message))

@@ -168,14 +168,20 @@ pub trait Stage: Send + Sync {
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError>;
     /// The input names this kind accepts, and whether each takes a whole sweep.
     fn inputs(&self) -> &'static [InputSlot];
-    /// Checks resolved `params` against the resolved params of the stages feeding each input slot
-    /// (e.g. a batch size no larger than the dataset's `n`) before anything runs. Accepts by default.
+    /// Checks resolved `params` against the stages feeding each input slot (e.g. a batch size no
+    /// larger than the dataset's `n`, a plotted column some run writes) before anything runs.
+    /// Accepts by default.
     fn check_inputs(
         &self,
         _params: &serde_json::Value,
-        _inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+        _inputs: &PlannedInputs<'_>,
     ) -> Result<(), ParamError> {
         Ok(())
+    }
+    /// The header of the `metrics.csv` this kind writes for `params`, which `plot` and `analysis`
+    /// read; `None` for a kind that writes none.
+    fn metrics_columns(&self, _params: &serde_json::Value) -> Option<Vec<String>> {
+        None
     }
     /// Computes the outputs into `ctx.work_dir`. If the kind writes `summary.json` (a JSON object),
     /// the engine embeds it in the manifest under `summary`.
@@ -187,17 +193,88 @@ pub trait Stage: Send + Sync {
     }
 }
 
+/// What [`Stage::check_inputs`] sees of one planned stage feeding an input slot.
+#[derive(Clone, Copy)]
+pub struct PlannedInput<'a> {
+    /// Its kind.
+    pub kind: &'a dyn Stage,
+    /// Its resolved params.
+    pub params: &'a serde_json::Value,
+    /// The one output file the consumer named (`stage:output`), if any.
+    pub output: Option<&'a str>,
+}
+
+impl<'a> PlannedInput<'a> {
+    /// A stage of `kind` with `params`, read through its default output.
+    #[cfg(test)]
+    pub fn of(kind: &'a dyn Stage, params: &'a serde_json::Value) -> Self {
+        PlannedInput {
+            kind,
+            params,
+            output: None,
+        }
+    }
+
+    /// The columns of the `metrics.csv` read from this input, when its kind declares them and the
+    /// consumer did not name another output.
+    fn metrics_columns(&self) -> Option<Vec<String>> {
+        match self.output {
+            None | Some("metrics.csv") => self.kind.metrics_columns(self.params),
+            Some(_) => None,
+        }
+    }
+}
+
+/// The planned stages feeding each input slot, by slot name.
+pub type PlannedInputs<'a> = BTreeMap<String, Vec<PlannedInput<'a>>>;
+
+/// Checks that each column a kind reads (`(field path, column)`) is written by some stage feeding
+/// `slot`, when all of them declare their `metrics.csv` header (a typo fails before the runs it
+/// reads are computed, with the nearest column named).
+fn check_columns_written<'a>(
+    inputs: &PlannedInputs<'_>,
+    slot: &str,
+    columns: impl IntoIterator<Item = (String, &'a str)>,
+) -> Result<(), ParamError> {
+    let headers: Option<Vec<Vec<String>>> = inputs
+        .get(slot)
+        .and_then(|stages| stages.iter().map(PlannedInput::metrics_columns).collect());
+    let Some(headers) = headers else {
+        return Ok(());
+    };
+    // In header order, each column once.
+    let mut written: Vec<&str> = Vec::new();
+    for column in headers.iter().flatten() {
+        if !written.contains(&column.as_str()) {
+            written.push(column);
+        }
+    }
+    for (path, column) in columns {
+        if !written.contains(&column) {
+            let hint = match crate::analysis::closest_name(column, written.iter().copied()) {
+                Some(nearest) => format!("did you mean `{nearest}`?"),
+                None => format!("the columns are {}", written.join(", ")),
+            };
+            return Err(ParamError {
+                path,
+                message: format!("no stage feeding `{slot}` writes a column `{column}`; {hint}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks that each count of a kind's params (`(field path, value, what it counts)`, e.g. a batch
 /// size) fits in the subset feeding its `data` input, when that subset has an `n` (without one it is
 /// the whole collection, checked when the stage runs). Absent (null) counts pass.
 fn check_fits_data<'a>(
-    inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+    inputs: &PlannedInputs<'_>,
     counts: impl IntoIterator<Item = (String, &'a serde_json::Value, &'static str)>,
 ) -> Result<(), ParamError> {
     let Some(n) = inputs
         .get("data")
         .and_then(|data| data.first())
-        .and_then(|data| data["n"].as_u64())
+        .and_then(|data| data.params["n"].as_u64())
     else {
         return Ok(());
     };

@@ -26,7 +26,10 @@ use super::analysis::{
     group_runs, input_artifacts, load_runs, one_or_many, series, write_json, RunMetrics, RUNS,
     RUNS_INPUT,
 };
-use super::{resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext, StageError};
+use super::{
+    check_columns_written, resolve_typed, InputSlot, ParamError, PlannedInputs, Resolved, Stage,
+    StageContext, StageError,
+};
 use crate::analysis::run::{final_value, FinalProtocol};
 use crate::analysis::stats::trailing_mean;
 use crate::analysis::sweep::{critical_batch_size, gap_power_law, level_log_log};
@@ -199,6 +202,15 @@ impl PanelSpec {
             ..params.clone()
         }
     }
+}
+
+/// `(field[i], column)` for each column a list field names.
+fn indexed<'a>(field: &str, columns: &'a [String]) -> impl Iterator<Item = (String, &'a str)> {
+    let field = field.to_string();
+    columns
+        .iter()
+        .enumerate()
+        .map(move |(i, column)| (format!("{field}[{i}]"), column.as_str()))
 }
 
 /// The `plot` stage kind.
@@ -843,6 +855,37 @@ impl Stage for PlotStage {
         RUNS_INPUT
     }
 
+    /// Every column the plot draws (`x`, `columns`, `secondary`, or each panel's) is written by
+    /// some run.
+    fn check_inputs(&self, params: &Value, inputs: &PlannedInputs<'_>) -> Result<(), ParamError> {
+        let (p, _) = resolve_typed::<PlotParams>(params)?;
+        let x = ("x".to_string(), p.x.as_str());
+        let drawn: Vec<(String, &str)> = match p.mode {
+            PlotMode::Alignment => Vec::new(),
+            PlotMode::LambdaVsBatch => {
+                let quantities = if p.fits {
+                    p.columns.get(..1).unwrap_or(&[])
+                } else {
+                    &p.columns[..]
+                };
+                indexed("columns", quantities).collect()
+            }
+            PlotMode::TimeSeries if p.panels.is_empty() => std::iter::once(x)
+                .chain(indexed("columns", &p.columns))
+                .chain(indexed("secondary", &p.secondary))
+                .collect(),
+            PlotMode::TimeSeries => {
+                let panels = p.panels.iter().enumerate().flat_map(|(i, panel)| {
+                    indexed(&format!("panels[{i}].columns"), &panel.columns)
+                        .chain(indexed(&format!("panels[{i}].secondary"), &panel.secondary))
+                        .collect::<Vec<_>>()
+                });
+                std::iter::once(x).chain(panels).collect()
+            }
+        };
+        check_columns_written(inputs, RUNS, drawn)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
         let params: PlotParams = ctx.typed_params()?;
         let (panels, extra) = match params.mode {
@@ -884,6 +927,72 @@ mod tests {
     use super::*;
     use crate::analysis::metrics::MetricsTable;
     use crate::stages::InputArtifact;
+
+    #[test]
+    fn drawn_columns_must_be_written_by_some_run() {
+        use crate::stages::{dataset::DatasetStage, quadratic::QuadraticStage, train::TrainStage};
+        use crate::stages::{PlannedInput, PlannedInputs};
+        let train = json!({});
+        let quadratic = json!({});
+        let check = |raw: Value, runs: Vec<PlannedInput>| {
+            let params = PlotStage.resolve(&raw).unwrap().params;
+            let inputs = PlannedInputs::from([(RUNS.to_string(), runs)]);
+            PlotStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| (e.path, e.message))
+        };
+        let trained = || vec![PlannedInput::of(&TrainStage, &train)];
+        assert_eq!(check(json!({"secondary": ["loss"]}), trained()), Ok(()));
+        assert_eq!(
+            check(json!({"columns": ["gni", "lamda_max"]}), trained()),
+            Err((
+                "columns[1]".to_string(),
+                "no stage feeding `runs` writes a column `lamda_max`; did you mean `lambda_max`?"
+                    .to_string()
+            ))
+        );
+        let far = check(json!({"x": "epoch", "secondary": ["zzz"]}), trained()).unwrap_err();
+        assert_eq!(far.0, "secondary[0]");
+        assert!(far.1.contains("the columns are step, epoch,"), "{}", far.1);
+        assert_eq!(check(json!({"x": "time"}), trained()).unwrap_err().0, "x");
+        // Each panel's columns, not the plot's defaults (the quadratic has no step sharpness).
+        let panels = json!({"panels": [{"columns": ["lr"]}, {"columns": ["gni_windowed"], "secondary": ["x", "los"]}]});
+        let quadratic_run = || vec![PlannedInput::of(&QuadraticStage, &quadratic)];
+        assert_eq!(
+            check(panels, quadratic_run()).unwrap_err().0,
+            "panels[1].secondary[1]"
+        );
+        assert_eq!(
+            check(
+                json!({"panels": [{"columns": ["gni_windowed"]}]}),
+                quadratic_run()
+            ),
+            Ok(())
+        );
+        // A column written by one run of several is enough; the other may lack it.
+        let both = vec![
+            PlannedInput::of(&TrainStage, &train),
+            PlannedInput::of(&QuadraticStage, &quadratic),
+        ];
+        assert_eq!(check(json!({"columns": ["gni_windowed"]}), both), Ok(()));
+        // `lambda_vs_batch` with fits reads its first column only.
+        let vs_b = json!({"mode": "lambda_vs_batch", "columns": ["lambda_max", "extra"]});
+        assert_eq!(check(vs_b, trained()), Ok(()));
+        // Unknown headers are left to the run: a kind that declares none, another named output,
+        // and the alignment histograms.
+        let data = json!({});
+        let undeclared = vec![PlannedInput::of(&DatasetStage, &data)];
+        assert_eq!(check(json!({"columns": ["anything"]}), undeclared), Ok(()));
+        let other_output = vec![PlannedInput {
+            output: Some("alignment.csv"),
+            ..PlannedInput::of(&TrainStage, &train)
+        }];
+        assert_eq!(
+            check(json!({"columns": ["anything"]}), other_output),
+            Ok(())
+        );
+        assert_eq!(check(json!({"mode": "alignment"}), trained()), Ok(()));
+    }
 
     fn count_green(png: &std::path::Path) -> usize {
         let img = image::open(png).unwrap().to_rgb8();

@@ -86,6 +86,21 @@ impl QuadraticParams {
     }
 }
 
+/// The header of the `metrics.csv` it writes.
+const COLUMNS: [&str; 11] = [
+    "step",
+    "epoch",
+    "lr",
+    "batch_size",
+    "loss",
+    "full_loss",
+    "grad_norm_sq",
+    "gni",
+    "gni_windowed",
+    "lambda_max",
+    "x",
+];
+
 /// The `quadratic` stage kind.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QuadraticStage;
@@ -115,6 +130,10 @@ impl Stage for QuadraticStage {
                 message,
             })?;
         Ok(Resolved::cpu(canonical))
+    }
+
+    fn metrics_columns(&self, _params: &Value) -> Option<Vec<String>> {
+        Some(COLUMNS.map(String::from).to_vec())
     }
 
     fn inputs(&self) -> &'static [InputSlot] {
@@ -149,23 +168,7 @@ impl Stage for QuadraticStage {
                 ]
             })
             .collect();
-        write_table(
-            &ctx.work_dir.join("metrics.csv"),
-            &[
-                "step",
-                "epoch",
-                "lr",
-                "batch_size",
-                "loss",
-                "full_loss",
-                "grad_norm_sq",
-                "gni",
-                "gni_windowed",
-                "lambda_max",
-                "x",
-            ],
-            &rows,
-        )?;
+        write_table(&ctx.work_dir.join("metrics.csv"), &COLUMNS, &rows)?;
         ctx.reporter.set_position(run.steps.len() as u64);
         write_json(
             &ctx.work_dir.join("summary.json"),

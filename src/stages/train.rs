@@ -6,11 +6,9 @@
 //! The kind is resumable: a killed run continues from the last checkpoint in its work dir and ends
 //! bit-identical to an uninterrupted run.
 
-use std::collections::BTreeMap;
-
 use super::{
-    check_fits_data, resolve_typed, InputSlot, ParamError, Resolved, Stage, StageContext,
-    StageError,
+    check_fits_data, resolve_typed, InputSlot, ParamError, PlannedInputs, Resolved, Stage,
+    StageContext, StageError,
 };
 use crate::data::Dataset;
 use crate::train::measure::samples_batch_quotients;
@@ -138,7 +136,7 @@ impl Stage for TrainStage {
     fn check_inputs(
         &self,
         params: &serde_json::Value,
-        inputs: &BTreeMap<String, Vec<&serde_json::Value>>,
+        inputs: &PlannedInputs<'_>,
     ) -> Result<(), ParamError> {
         let changes = params["schedule"].as_array().into_iter().flatten();
         let counts = [
@@ -162,6 +160,10 @@ impl Stage for TrainStage {
             )
         }));
         check_fits_data(inputs, counts)
+    }
+
+    fn metrics_columns(&self, _params: &serde_json::Value) -> Option<Vec<String>> {
+        Some(crate::train::metrics::header())
     }
 
     fn resumable(&self) -> bool {
@@ -238,7 +240,11 @@ impl Stage for TrainStage {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::stages::dataset::DatasetStage;
+    use crate::stages::PlannedInput;
 
     #[test]
     fn params_are_checked_and_the_error_names_the_field() {
@@ -297,7 +303,10 @@ mod tests {
                 raw[field] = value.clone();
             }
             let params = TrainStage.resolve(&raw).unwrap().params;
-            let inputs = BTreeMap::from([("data".to_string(), vec![&data])]);
+            let inputs = BTreeMap::from([(
+                "data".to_string(),
+                vec![PlannedInput::of(&DatasetStage, &data)],
+            )]);
             TrainStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| (e.path, e.message))
