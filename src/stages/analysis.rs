@@ -800,12 +800,11 @@ mod tests {
 
     #[test]
     fn the_analysed_column_must_be_written_by_some_run() {
-        use crate::stages::{train::TrainStage, PlannedInput, PlannedInputs};
+        use crate::stages::{single_input, train::TrainStage};
         let train = json!({});
         let check = |raw: Value| {
             let params = AnalysisStage.resolve(&raw).unwrap().params;
-            let runs = vec![PlannedInput::of(&TrainStage, &train)];
-            let inputs = PlannedInputs::from([(RUNS.to_string(), runs)]);
+            let inputs = single_input(RUNS, &TrainStage, &train);
             AnalysisStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| e.path)

@@ -27,6 +27,7 @@ use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::checkpoint as weights;
 use crate::nn::Model;
+use crate::stages::train::no_checkpoint_at;
 use crate::train::measure::{
     at_step, samples_batch_quotients, MeasureConfig, MeasurePoint, MeasureState,
 };
@@ -99,39 +100,24 @@ impl Stage for MeasureStage {
     }
 
     /// The curvature subsample and the alignment's samples fit in the `data` subset, and no listed
-    /// step lies where the `run` can have no checkpoint: after its last step, or (a branch) at or
-    /// before the step it branched at.
+    /// step lies where the `run` can have no checkpoint ([`no_checkpoint_at`]).
     fn check_inputs(
         &self,
         params: &serde_json::Value,
         inputs: &PlannedInputs<'_>,
     ) -> Result<(), ParamError> {
-        if let Some(run) = inputs
-            .get("run")
-            .and_then(|run| run.first())
-            .map(|run| run.params)
-        {
-            let last = run["steps"].as_u64().unwrap_or(u64::MAX);
-            let branched_at = run["branch_step"].as_u64();
+        if let Some(run) = inputs.get("run").and_then(|run| run.first()) {
             let steps = params["steps"].as_array().into_iter().flatten();
             for (i, step) in steps
                 .enumerate()
                 .filter_map(|(i, s)| Some((i, s.as_u64()?)))
             {
-                let message = if step > last {
-                    format!("the `run` ends at step {last}: no checkpoint at step {step}")
-                } else if let Some(k) = branched_at.filter(|&k| step <= k) {
-                    format!(
-                        "the `run` is a branch from step {k}: its checkpoints come after it, not at \
-                         step {step} (measure the base run there)"
-                    )
-                } else {
-                    continue;
-                };
-                return Err(ParamError {
-                    path: format!("steps[{i}]"),
-                    message,
-                });
+                if let Some(message) = no_checkpoint_at("run", run.params, step) {
+                    return Err(ParamError {
+                        path: format!("steps[{i}]"),
+                        message,
+                    });
+                }
             }
         }
         let counts = [
@@ -451,8 +437,8 @@ mod tests {
     use super::*;
     use crate::stages::analysis::test_support::{run_stage_in, NullReporter};
     use crate::stages::dataset::DatasetStage;
+    use crate::stages::single_input;
     use crate::stages::train::TrainStage;
-    use crate::stages::PlannedInput;
     use crate::stages::{InputArtifact, StageReporter};
 
     /// A reporter that keeps the log lines.
@@ -489,10 +475,7 @@ mod tests {
         let check = |raw: Value| {
             let params = MeasureStage.resolve(&raw).unwrap().params;
             let data = json!({"source": "synthetic", "n": 16});
-            let inputs = BTreeMap::from([(
-                "data".to_string(),
-                vec![PlannedInput::of(&DatasetStage, &data)],
-            )]);
+            let inputs = single_input("data", &DatasetStage, &data);
             MeasureStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| e.path)
@@ -515,22 +498,37 @@ mod tests {
                 .resolve(&json!({"steps": steps}))
                 .unwrap()
                 .params;
-            let inputs =
-                BTreeMap::from([("run".to_string(), vec![PlannedInput::of(&TrainStage, &run)])]);
+            let inputs = single_input("run", &TrainStage, &run);
             MeasureStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| (e.path, e.message))
         };
-        let run = json!({"steps": 100, "checkpoint_every": 50});
-        assert_eq!(check(run.clone(), json!([50, 100])), Ok(()));
+        let run = json!({"steps": 110, "checkpoint_every": 50, "checkpoint_at": [0, 7]});
+        assert_eq!(check(run.clone(), json!([0, 7, 50, 100, 110])), Ok(()));
         assert_eq!(
-            check(run, json!([50, 150])),
+            check(run.clone(), json!([50, 150])),
             Err((
                 "steps[1]".to_string(),
-                "the `run` ends at step 100: no checkpoint at step 150".to_string()
+                "the `run` input ends at step 110: no checkpoint at step 150".to_string()
             ))
         );
-        let branch = json!({"steps": 100, "branch_step": 40});
+        assert_eq!(
+            check(run.clone(), json!([50, 60])),
+            Err((
+                "steps[1]".to_string(),
+                "the `run` input saves checkpoints every 50 steps, at checkpoint_at [0, 7] and at \
+                 its last step 110: none at step 60"
+                    .to_string()
+            ))
+        );
+        // Without `checkpoint_at: [0]` step 0 has no checkpoint.
+        let periodic = json!({"steps": 100, "checkpoint_every": 50});
+        assert_eq!(check(periodic, json!([0])).unwrap_err().0, "steps[0]");
+        // A run that may stop early at any step may have its last checkpoint there.
+        let early = json!({"steps": 110, "checkpoint_every": 50, "stop_loss": 0.01});
+        assert_eq!(check(early.clone(), json!([60])), Ok(()));
+        assert_eq!(check(early, json!([120])).unwrap_err().0, "steps[0]");
+        let branch = json!({"steps": 100, "checkpoint_every": 20, "branch_step": 40});
         assert_eq!(check(branch.clone(), json!([60])), Ok(()));
         assert_eq!(check(branch, json!([40])).unwrap_err().0, "steps[0]");
     }

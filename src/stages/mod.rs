@@ -228,6 +228,16 @@ impl<'a> PlannedInput<'a> {
 /// The planned stages feeding each input slot, by slot name.
 pub type PlannedInputs<'a> = BTreeMap<String, Vec<PlannedInput<'a>>>;
 
+/// One input slot fed by one stage of `kind` with `params` (for tests of `check_inputs`).
+#[cfg(test)]
+pub fn single_input<'a>(
+    slot: &str,
+    kind: &'a dyn Stage,
+    params: &'a serde_json::Value,
+) -> PlannedInputs<'a> {
+    BTreeMap::from([(slot.to_string(), vec![PlannedInput::of(kind, params)])])
+}
+
 /// Checks that each column a kind reads (`(field path, column)`) is written by some stage feeding
 /// `slot`, when all of them declare their `metrics.csv` header (a typo fails before the runs it
 /// reads are computed, with the nearest column named).

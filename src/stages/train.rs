@@ -132,12 +132,21 @@ impl Stage for TrainStage {
     }
 
     /// Every batch size (the first and each schedule change's) and the curvature subsample fit in
-    /// the `data` subset.
+    /// the `data` subset, and a branch's `base` can have a checkpoint at `branch_step`.
     fn check_inputs(
         &self,
         params: &serde_json::Value,
         inputs: &PlannedInputs<'_>,
     ) -> Result<(), ParamError> {
+        let base = inputs.get("base").and_then(|base| base.first());
+        if let (Some(base), Some(step)) = (base, params["branch_step"].as_u64()) {
+            if let Some(message) = no_checkpoint_at("base", base.params, step) {
+                return Err(ParamError {
+                    path: "branch_step".into(),
+                    message,
+                });
+            }
+        }
         let changes = params["schedule"].as_array().into_iter().flatten();
         let counts = [
             (
@@ -238,13 +247,50 @@ impl Stage for TrainStage {
     }
 }
 
+/// Why the `train` run with `run` params, feeding input `slot`, can have no checkpoint at `step`,
+/// when that is certain before it runs: the step lies after its last step, at or before the step
+/// it branched at, or off its checkpoints (every `checkpoint_every` steps, `checkpoint_at` and its
+/// last step) while it cannot stop early there (no `stop_loss`). `None` when it has or may have one.
+pub fn no_checkpoint_at(slot: &str, run: &serde_json::Value, step: u64) -> Option<String> {
+    let last = run["steps"].as_u64()?;
+    if step > last {
+        return Some(format!(
+            "the `{slot}` input ends at step {last}: no checkpoint at step {step}"
+        ));
+    }
+    if let Some(k) = run["branch_step"].as_u64().filter(|&k| step <= k) {
+        return Some(format!(
+            "the `{slot}` input is a branch from step {k}: its checkpoints come after it, not at \
+             step {step} (its own base has those)"
+        ));
+    }
+    let every = run["checkpoint_every"].as_u64()?;
+    let listed: Vec<u64> = run["checkpoint_at"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let saved = (step > 0 && step.is_multiple_of(every)) || listed.contains(&step) || step == last;
+    if saved || !run["stop_loss"].is_null() {
+        return None;
+    }
+    let listed = if listed.is_empty() {
+        String::new()
+    } else {
+        format!(", at checkpoint_at {listed:?}")
+    };
+    Some(format!(
+        "the `{slot}` input saves checkpoints every {every} steps{listed} and at its last step \
+         {last}: none at step {step}"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::stages::dataset::DatasetStage;
-    use crate::stages::PlannedInput;
+    use crate::stages::single_input;
 
     #[test]
     fn params_are_checked_and_the_error_names_the_field() {
@@ -294,6 +340,31 @@ mod tests {
     }
 
     #[test]
+    fn a_branch_starts_where_its_base_has_a_checkpoint() {
+        use serde_json::json;
+        let base = json!({"steps": 1000, "checkpoint_every": 200});
+        let check = |branch_step: u64| {
+            let raw = json!({"model": {"arch": "mlp"}, "init_scale": 0.2, "lr": 0.1,
+                             "batch_size": 8, "steps": 2000, "branch_step": branch_step});
+            let params = TrainStage.resolve(&raw).unwrap().params;
+            let inputs = single_input("base", &TrainStage, &base);
+            TrainStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| (e.path, e.message))
+        };
+        assert_eq!(check(400), Ok(()));
+        assert_eq!(check(1000), Ok(()));
+        assert_eq!(
+            check(1200),
+            Err((
+                "branch_step".to_string(),
+                "the `base` input ends at step 1000: no checkpoint at step 1200".to_string()
+            ))
+        );
+        assert_eq!(check(450).unwrap_err().0, "branch_step");
+    }
+
+    #[test]
     fn batch_sizes_and_the_subsample_must_fit_in_the_data_subset() {
         use serde_json::json;
         let check = |data: serde_json::Value, changes: serde_json::Value| {
@@ -303,10 +374,7 @@ mod tests {
                 raw[field] = value.clone();
             }
             let params = TrainStage.resolve(&raw).unwrap().params;
-            let inputs = BTreeMap::from([(
-                "data".to_string(),
-                vec![PlannedInput::of(&DatasetStage, &data)],
-            )]);
+            let inputs = single_input("data", &DatasetStage, &data);
             TrainStage
                 .check_inputs(&params, &inputs)
                 .map_err(|e| (e.path, e.message))

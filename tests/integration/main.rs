@@ -818,16 +818,26 @@ fn a_branch_continues_its_base_and_names_the_available_steps() {
         read(&branch.join("checkpoints/step-00000150.safetensors"))
     );
 
-    let missing = ["--set", "branch.branch_step=75"];
+    // Off the base's checkpoints: refused before anything runs.
+    let (code, _, err) = env.eoss(&["run", "branch.yaml", "--set", "branch.branch_step=75"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--set branch.branch_step=75: the `base` input saves checkpoints every 50")
+            && err.contains("none at"),
+        "{err}"
+    );
+    // A base that may stop early could have its last checkpoint there: the branch finds out when
+    // it starts, and names the steps the base has.
+    let missing = [
+        "--set",
+        "branch.branch_step=75",
+        "--set",
+        "base.stop_loss=1e-12",
+    ];
     let report = env.path().join("report.json");
-    let (code, _, err) = env.eoss(&[
-        "run",
-        "branch.yaml",
-        "--report",
-        report.to_str().unwrap(),
-        missing[0],
-        missing[1],
-    ]);
+    let mut args = vec!["run", "branch.yaml", "--report", report.to_str().unwrap()];
+    args.extend(missing);
+    let (code, _, err) = env.eoss(&args);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("has no checkpoint at step 75; it has [50, 100, 150, 200]"),
@@ -835,7 +845,11 @@ fn a_branch_continues_its_base_and_names_the_available_steps() {
     );
     assert_eq!(
         statuses(&std::fs::read_to_string(report).unwrap()),
-        pairs(&[("data", "cached"), ("base", "cached"), ("branch", "failed")])
+        pairs(&[
+            ("data", "cached"),
+            ("base", "computed"),
+            ("branch", "failed")
+        ])
     );
     assert!(!artifact(&env, &p, &missing, "branch").exists());
 }
