@@ -250,8 +250,18 @@ fn param_problem(
     } else {
         format!("{message} (in instance `{instance}`)")
     };
-    let prefix = format!("{name}.{path}=");
-    if let Some(set) = o.sets.iter().find(|s| s.starts_with(&prefix)) {
+    // The field, or a field holding it (`--set figure.columns=[..]` for `columns[0]`), was set.
+    let mut enclosing = std::iter::successors(Some(path), |p| p.rfind(['.', '[']).map(|i| &p[..i]));
+    let set = enclosing.find_map(|field| {
+        let prefix = format!("{name}.{field}=");
+        Some((field, o.sets.iter().find(|s| s.starts_with(&prefix))?))
+    });
+    if let Some((field, set)) = set {
+        let what = if field == path {
+            what
+        } else {
+            format!("{path}: {what}")
+        };
         return Problem::argument(&format!("--set {set}"), what);
     }
     let segs = parse_field_path(path);

@@ -369,6 +369,17 @@ fn command_line_mistakes_exit_2() {
             &["plan", "two.yaml", "--profile", "paper"],
             "defines no profile `paper`",
         ),
+        // A field inside a set value: the `--set` is the location, the field is named.
+        (
+            &[
+                "plan",
+                "two.yaml",
+                "--set",
+                "small.synthetic={channels: x, height: 4, width: 4, num_classes: 2}",
+            ],
+            "--set small.synthetic={channels: x, height: 4, width: 4, num_classes: 2}: \
+             synthetic.channels: invalid type",
+        ),
         (&["plan", "missing.yaml"], "cannot read the pipeline file"),
         (&["show", "nothing-like-this"], "no artifact named or keyed"),
         (&["gc", "--keep", "nomatch/*.yaml"], "matches no file"),
