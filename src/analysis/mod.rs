@@ -78,7 +78,7 @@ fn did_you_mean(closest: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
-/// The candidate within a few edits of `name` (at most a third of its length), the nearest first:
+/// The candidate nearest to `name` if it is within a few edits (at most a third of its length):
 /// the name a typo most likely meant.
 pub fn closest_name<'a>(
     name: &str,

@@ -374,6 +374,80 @@ pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>
     })
 }
 
+/// `(field path, name)` for each entry of a [`one_or_many`] field: the field itself for a lone
+/// entry (which the YAML may give as a plain string), `field[i]` for each of several.
+pub fn one_or_many_paths<'a>(field: &str, names: &'a [String]) -> Vec<(String, &'a str)> {
+    match names {
+        [name] => vec![(field.to_string(), name.as_str())],
+        _ => names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (format!("{field}[{i}]"), name.as_str()))
+            .collect(),
+    }
+}
+
+/// Checks before anything runs that every stage feeding `slot` has what [`group_runs`] labels it
+/// by, for each `(field path, name)`: a param at that dotted path, a param of one of its inputs
+/// (`data.n`, left to the run), or a column of its `metrics.csv` (a stage whose kind declares no
+/// header is left to the run too). A typo gets the nearest param or column.
+pub fn check_group_by<'a>(
+    inputs: &PlannedInputs<'_>,
+    slot: &str,
+    names: impl IntoIterator<Item = (String, &'a str)>,
+) -> Result<(), ParamError> {
+    let stages = inputs.get(slot).map(Vec::as_slice).unwrap_or_default();
+    for (path, name) in names {
+        for stage in stages {
+            let Some(columns) = stage.metrics_columns() else {
+                continue;
+            };
+            let labelled = walk_path(stage.params, name)
+                .is_some_and(|v| v.is_string() || v.is_number() || v.is_boolean());
+            let of_input = name
+                .split_once('.')
+                .is_some_and(|(input, _)| stage.kind.inputs().iter().any(|s| s.name == input));
+            let column = name.rsplit('.').next().unwrap_or(name);
+            if labelled || of_input || columns.iter().any(|c| c == column) {
+                continue;
+            }
+            let mut known = Vec::new();
+            leaf_paths(stage.params, "", &mut known);
+            known.extend(columns);
+            let hint = crate::analysis::closest_name(name, known.iter().map(String::as_str))
+                .map(|nearest| format!("; did you mean `{nearest}`?"))
+                .unwrap_or_default();
+            return Err(ParamError {
+                path,
+                message: format!(
+                    "the `{}` stages feeding `{slot}` have no param or metrics column `{name}` to \
+                     group by{hint}",
+                    stage.kind.kind()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The dotted paths of every scalar inside `value` (`model.arch`, `lr`), each after `prefix`.
+fn leaf_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaf_paths(field, &path, out);
+            }
+        }
+        Value::Array(_) | Value::Null => {}
+        _ => out.push(prefix.to_string()),
+    }
+}
+
 /// Groups runs by their labels of `params` (`η = 0.04, n = 1024`), or one group per run when
 /// there are none (labelled by the params that vary between them), keeping first-appearance order;
 /// `input` names the slot in errors.
@@ -496,10 +570,17 @@ impl Stage for AnalysisStage {
         RUNS_INPUT
     }
 
-    /// The analysed `column` is written by some run.
+    /// The analysed `column` is written by some run, and every run has what `series_by` names.
     fn check_inputs(&self, params: &Value, inputs: &PlannedInputs<'_>) -> Result<(), ParamError> {
         let column = params["column"].as_str();
-        check_columns_written(inputs, RUNS, column.map(|c| ("column".to_string(), c)))
+        check_columns_written(inputs, RUNS, column.map(|c| ("column".to_string(), c)))?;
+        let series_by: Vec<String> = params["series_by"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|name| Some(name.as_str()?.to_string()))
+            .collect();
+        check_group_by(inputs, RUNS, one_or_many_paths("series_by", &series_by))
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
@@ -817,6 +898,51 @@ mod tests {
         assert_eq!(
             check(json!({"mode": "catapults", "column": "los"})),
             Err("column".to_string())
+        );
+    }
+
+    #[test]
+    fn grouping_names_a_param_an_input_param_or_a_column_of_every_run() {
+        use crate::stages::{single_input, train::TrainStage};
+        let train = TrainStage
+            .resolve(
+                &json!({"model": {"arch": "mlp"}, "init_scale": 0.2, "lr": 0.1,
+                             "batch_size": 8, "steps": 10}),
+            )
+            .unwrap()
+            .params;
+        let inputs = single_input(RUNS, &TrainStage, &train);
+        let check = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            check_group_by(&inputs, RUNS, one_or_many_paths("series_by", &names))
+                .map_err(|e| (e.path, e.message))
+        };
+        // A param, a nested param, an input's param (not looked into) and a metrics column.
+        assert_eq!(check(&["lr", "model.arch", "data.n", "full_loss"]), Ok(()));
+        assert_eq!(
+            check(&["batch-size"]),
+            Err((
+                "series_by".to_string(),
+                "the `train` stages feeding `runs` have no param or metrics column `batch-size` \
+                 to group by; did you mean `batch_size`?"
+                    .to_string()
+            ))
+        );
+        assert_eq!(check(&["lr", "model.arc"]).unwrap_err().0, "series_by[1]");
+        // A param that is not a scalar labels nothing; nor does one left null.
+        assert_eq!(check(&["model"]).unwrap_err().0, "series_by");
+        assert_eq!(check(&["stop_loss"]).unwrap_err().0, "series_by");
+        // The analysis kind checks its `series_by`.
+        let params = AnalysisStage
+            .resolve(&json!({"mode": "gap", "series_by": ["lr", "sed"]}))
+            .unwrap()
+            .params;
+        assert_eq!(
+            AnalysisStage
+                .check_inputs(&params, &inputs)
+                .unwrap_err()
+                .path,
+            "series_by[1]"
         );
     }
 

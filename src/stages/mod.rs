@@ -217,7 +217,7 @@ impl<'a> PlannedInput<'a> {
 
     /// The columns of the `metrics.csv` read from this input, when its kind declares them and the
     /// consumer did not name another output.
-    fn metrics_columns(&self) -> Option<Vec<String>> {
+    pub fn metrics_columns(&self) -> Option<Vec<String>> {
         match self.output {
             None | Some("metrics.csv") => self.kind.metrics_columns(self.params),
             Some(_) => None,

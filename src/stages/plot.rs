@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::analysis::{
-    group_runs, input_artifacts, load_runs, one_or_many, series, write_json, RunMetrics, RUNS,
-    RUNS_INPUT,
+    check_group_by, group_runs, input_artifacts, load_runs, one_or_many, one_or_many_paths, series,
+    write_json, RunMetrics, RUNS, RUNS_INPUT,
 };
 use super::{
     check_columns_written, resolve_typed, InputSlot, ParamError, PlannedInputs, Resolved, Stage,
@@ -883,7 +883,14 @@ impl Stage for PlotStage {
                 std::iter::once(x).chain(panels).collect()
             }
         };
-        check_columns_written(inputs, RUNS, drawn)
+        check_columns_written(inputs, RUNS, drawn)?;
+        if p.mode == PlotMode::Alignment {
+            return Ok(());
+        }
+        let group_by = one_or_many_paths("panel_by", &p.panel_by)
+            .into_iter()
+            .chain(one_or_many_paths("series_by", &p.series_by));
+        check_group_by(inputs, RUNS, group_by)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<(), StageError> {
@@ -992,6 +999,23 @@ mod tests {
             Ok(())
         );
         assert_eq!(check(json!({"mode": "alignment"}), trained()), Ok(()));
+        // What `panel_by` and `series_by` name must label every run.
+        assert_eq!(check(json!({"panel_by": "batch_size"}), trained()), Ok(()));
+        assert_eq!(
+            check(json!({"panel_by": ["lr", "batch"]}), trained())
+                .unwrap_err()
+                .0,
+            "panel_by[1]"
+        );
+        let vs_b = json!({"mode": "lambda_vs_batch", "series_by": "step_size"});
+        assert_eq!(check(vs_b, trained()).unwrap_err().0, "series_by");
+        assert_eq!(
+            check(
+                json!({"mode": "alignment", "panel_by": "anything"}),
+                trained()
+            ),
+            Ok(())
+        );
     }
 
     fn count_green(png: &std::path::Path) -> usize {
