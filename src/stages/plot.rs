@@ -826,6 +826,20 @@ impl Stage for PlotStage {
                 message: "draws a fitted line, which `fits: false` leaves out".into(),
             });
         }
+        let nothing_drawn = match p.mode {
+            PlotMode::LambdaVsBatch => p.columns.is_empty(),
+            PlotMode::TimeSeries => {
+                p.panels.is_empty() && p.columns.is_empty() && p.secondary.is_empty()
+            }
+            PlotMode::Alignment => false,
+        };
+        if nothing_drawn {
+            return Err(ParamError {
+                path: "columns".into(),
+                message: "names no column to draw (`columns`, or `secondary` for a time series)"
+                    .into(),
+            });
+        }
         if let Some(i) = p
             .panels
             .iter()
@@ -1473,6 +1487,20 @@ mod tests {
         assert_eq!(err.path, "stem");
         let err = PlotStage.resolve(&json!({"layout": 3})).unwrap_err();
         assert!(err.message.contains("layout"), "{err}");
+        // Nothing to draw.
+        for params in [
+            json!({"mode": "lambda_vs_batch", "columns": []}),
+            json!({"columns": [], "secondary": []}),
+        ] {
+            assert_eq!(PlotStage.resolve(&params).unwrap_err().path, "columns");
+        }
+        assert!(PlotStage
+            .resolve(&json!({"columns": [], "secondary": ["loss"]}))
+            .is_ok());
+        let err = PlotStage
+            .resolve(&json!({"columns": [], "panels": [{"title": "t"}]}))
+            .unwrap_err();
+        assert_eq!(err.path, "panels[0].columns");
         let (_d, r) = run_stage(&PlotStage, json!({"panel_by": "width"}), &fixture_runs());
         assert!(r.unwrap_err().to_string().contains("width"));
     }
