@@ -87,6 +87,20 @@ impl Stage for MeasureStage {
 
     fn resolve(&self, params: &serde_json::Value) -> Result<Resolved, ParamError> {
         let (typed, canonical): (MeasureParams, _) = resolve_typed(params)?;
+        if typed.measure.is_empty() && typed.alignment.is_none() {
+            return Err(ParamError {
+                path: "measure".into(),
+                message: "names nothing to measure: give a quantity (e.g. `lambda_max: {every: \
+                          100}`) or `alignment`"
+                    .into(),
+            });
+        }
+        if typed.steps.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ParamError {
+                path: "steps".into(),
+                message: "lists no step: leave it out to measure at every checkpoint".into(),
+            });
+        }
         Ok(Resolved {
             params: canonical,
             external_files: Vec::new(),
@@ -471,6 +485,23 @@ mod tests {
     }
 
     #[test]
+    fn a_measure_stage_measures_something_somewhere() {
+        let path = |raw: Value| MeasureStage.resolve(&raw).map(|_| ()).map_err(|e| e.path);
+        assert_eq!(path(json!({})), Err("measure".to_string()));
+        assert_eq!(
+            path(json!({"measure": {"seed": 3}})),
+            Err("measure".to_string())
+        );
+        assert_eq!(path(json!({"alignment": {"samples": 8}})), Ok(()));
+        let some = json!({"lambda_max": {"every": 100}});
+        assert_eq!(path(json!({"measure": some})), Ok(()));
+        assert_eq!(
+            path(json!({"measure": some, "steps": []})),
+            Err("steps".to_string())
+        );
+    }
+
+    #[test]
     fn the_subsample_and_the_alignment_samples_must_fit_in_the_data_subset() {
         let check = |raw: Value| {
             let params = MeasureStage.resolve(&raw).unwrap().params;
@@ -480,9 +511,13 @@ mod tests {
                 .check_inputs(&params, &inputs)
                 .map_err(|e| e.path)
         };
-        assert_eq!(check(json!({"measure": {"subsample": 16}})), Ok(()));
+        let lambda = json!({"every": 1});
         assert_eq!(
-            check(json!({"measure": {"subsample": 17}})),
+            check(json!({"measure": {"subsample": 16, "lambda_max": lambda}})),
+            Ok(())
+        );
+        assert_eq!(
+            check(json!({"measure": {"subsample": 17, "lambda_max": lambda}})),
             Err("measure.subsample".to_string())
         );
         assert_eq!(
@@ -495,7 +530,7 @@ mod tests {
     fn listed_steps_must_be_where_the_run_can_have_checkpoints() {
         let check = |run: Value, steps: Value| {
             let params = MeasureStage
-                .resolve(&json!({"steps": steps}))
+                .resolve(&json!({"steps": steps, "measure": {"grad_norm_sq": {"every": 1}}}))
                 .unwrap()
                 .params;
             let inputs = single_input("run", &TrainStage, &run);

@@ -392,6 +392,11 @@ impl MeasureConfig {
         eigen.chain(monte_carlo).chain(every).chain(smc).collect()
     }
 
+    /// Whether no quantity is configured.
+    pub fn is_empty(&self) -> bool {
+        self.schedules().is_empty()
+    }
+
     /// Whether anything is measured at `step` (to skip building the landscape otherwise).
     pub fn any_due(&self, step: u64) -> bool {
         self.schedules().iter().any(|s| s.is_due(step))
