@@ -107,6 +107,32 @@ impl Stage for TrainStage {
                 "must divide checkpoint_every, so that a resumed run refreshes the noise where an uninterrupted one does",
             ));
         }
+        if let Some(k) = config.branch_step.filter(|&k| k >= config.steps) {
+            return Err(invalid(
+                "branch_step",
+                &format!(
+                    "a branch continues its base after step {k}: `steps` ({}) must be larger",
+                    config.steps
+                ),
+            ));
+        }
+        let first = config.branch_step.unwrap_or(0);
+        if let Some((i, step)) = config.checkpoint_at.iter().enumerate().find(|&(_, &step)| {
+            step > config.steps || (config.branch_step.is_some() && step <= first)
+        }) {
+            return Err(invalid(
+                &format!("checkpoint_at[{i}]"),
+                &format!(
+                    "step {step} is outside the run's steps {}..={}",
+                    if config.branch_step.is_some() {
+                        first + 1
+                    } else {
+                        0
+                    },
+                    config.steps
+                ),
+            ));
+        }
         for (path, value) in [
             ("checkpoint_every", config.checkpoint_every),
             ("eval_chunk", config.eval_chunk as u64),
@@ -336,6 +362,24 @@ mod tests {
         assert_eq!(
             path(json!({"dynamics": "diagonal_noise", "noise_refresh_every": 7})),
             "noise_refresh_every"
+        );
+        // A branch takes at least one step of its own; listed checkpoints lie within the run.
+        assert_eq!(path(json!({"branch_step": 10})), "branch_step");
+        assert_eq!(error(json!({"branch_step": 9})), Ok(()));
+        assert_eq!(
+            error(json!({"checkpoint_at": [0, 3, 11]})),
+            Err((
+                "checkpoint_at[2]".to_string(),
+                "step 11 is outside the run's steps 0..=10".to_string()
+            ))
+        );
+        assert_eq!(
+            path(json!({"branch_step": 4, "checkpoint_at": [6, 4]})),
+            "checkpoint_at[1]"
+        );
+        assert_eq!(
+            error(json!({"branch_step": 4, "checkpoint_at": [5, 10]})),
+            Ok(())
         );
     }
 
