@@ -83,6 +83,15 @@ impl Stage for TrainStage {
             change
                 .check()
                 .map_err(|(field, message)| invalid(&schedule_path(i, field), &message))?;
+            if change.step >= config.steps {
+                return Err(invalid(
+                    &schedule_path(i, "step"),
+                    &format!(
+                        "step {} is not before the run's last step {}: no step would use the change",
+                        change.step, config.steps
+                    ),
+                ));
+            }
         }
         config.model.validate().map_err(|e| match e {
             crate::nn::SpecError::Invalid { field, message } => {
@@ -362,6 +371,14 @@ mod tests {
         assert_eq!(
             path(json!({"dynamics": "diagonal_noise", "noise_refresh_every": 7})),
             "noise_refresh_every"
+        );
+        assert_eq!(
+            error(json!({"schedule": [{"step": 10, "lr": 0.2}]})),
+            Err((
+                "schedule[0].step".to_string(),
+                "step 10 is not before the run's last step 10: no step would use the change"
+                    .to_string()
+            ))
         );
         // A branch takes at least one step of its own; listed checkpoints lie within the run.
         assert_eq!(path(json!({"branch_step": 10})), "branch_step");
