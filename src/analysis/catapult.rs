@@ -36,6 +36,18 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// Why `window` and `factor` detect nothing sensible (a window under 1 point, a factor not above
+/// the baseline), naming the field at fault, or `None`.
+pub fn settings_error(window: usize, factor: f64) -> Option<(&'static str, String)> {
+    if window == 0 {
+        Some(("window", "must be at least 1 point".to_string()))
+    } else if factor.is_nan() || factor <= 1.0 {
+        Some(("factor", format!("must be larger than 1, got {factor}")))
+    } else {
+        None
+    }
+}
+
 /// Finds loss spikes in `(step, loss)` points; see the module docs for the rule. The first
 /// `window` points only build the baseline.
 pub fn detect_catapults(
@@ -43,9 +55,9 @@ pub fn detect_catapults(
     window: usize,
     factor: f64,
 ) -> Result<Vec<Catapult>, AnalysisError> {
-    if window == 0 || factor.is_nan() || factor <= 1.0 {
+    if let Some((field, problem)) = settings_error(window, factor) {
         return Err(AnalysisError::Invalid(format!(
-            "catapult detection: window must be ≥ 1 and factor > 1, got window {window}, factor {factor}"
+            "catapult detection: {field} {problem}"
         )));
     }
     let pts: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.1.is_finite()).collect();

@@ -18,6 +18,28 @@ pub enum Window {
     FromStep(f64),
 }
 
+impl Window {
+    /// Why the window selects no sensible range (a fraction outside (0, 1], a negative or
+    /// non-finite step), or `None`.
+    pub fn error(&self) -> Option<String> {
+        match *self {
+            Window::LastFraction(f) if !(0.0 < f && f <= 1.0) => {
+                Some(format!("window fraction must lie in (0, 1], got {f}"))
+            }
+            Window::FromStep(s) if !(s >= 0.0 && s.is_finite()) => {
+                Some(format!("window step must be a step (≥ 0), got {s}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why `level` is not a probability strictly between 0 and 1 (a confidence level or a
+/// significance), or `None`; `name` says which.
+pub fn probability_error(name: &str, level: f64) -> Option<String> {
+    (!(0.0 < level && level < 1.0)).then(|| format!("{name} must lie in (0, 1), got {level}"))
+}
+
 /// The mean of `(step, value)` points inside `window`, with a `level` confidence interval by batch
 /// means (see [`batch_means_interval`]). `what` names the data in errors.
 pub fn plateau(
@@ -26,18 +48,12 @@ pub fn plateau(
     level: f64,
     what: &str,
 ) -> Result<MeanInterval, AnalysisError> {
-    if !(0.0 < level && level < 1.0) {
-        return Err(AnalysisError::Invalid(format!(
-            "{what}: confidence level must lie in (0, 1), got {level}"
-        )));
+    let problem = probability_error("confidence level", level).or_else(|| window.error());
+    if let Some(problem) = problem {
+        return Err(AnalysisError::Invalid(format!("{what}: {problem}")));
     }
     let start = match window {
         Window::LastFraction(f) => {
-            if !(0.0 < f && f <= 1.0) {
-                return Err(AnalysisError::Invalid(format!(
-                    "{what}: window fraction must lie in (0, 1], got {f}"
-                )));
-            }
             let (first, last) = match (points.first(), points.last()) {
                 (Some(a), Some(b)) => (a.0, b.0),
                 _ => (0.0, 0.0),
@@ -68,6 +84,13 @@ pub enum FinalProtocol {
     /// run's last epoch (by the `epoch` column); when the cadence left none there (large batches
     /// have short epochs), the last measurement.
     FinalEpoch,
+}
+
+impl FinalProtocol {
+    /// Why the protocol reads no value (`last_k: 0`), or `None`.
+    pub fn error(&self) -> Option<String> {
+        (*self == FinalProtocol::LastK(0)).then(|| "last_k must be at least 1".to_string())
+    }
 }
 
 /// The final value of one quantity of a run.
@@ -105,10 +128,8 @@ pub fn final_value(
     };
     let used: &[(usize, f64, f64)] = match protocol {
         FinalProtocol::LastK(k) => {
-            if k == 0 {
-                return Err(AnalysisError::Invalid(
-                    "final value: k must be at least 1".to_string(),
-                ));
+            if let Some(problem) = protocol.error() {
+                return Err(AnalysisError::Invalid(format!("final value: {problem}")));
             }
             if measured.len() < k {
                 return Err(not_enough(k));

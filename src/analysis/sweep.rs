@@ -311,9 +311,9 @@ pub fn critical_batch_size(
     if distinct < 4 || pts.len() < 4 {
         return Err(not_enough());
     }
-    if !(0.0 < level && level < 1.0) {
+    if let Some(problem) = super::run::probability_error("confidence level", level) {
         return Err(AnalysisError::Invalid(format!(
-            "critical batch size: confidence level must lie in (0, 1), got {level}"
+            "critical batch size: {problem}"
         )));
     }
     let x: Vec<f64> = pts.iter().map(|p| p.0.ln()).collect();

@@ -18,9 +18,9 @@ use super::{
     check_columns_written, resolve_typed, InputArtifact, InputSlot, ParamError, PlannedInputs,
     Resolved, Stage, StageContext, StageError,
 };
-use crate::analysis::catapult::detect_catapults;
+use crate::analysis::catapult::{detect_catapults, settings_error};
 use crate::analysis::metrics::MetricsTable;
-use crate::analysis::run::{final_value, plateau, FinalProtocol, Window};
+use crate::analysis::run::{final_value, plateau, probability_error, FinalProtocol, Window};
 use crate::analysis::sweep::{critical_batch_size, gap_power_law};
 
 /// One run of the input sweep with its metrics.
@@ -242,6 +242,31 @@ pub enum AnalysisParams {
         #[serde(default = "default_factor")]
         factor: f64,
     },
+}
+
+impl AnalysisParams {
+    /// The field whose setting the analysis cannot use (a window outside the run, a level outside
+    /// (0, 1), `last_k: 0`, a catapult factor not above 1) and why, or `None`.
+    fn settings_error(&self) -> Option<(&'static str, String)> {
+        let protocol = |p: &FinalProtocol| p.error().map(|m| ("protocol", m));
+        let probability = |field, name, value| probability_error(name, value).map(|m| (field, m));
+        match self {
+            AnalysisParams::Plateau { window, level, .. } => window
+                .error()
+                .map(|m| ("window", m))
+                .or_else(|| probability("level", "confidence level", *level)),
+            AnalysisParams::FinalLambda { protocol: p, .. } => protocol(p),
+            AnalysisParams::Gap {
+                protocol: p,
+                significance,
+                ..
+            } => protocol(p).or_else(|| probability("significance", "significance", *significance)),
+            AnalysisParams::CriticalBatch {
+                protocol: p, level, ..
+            } => protocol(p).or_else(|| probability("level", "confidence level", *level)),
+            AnalysisParams::Catapults { window, factor, .. } => settings_error(*window, *factor),
+        }
+    }
 }
 
 /// The `analysis` stage kind.
@@ -562,7 +587,13 @@ impl Stage for AnalysisStage {
     }
 
     fn resolve(&self, params: &Value) -> Result<Resolved, ParamError> {
-        let (_, canonical) = resolve_typed::<AnalysisParams>(params)?;
+        let (typed, canonical) = resolve_typed::<AnalysisParams>(params)?;
+        if let Some((path, message)) = typed.settings_error() {
+            return Err(ParamError {
+                path: path.into(),
+                message,
+            });
+        }
         Ok(Resolved::cpu(canonical))
     }
 
@@ -944,6 +975,40 @@ mod tests {
                 .path,
             "series_by[1]"
         );
+    }
+
+    #[test]
+    fn settings_the_analysis_cannot_use_are_rejected_by_field() {
+        let path = |raw: Value| AnalysisStage.resolve(&raw).map(|_| ()).map_err(|e| e.path);
+        let cases = [
+            (
+                json!({"mode": "plateau", "window": {"last_fraction": 2.0}}),
+                "window",
+            ),
+            (
+                json!({"mode": "plateau", "window": {"from_step": -1.0}}),
+                "window",
+            ),
+            (json!({"mode": "plateau", "level": 1.0}), "level"),
+            (
+                json!({"mode": "final_lambda", "protocol": {"last_k": 0}}),
+                "protocol",
+            ),
+            (json!({"mode": "gap", "significance": 0.0}), "significance"),
+            (json!({"mode": "critical_batch", "level": -0.5}), "level"),
+            (json!({"mode": "catapults", "window": 0}), "window"),
+            (json!({"mode": "catapults", "factor": 1.0}), "factor"),
+        ];
+        for (raw, field) in cases {
+            assert_eq!(path(raw.clone()), Err(field.to_string()), "{raw}");
+        }
+        for raw in [
+            json!({"mode": "plateau", "window": {"from_step": 100.0}, "level": 0.9}),
+            json!({"mode": "critical_batch", "protocol": {"last_k": 3}}),
+            json!({"mode": "catapults", "window": 10, "factor": 2.0}),
+        ] {
+            assert_eq!(path(raw.clone()), Ok(()), "{raw}");
+        }
     }
 
     #[test]

@@ -850,6 +850,18 @@ impl Stage for PlotStage {
                 message: "a panel needs at least one column (`columns` or `secondary`)".into(),
             });
         }
+        if let Some(message) = p.protocol.error() {
+            return Err(ParamError {
+                path: "protocol".into(),
+                message,
+            });
+        }
+        if let Some(column) = p.smooth.iter().find_map(|(c, &w)| (w == 0).then_some(c)) {
+            return Err(ParamError {
+                path: format!("smooth.{column}"),
+                message: "a moving average needs a window of at least 1 row".into(),
+            });
+        }
         if let Some(column) = p.smooth.keys().find(|c| !drawn(c)) {
             return Err(ParamError {
                 path: format!("smooth.{column}"),
@@ -1487,6 +1499,10 @@ mod tests {
         assert_eq!(err.path, "stem");
         let err = PlotStage.resolve(&json!({"layout": 3})).unwrap_err();
         assert!(err.message.contains("layout"), "{err}");
+        let protocol = json!({"mode": "lambda_vs_batch", "protocol": {"last_k": 0}});
+        assert_eq!(PlotStage.resolve(&protocol).unwrap_err().path, "protocol");
+        let smooth = json!({"secondary": ["loss"], "smooth": {"loss": 0}});
+        assert_eq!(PlotStage.resolve(&smooth).unwrap_err().path, "smooth.loss");
         // Nothing to draw.
         for params in [
             json!({"mode": "lambda_vs_batch", "columns": []}),
