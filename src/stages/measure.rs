@@ -27,7 +27,7 @@ use crate::data::Dataset;
 use crate::device::DeviceClass;
 use crate::nn::checkpoint as weights;
 use crate::nn::Model;
-use crate::stages::train::no_checkpoint_at;
+use crate::stages::train::{list_steps, no_checkpoint_at, planned_checkpoints};
 use crate::train::measure::{
     at_step, samples_batch_quotients, MeasureConfig, MeasurePoint, MeasureState,
 };
@@ -130,6 +130,25 @@ impl Stage for MeasureStage {
                     return Err(ParamError {
                         path: format!("steps[{i}]"),
                         message,
+                    });
+                }
+            }
+            if let Some(mut checkpoints) = planned_checkpoints(run.params) {
+                if let Some(listed) = params["steps"].as_array() {
+                    checkpoints.retain(|step| listed.contains(&(*step).into()));
+                }
+                let measure: MeasureConfig = serde_json::from_value(params["measure"].clone())
+                    .map_err(|e| ParamError {
+                        path: "measure".into(),
+                        message: e.to_string(),
+                    })?;
+                if let Some(name) = measure.never_due(&checkpoints) {
+                    return Err(ParamError {
+                        path: format!("measure.{name}"),
+                        message: format!(
+                            "its cadence is due at none of the checkpoints measured (steps {})",
+                            list_steps(&checkpoints)
+                        ),
                     });
                 }
             }
@@ -551,8 +570,7 @@ mod tests {
             check(run.clone(), json!([50, 60])),
             Err((
                 "steps[1]".to_string(),
-                "the `run` input saves checkpoints every 50 steps, at checkpoint_at [0, 7] and at \
-                 its last step 110: none at step 60"
+                "the `run` input saves checkpoints at steps 0, 7, 50, 100, 110: none at step 60"
                     .to_string()
             ))
         );
@@ -568,8 +586,94 @@ mod tests {
         assert_eq!(check(branch, json!([40])).unwrap_err().0, "steps[0]");
     }
 
+    #[test]
+    fn each_quantity_is_due_at_some_measured_checkpoint() {
+        let run = json!({"steps": 2400, "checkpoint_every": 400});
+        let check = |raw: Value| {
+            let params = MeasureStage.resolve(&raw).unwrap().params;
+            let inputs = single_input("run", &TrainStage, &run);
+            MeasureStage
+                .check_inputs(&params, &inputs)
+                .map_err(|e| (e.path, e.message))
+        };
+        let every = |n: u64| json!({"every": n});
+        assert_eq!(
+            check(json!({"measure": {"lambda_max": every(300)}})),
+            Ok(())
+        );
+        assert_eq!(
+            check(json!({"measure": {"lambda_max": every(400), "gni": every(5000)}})),
+            Err((
+                "measure.gni".to_string(),
+                "its cadence is due at none of the checkpoints measured (steps 400, 800, 1200, \
+                 1600, 2000, 2400)"
+                    .to_string()
+            ))
+        );
+        // Among the listed steps only.
+        let listed = json!({"measure": {"lambda_max": every(1200)}, "steps": [400, 800]});
+        assert_eq!(check(listed).unwrap_err().0, "measure.lambda_max");
+        // Without planned checkpoints (a run that may stop early) it is left to the run.
+        let params = MeasureStage
+            .resolve(&json!({"measure": {"gni": every(5000)}}))
+            .unwrap()
+            .params;
+        let early = json!({"steps": 2400, "checkpoint_every": 400, "stop_loss": 0.01});
+        let inputs = single_input("run", &TrainStage, &early);
+        assert_eq!(MeasureStage.check_inputs(&params, &inputs), Ok(()));
+    }
+
     fn read(path: &Path) -> String {
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn planned_checkpoints_are_the_ones_a_run_and_a_branch_save() {
+        let data_params = json!({"source": "synthetic", "n": 16, "seed": 1,
+            "synthetic": {"channels": 1, "height": 2, "width": 2, "num_classes": 2, "train_size": 16}});
+        let data = tempfile::tempdir().unwrap();
+        let no_inputs = BTreeMap::new();
+        run_stage_in(
+            &DatasetStage,
+            &data_params,
+            &no_inputs,
+            data.path(),
+            &NullReporter,
+        )
+        .unwrap();
+        let data_input = input("data", &DatasetStage, &data_params, data.path());
+        let base_params = json!({"model": {"arch": "mlp", "depth": 1, "width": 4},
+            "init_scale": 1.0, "lr": 0.05, "batch_size": 4, "steps": 25, "checkpoint_every": 10,
+            "checkpoint_at": [0, 3]});
+        let mut branch_params = base_params.clone();
+        branch_params["branch_step"] = json!(10);
+        branch_params["steps"] = json!(27);
+        branch_params["checkpoint_at"] = json!([15]);
+        let base = tempfile::tempdir().unwrap();
+        let branch = tempfile::tempdir().unwrap();
+        let saved = |params: &Value, inputs, dir: &Path| {
+            run_stage_in(&TrainStage, params, &inputs, dir, &NullReporter).unwrap();
+            let listed = crate::train::checkpoint::list(&dir.join("checkpoints")).unwrap();
+            let planned = planned_checkpoints(&TrainStage.resolve(params).unwrap().params);
+            (
+                listed.into_iter().map(|(step, _)| step).collect::<Vec<_>>(),
+                planned.unwrap(),
+            )
+        };
+        let (listed, planned) = saved(
+            &base_params,
+            BTreeMap::from([data_input.clone()]),
+            base.path(),
+        );
+        assert_eq!(listed, [0, 3, 10, 20, 25]);
+        assert_eq!(planned, listed);
+        let branch_inputs = BTreeMap::from([
+            data_input,
+            input("base", &TrainStage, &base_params, base.path()),
+        ]);
+        let (listed, planned) = saved(&branch_params, branch_inputs, branch.path());
+        assert_eq!(listed, [15, 20, 27]);
+        assert_eq!(planned, listed);
     }
 
     #[test]

@@ -282,10 +282,32 @@ impl Stage for TrainStage {
     }
 }
 
+/// The steps at which the `train` run with `run` params saves checkpoints (every
+/// `checkpoint_every` steps, each `checkpoint_at` step and its last step, all after a branch's
+/// `branch_step`), when they are certain before it runs: `None` for a run with a `stop_loss`, which
+/// may end, and save its last checkpoint, at any step.
+pub fn planned_checkpoints(run: &serde_json::Value) -> Option<Vec<u64>> {
+    if !run["stop_loss"].is_null() {
+        return None;
+    }
+    let last = run["steps"].as_u64()?;
+    let every = run["checkpoint_every"].as_u64()?.max(1);
+    let listed: Vec<u64> = run["checkpoint_at"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let first = run["branch_step"].as_u64().map_or(0, |k| k + 1);
+    let saved = |step: u64| {
+        step == last || listed.contains(&step) || (step > 0 && step.is_multiple_of(every))
+    };
+    Some((first..=last).filter(|&step| saved(step)).collect())
+}
+
 /// Why the `train` run with `run` params, feeding input `slot`, can have no checkpoint at `step`,
 /// when that is certain before it runs: the step lies after its last step, at or before the step
-/// it branched at, or off its checkpoints (every `checkpoint_every` steps, `checkpoint_at` and its
-/// last step) while it cannot stop early there (no `stop_loss`). `None` when it has or may have one.
+/// it branched at, or off its [`planned_checkpoints`]. `None` when it has or may have one.
 pub fn no_checkpoint_at(slot: &str, run: &serde_json::Value, step: u64) -> Option<String> {
     let last = run["steps"].as_u64()?;
     if step > last {
@@ -299,26 +321,27 @@ pub fn no_checkpoint_at(slot: &str, run: &serde_json::Value, step: u64) -> Optio
              step {step} (its own base has those)"
         ));
     }
-    let every = run["checkpoint_every"].as_u64()?;
-    let listed: Vec<u64> = run["checkpoint_at"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    let saved = (step > 0 && step.is_multiple_of(every)) || listed.contains(&step) || step == last;
-    if saved || !run["stop_loss"].is_null() {
-        return None;
-    }
-    let listed = if listed.is_empty() {
-        String::new()
-    } else {
-        format!(", at checkpoint_at {listed:?}")
+    let checkpoints = planned_checkpoints(run)?;
+    (!checkpoints.contains(&step)).then(|| {
+        format!(
+            "the `{slot}` input saves checkpoints at steps {}: none at step {step}",
+            list_steps(&checkpoints)
+        )
+    })
+}
+
+/// Steps for a message: all of up to eight, else the first six, `…` and the last.
+pub fn list_steps(steps: &[u64]) -> String {
+    let shown: Vec<String> = match steps {
+        [] => return "(none)".to_string(),
+        _ if steps.len() <= 8 => steps.iter().map(u64::to_string).collect(),
+        _ => steps[..6]
+            .iter()
+            .map(u64::to_string)
+            .chain(["…".to_string(), steps[steps.len() - 1].to_string()])
+            .collect(),
     };
-    Some(format!(
-        "the `{slot}` input saves checkpoints every {every} steps{listed} and at its last step \
-         {last}: none at step {step}"
-    ))
+    shown.join(", ")
 }
 
 #[cfg(test)]
@@ -423,6 +446,30 @@ mod tests {
             ))
         );
         assert_eq!(check(450).unwrap_err().0, "branch_step");
+    }
+
+    #[test]
+    fn planned_checkpoints_follow_the_run_loop() {
+        use serde_json::json;
+        let steps = |run| planned_checkpoints(&run);
+        assert_eq!(
+            steps(json!({"steps": 25, "checkpoint_every": 10})),
+            Some(vec![10, 20, 25])
+        );
+        assert_eq!(
+            steps(json!({"steps": 20, "checkpoint_every": 10, "checkpoint_at": [0, 3]})),
+            Some(vec![0, 3, 10, 20])
+        );
+        // A branch saves after its branch step only.
+        let branch = json!({"steps": 30, "checkpoint_every": 10, "branch_step": 10,
+                            "checkpoint_at": [15]});
+        assert_eq!(steps(branch), Some(vec![15, 20, 30]));
+        // A run that may stop early has no certain list.
+        let early = json!({"steps": 30, "checkpoint_every": 10, "stop_loss": 0.1});
+        assert_eq!(steps(early), None);
+        let many: Vec<u64> = (1..=20).map(|i| i * 5).collect();
+        assert_eq!(list_steps(&many), "5, 10, 15, 20, 25, 30, …, 100");
+        assert_eq!(list_steps(&many[..8]), "5, 10, 15, 20, 25, 30, 35, 40");
     }
 
     #[test]

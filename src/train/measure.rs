@@ -365,31 +365,40 @@ pub fn samples_batch_quotients(measure: &serde_json::Value) -> bool {
 
 impl MeasureConfig {
     /// Every configured quantity's schedule.
-    fn schedules(&self) -> Vec<&dyn Scheduled> {
-        let eigen = [&self.lambda_max, &self.lambda_max_gn];
-        let monte_carlo = [
-            &self.batch_sharpness,
-            &self.gni,
-            &self.ias,
-            &self.batch_sharpness_modified,
-            &self.lambda_max_b,
-            &self.lambda_max_b_gn,
-            &self.hessian_trace,
-            &self.batch_sharpness_gn,
-        ];
-        let every = [
-            &self.step_sharpness,
-            &self.step_lambda_max_b,
-            &self.grad_norm_sq,
-        ];
-        let eigen = eigen.into_iter().flatten().map(|s| s as &dyn Scheduled);
-        let monte_carlo = monte_carlo
+    fn schedules(&self) -> Vec<(&'static str, &dyn Scheduled)> {
+        fn named<'a, S: Scheduled>(
+            name: &'static str,
+            spec: &'a Option<S>,
+        ) -> Option<(&'static str, &'a dyn Scheduled)> {
+            spec.as_ref().map(|s| (name, s as &dyn Scheduled))
+        }
+        [
+            named("lambda_max", &self.lambda_max),
+            named("lambda_max_gn", &self.lambda_max_gn),
+            named("batch_sharpness", &self.batch_sharpness),
+            named("gni", &self.gni),
+            named("ias", &self.ias),
+            named("batch_sharpness_modified", &self.batch_sharpness_modified),
+            named("lambda_max_b", &self.lambda_max_b),
+            named("lambda_max_b_gn", &self.lambda_max_b_gn),
+            named("hessian_trace", &self.hessian_trace),
+            named("batch_sharpness_gn", &self.batch_sharpness_gn),
+            named("step_sharpness", &self.step_sharpness),
+            named("step_lambda_max_b", &self.step_lambda_max_b),
+            named("grad_norm_sq", &self.grad_norm_sq),
+            named("smc", &self.smc),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// The first configured quantity (its field name) whose cadence is due at none of `steps`.
+    pub fn never_due(&self, steps: &[u64]) -> Option<&'static str> {
+        self.schedules()
             .into_iter()
-            .flatten()
-            .map(|s| s as &dyn Scheduled);
-        let every = every.into_iter().flatten().map(|s| s as &dyn Scheduled);
-        let smc = self.smc.iter().map(|s| s as &dyn Scheduled);
-        eigen.chain(monte_carlo).chain(every).chain(smc).collect()
+            .find(|(_, s)| !steps.iter().any(|&step| s.is_due(step)))
+            .map(|(name, _)| name)
     }
 
     /// Whether no quantity is configured.
@@ -399,7 +408,7 @@ impl MeasureConfig {
 
     /// Whether anything is measured at `step` (to skip building the landscape otherwise).
     pub fn any_due(&self, step: u64) -> bool {
-        self.schedules().iter().any(|s| s.is_due(step))
+        self.schedules().iter().any(|(_, s)| s.is_due(step))
     }
 
     /// Measures every quantity due at `point.step` on `model` over the training set `data`, writing

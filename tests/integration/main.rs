@@ -833,7 +833,7 @@ fn a_branch_continues_its_base_and_names_the_available_steps() {
     let (code, _, err) = env.eoss(&["run", "branch.yaml", "--set", "branch.branch_step=75"]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("--set branch.branch_step=75: the `base` input saves checkpoints every 50")
+        err.contains("--set branch.branch_step=75: the `base` input saves checkpoints at steps 50")
             && err.contains("none at"),
         "{err}"
     );
