@@ -125,19 +125,19 @@ impl Stage for TrainStage {
                 ),
             ));
         }
-        let first = config.branch_step.unwrap_or(0);
-        if let Some((i, step)) = config.checkpoint_at.iter().enumerate().find(|&(_, &step)| {
-            step > config.steps || (config.branch_step.is_some() && step <= first)
-        }) {
+        // A branch saves after its branch step only.
+        let first = config.branch_step.map_or(0, |k| k + 1);
+        let outside = |step: &u64| !(first..=config.steps).contains(step);
+        if let Some((i, step)) = config
+            .checkpoint_at
+            .iter()
+            .enumerate()
+            .find(|(_, s)| outside(s))
+        {
             return Err(invalid(
                 &format!("checkpoint_at[{i}]"),
                 &format!(
-                    "step {step} is outside the run's steps {}..={}",
-                    if config.branch_step.is_some() {
-                        first + 1
-                    } else {
-                        0
-                    },
+                    "step {step} is outside the run's steps {first}..={}",
                     config.steps
                 ),
             ));
@@ -299,10 +299,14 @@ pub fn planned_checkpoints(run: &serde_json::Value) -> Option<Vec<u64>> {
         .filter_map(serde_json::Value::as_u64)
         .collect();
     let first = run["branch_step"].as_u64().map_or(0, |k| k + 1);
-    let saved = |step: u64| {
-        step == last || listed.contains(&step) || (step > 0 && step.is_multiple_of(every))
-    };
-    Some((first..=last).filter(|&step| saved(step)).collect())
+    let periodic = (first.max(1).div_ceil(every)..=last / every).map(|i| i * every);
+    let listed = listed
+        .into_iter()
+        .filter(|step| (first..=last).contains(step));
+    let mut steps: Vec<u64> = periodic.chain(listed).chain([last]).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    Some(steps)
 }
 
 /// Why the `train` run with `run` params, feeding input `slot`, can have no checkpoint at `step`,
