@@ -113,8 +113,9 @@ impl Stage for MeasureStage {
         INPUTS
     }
 
-    /// The curvature subsample and the alignment's samples fit in the `data` subset, and no listed
-    /// step lies where the `run` can have no checkpoint ([`no_checkpoint_at`]).
+    /// The curvature subsample and the alignment's samples fit in the `data` subset, no listed
+    /// step lies where the `run` can have no checkpoint ([`no_checkpoint_at`]), and each quantity's
+    /// cadence is due at one of the checkpoints measured, where those are certain.
     fn check_inputs(
         &self,
         params: &serde_json::Value,

@@ -882,12 +882,13 @@ impl Stage for PlotStage {
     }
 
     /// Every column the plot draws (`x`, `columns`, `secondary`, or each panel's) is written by
-    /// some run.
+    /// some run, and every run has what `panel_by` and `series_by` name (alignment histograms read
+    /// neither).
     fn check_inputs(&self, params: &Value, inputs: &PlannedInputs<'_>) -> Result<(), ParamError> {
         let (p, _) = resolve_typed::<PlotParams>(params)?;
         let x = ("x".to_string(), p.x.as_str());
         let drawn: Vec<(String, &str)> = match p.mode {
-            PlotMode::Alignment => Vec::new(),
+            PlotMode::Alignment => return Ok(()),
             PlotMode::LambdaVsBatch => {
                 let quantities = if p.fits {
                     p.columns.get(..1).unwrap_or(&[])
@@ -910,9 +911,6 @@ impl Stage for PlotStage {
             }
         };
         check_columns_written(inputs, RUNS, drawn)?;
-        if p.mode == PlotMode::Alignment {
-            return Ok(());
-        }
         let group_by = one_or_many_paths("panel_by", &p.panel_by)
             .into_iter()
             .chain(one_or_many_paths("series_by", &p.series_by));

@@ -364,7 +364,7 @@ pub fn samples_batch_quotients(measure: &serde_json::Value) -> bool {
 }
 
 impl MeasureConfig {
-    /// Every configured quantity's schedule.
+    /// Every configured quantity's schedule, with its field name.
     fn schedules(&self) -> Vec<(&'static str, &dyn Scheduled)> {
         fn named<'a, S: Scheduled>(
             name: &'static str,
