@@ -71,7 +71,7 @@ pub enum AnalysisError {
 }
 
 /// `"; did you mean `x`?"` for a near name, or nothing.
-fn did_you_mean(closest: &Option<String>) -> String {
+pub fn did_you_mean(closest: &Option<String>) -> String {
     closest
         .as_ref()
         .map(|name| format!("; did you mean `{name}`?"))

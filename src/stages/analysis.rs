@@ -439,9 +439,8 @@ pub fn check_group_by<'a>(
             let mut known = Vec::new();
             leaf_paths(stage.params, "", &mut known);
             known.extend(columns);
-            let hint = crate::analysis::closest_name(name, known.iter().map(String::as_str))
-                .map(|nearest| format!("; did you mean `{nearest}`?"))
-                .unwrap_or_default();
+            let nearest = crate::analysis::closest_name(name, known.iter().map(String::as_str));
+            let hint = crate::analysis::did_you_mean(&nearest);
             return Err(ParamError {
                 path,
                 message: format!(

@@ -261,13 +261,14 @@ fn check_columns_written<'a>(
     }
     for (path, column) in columns {
         if !written.contains(&column) {
-            let hint = match crate::analysis::closest_name(column, written.iter().copied()) {
-                Some(nearest) => format!("did you mean `{nearest}`?"),
-                None => format!("the columns are {}", written.join(", ")),
+            let nearest = crate::analysis::closest_name(column, written.iter().copied());
+            let hint = match nearest {
+                Some(_) => crate::analysis::did_you_mean(&nearest),
+                None => format!("; the columns are {}", written.join(", ")),
             };
             return Err(ParamError {
                 path,
-                message: format!("no stage feeding `{slot}` writes a column `{column}`; {hint}"),
+                message: format!("no stage feeding `{slot}` writes a column `{column}`{hint}"),
             });
         }
     }
