@@ -318,15 +318,74 @@ pub struct InputSlot {
 pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     raw: &serde_json::Value,
 ) -> Result<(P, serde_json::Value), ParamError> {
-    let typed: P = serde_path_to_error::deserialize(raw).map_err(|e| ParamError {
-        path: e.path().to_string().trim_start_matches('.').to_string(),
-        message: e.inner().to_string(),
-    })?;
+    let typed: P = deserialize_located(raw)?;
     let canonical = serde_json::to_value(&typed).map_err(|e| ParamError {
         path: String::new(),
         message: e.to_string(),
     })?;
     Ok((typed, canonical))
+}
+
+/// Deserializes `raw` as `P`, naming the field at fault. An internally tagged enum (a `model:`
+/// with its `arch`, an analysis with its `mode`) reads its fields from a buffer, so serde reports
+/// any error inside it at the enum itself; there the field at fault is the one whose removal
+/// changes the error (the others are read and pass, or are missing only after it fails), found
+/// field by field and then inside that field. A missing field stays at its enclosing map, and so
+/// does an error in a required field (its removal reads as missing, like the tag's).
+fn deserialize_located<P: DeserializeOwned>(raw: &serde_json::Value) -> Result<P, ParamError> {
+    let error = |e: serde_path_to_error::Error<serde_json::Error>| ParamError {
+        path: e.path().to_string().trim_start_matches('.').to_string(),
+        message: e.inner().to_string(),
+    };
+    let mut found = match serde_path_to_error::deserialize(raw) {
+        Ok(typed) => return Ok(typed),
+        Err(e) => error(e),
+    };
+    if found.message.starts_with("missing field") {
+        return Err(found);
+    }
+    loop {
+        let pointer = json_pointer(&crate::spec::parse_field_path(&found.path));
+        let Some(serde_json::Value::Object(fields)) = raw.pointer(&pointer) else {
+            return Err(found);
+        };
+        let culprit = fields.keys().find(|key| {
+            let mut probe = raw.clone();
+            if let Some(serde_json::Value::Object(m)) = probe.pointer_mut(&pointer) {
+                m.remove(*key);
+            }
+            match serde_path_to_error::deserialize::<_, P>(&probe)
+                .err()
+                .map(error)
+            {
+                None => true,
+                // A required field or the enum's tag: at fault only if it is the tag and names
+                // no variant.
+                Some(e) if e.message == format!("missing field `{key}`") => fields[*key]
+                    .as_str()
+                    .is_some_and(|v| found.message.starts_with(&format!("unknown variant `{v}`"))),
+                Some(e) => e != found,
+            }
+        });
+        let Some(key) = culprit else {
+            return Err(found);
+        };
+        found.path = if found.path.is_empty() {
+            key.clone()
+        } else {
+            format!("{}.{key}", found.path)
+        };
+    }
+}
+
+/// The JSON pointer (RFC 6901) of a field path.
+fn json_pointer(path: &[crate::spec::Segment]) -> String {
+    path.iter()
+        .map(|s| match s {
+            crate::spec::Segment::Key(k) => format!("/{}", k.replace('~', "~0").replace('/', "~1")),
+            crate::spec::Segment::Index(i) => format!("/{i}"),
+        })
+        .collect()
 }
 
 /// The stage kinds an engine knows, by YAML name.
@@ -361,5 +420,65 @@ impl Registry {
     /// The names of all kinds.
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.iter().map(|k| k.kind()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::ModelSpec;
+    use analysis::AnalysisParams;
+    use serde_json::json;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Holder {
+        model: ModelSpec,
+    }
+
+    fn fault<P: DeserializeOwned + std::fmt::Debug>(raw: serde_json::Value) -> ParamError {
+        deserialize_located::<P>(&raw).unwrap_err()
+    }
+
+    #[test]
+    fn errors_inside_tagged_enums_name_the_field() {
+        let e = fault::<Holder>(json!({"model": {"arch": "mlp", "depth": 2, "width": "big"}}));
+        assert_eq!(e.path, "model.width");
+        assert_eq!(e.message, "invalid type: string \"big\", expected usize");
+        let e = fault::<Holder>(json!({"model": {"arch": "mlpx", "width": 8}}));
+        assert_eq!(e.path, "model.arch");
+        assert!(e.message.starts_with("unknown variant `mlpx`"), "{e}");
+        let e = fault::<Holder>(json!({"model": {"arch": "mlp", "activation": "relux"}}));
+        assert_eq!(e.path, "model.activation");
+        let e = fault::<AnalysisParams>(json!({"mode": "plateau", "window": {"from": 0.5}}));
+        assert_eq!(e.path, "window.from");
+        let e = fault::<AnalysisParams>(json!({"mode": "plateau", "levl": 0.9}));
+        assert_eq!(e.path, "levl");
+    }
+
+    #[test]
+    fn missing_and_ambiguous_faults_stay_at_the_enclosing_map() {
+        // Missing: the map lacks it.
+        let e = fault::<Holder>(json!({"model": {"arch": "resnet"}}));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            ("model", "missing field `depth`")
+        );
+        let e = fault::<Holder>(json!({"model": {"width": 8}}));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            ("model", "missing field `arch`")
+        );
+        // A required field's removal reads as missing, so it cannot be told from the tag's.
+        let e = fault::<Holder>(json!({"model": {"arch": "resnet", "depth": "x"}}));
+        assert_eq!(e.path, "model");
+        // Two fields with the same fault: removing either leaves the same error.
+        let e = fault::<Holder>(json!({"model": {"arch": "mlp", "depth": "x", "width": "x"}}));
+        assert_eq!(e.path, "model");
+        // Outside tagged enums serde's own path stands.
+        let e = fault::<Holder>(json!({"model": {"arch": "cnn"}, "extra": 1}));
+        assert_eq!(e.path, "extra");
+        assert!(e.message.starts_with("unknown field `extra`"), "{e}");
     }
 }
