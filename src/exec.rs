@@ -484,7 +484,7 @@ fn input_artifacts(
                         key: up.key.to_string(),
                         dir: store.artifact_dir(&up.kind_name, &up.key),
                         params: up.params.clone(),
-                        upstream_params: upstream_params(plan, up),
+                        upstream_params: up.upstream_params(&plan.stages),
                         output: st.input_outputs.get(slot).cloned(),
                     }
                 })
@@ -512,22 +512,6 @@ fn check_named_outputs(inputs: &BTreeMap<String, Vec<InputArtifact>>) -> Result<
         }
     }
     Ok(())
-}
-
-/// The params of `st`'s inputs by slot: an object for a single input, an array for a sweep slot.
-fn upstream_params(plan: &Plan, st: &PlannedStage) -> BTreeMap<String, Value> {
-    st.inputs
-        .iter()
-        .map(|(slot, ups)| {
-            let mut params = ups.iter().map(|&u| plan.stages[u].params.clone());
-            let value = if st.sweep_slots.contains(slot) {
-                Value::Array(params.collect())
-            } else {
-                params.next().unwrap_or_default()
-            };
-            (slot.clone(), value)
-        })
-        .collect()
 }
 
 /// Whether an instance's artifact exists, and if not, why it must be computed.

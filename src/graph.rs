@@ -48,6 +48,25 @@ pub struct PlannedStage {
     pub key: Key,
 }
 
+impl PlannedStage {
+    /// The params of its inputs by slot, among the plan's `stages`: an object for a single
+    /// input, an array for a sweep slot.
+    pub fn upstream_params(&self, stages: &[PlannedStage]) -> BTreeMap<String, Value> {
+        self.inputs
+            .iter()
+            .map(|(slot, ups)| {
+                let mut params = ups.iter().map(|&u| stages[u].params.clone());
+                let value = if self.sweep_slots.contains(slot) {
+                    Value::Array(params.collect())
+                } else {
+                    params.next().unwrap_or_default()
+                };
+                (slot.clone(), value)
+            })
+            .collect()
+    }
+}
+
 /// A validated pipeline: instances in topological order with their keys.
 pub struct Plan {
     /// The pipeline's name.
@@ -164,12 +183,18 @@ pub fn build(
             .iter()
             .filter_map(|(slot, refs)| Some((slot.clone(), slot_output(refs).ok()??.to_string())))
             .collect();
+        let upstream: BTreeMap<usize, BTreeMap<String, Value>> = inputs
+            .values()
+            .flatten()
+            .map(|&u| (u, stages[u].upstream_params(&stages)))
+            .collect();
         let planned_inputs = inputs
             .iter()
             .map(|(slot, ups)| {
                 let planned = ups.iter().map(|&u| PlannedInput {
                     kind: stages[u].kind.as_ref(),
                     params: &stages[u].params,
+                    upstream: &upstream[&u],
                     output: input_outputs.get(slot).map(String::as_str),
                 });
                 (slot.clone(), planned.collect())

@@ -414,8 +414,8 @@ pub fn one_or_many_paths<'a>(field: &str, names: &'a [String]) -> Vec<(String, &
 
 /// Checks before anything runs that every stage feeding `slot` has what [`group_runs`] labels it
 /// by, for each `(field path, name)`: a param at that dotted path, a param of one of its inputs
-/// (`data.n`, left to the run), or a column of its `metrics.csv` (a stage whose kind declares no
-/// header is left to the run too). A typo gets the nearest param or column.
+/// (`data.n`; through a sweep input, left to the run), or a column of its `metrics.csv` (a stage
+/// whose kind declares no header is left to the run too). A typo gets the nearest param or column.
 pub fn check_group_by<'a>(
     inputs: &PlannedInputs<'_>,
     slot: &str,
@@ -427,17 +427,24 @@ pub fn check_group_by<'a>(
             let Some(columns) = stage.metrics_columns() else {
                 continue;
             };
-            let labelled = walk_path(stage.params, name)
-                .is_some_and(|v| v.is_string() || v.is_number() || v.is_boolean());
-            let of_input = name
-                .split_once('.')
-                .is_some_and(|(input, _)| stage.kind.inputs().iter().any(|s| s.name == input));
+            let scalar = |v: &Value| v.is_string() || v.is_number() || v.is_boolean();
+            let of_input = || {
+                let (slot, rest) = name.split_once('.')?;
+                let params = stage.upstream.get(slot)?;
+                Some(params.is_array() || walk_path(params, rest).is_some_and(scalar))
+            };
             let column = name.rsplit('.').next().unwrap_or(name);
-            if labelled || of_input || columns.iter().any(|c| c == column) {
+            if walk_path(stage.params, name).is_some_and(scalar)
+                || of_input() == Some(true)
+                || columns.iter().any(|c| c == column)
+            {
                 continue;
             }
             let mut known = Vec::new();
             leaf_paths(stage.params, "", &mut known);
+            for (slot, params) in stage.upstream {
+                leaf_paths(params, slot, &mut known);
+            }
             known.extend(columns);
             let nearest = crate::analysis::closest_name(name, known.iter().map(String::as_str));
             let hint = crate::analysis::did_you_mean(&nearest);
@@ -941,14 +948,21 @@ mod tests {
             )
             .unwrap()
             .params;
-        let inputs = single_input(RUNS, &TrainStage, &train);
+        let data = BTreeMap::from([("data".to_string(), json!({"source": "cifar10", "n": 64}))]);
+        let mut inputs = single_input(RUNS, &TrainStage, &train);
+        inputs.get_mut(RUNS).unwrap()[0].upstream = &data;
         let check = |names: &[&str]| {
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             check_group_by(&inputs, RUNS, one_or_many_paths("series_by", &names))
                 .map_err(|e| (e.path, e.message))
         };
-        // A param, a nested param, an input's param (not looked into) and a metrics column.
+        // A param, a nested param, an input's param and a metrics column.
         assert_eq!(check(&["lr", "model.arch", "data.n", "full_loss"]), Ok(()));
+        assert_eq!(
+            check(&["data.nn"]).unwrap_err().1,
+            "the `train` stages feeding `runs` have no param or metrics column `data.nn` to group \
+             by; did you mean `data.n`?"
+        );
         assert_eq!(
             check(&["batch-size"]),
             Err((

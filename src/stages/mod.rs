@@ -200,6 +200,8 @@ pub struct PlannedInput<'a> {
     pub kind: &'a dyn Stage,
     /// Its resolved params.
     pub params: &'a serde_json::Value,
+    /// The params of its own inputs, by slot (as in [`InputArtifact::upstream_params`]).
+    pub upstream: &'a BTreeMap<String, serde_json::Value>,
     /// The one output file the consumer named (`stage:output`), if any.
     pub output: Option<&'a str>,
 }
@@ -208,9 +210,11 @@ impl<'a> PlannedInput<'a> {
     /// A stage of `kind` with `params`, read through its default output.
     #[cfg(test)]
     pub fn of(kind: &'a dyn Stage, params: &'a serde_json::Value) -> Self {
+        static NO_INPUTS: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         PlannedInput {
             kind,
             params,
+            upstream: &NO_INPUTS,
             output: None,
         }
     }
