@@ -41,15 +41,25 @@ fn walk_path<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
     path.split('.').try_fold(root, |v, key| v.get(key))
 }
 
+/// The param at a dotted path (`model.arch`) in a run's `params`, else, when the first segment
+/// names one of its input slots, the param of that input in `upstream` (`data.n`: the size of its
+/// dataset).
+fn run_param<'v>(
+    params: &'v Value,
+    upstream: &'v BTreeMap<String, Value>,
+    path: &str,
+) -> Option<&'v Value> {
+    let of_input = || {
+        let (slot, rest) = path.split_once('.')?;
+        walk_path(upstream.get(slot)?, rest)
+    };
+    walk_path(params, path).or_else(of_input)
+}
+
 impl RunMetrics {
-    /// The param at a dotted path (`model.arch`), else, when the first segment names one of the
-    /// run's input slots, the param of that input (`data.n`: the size of its dataset).
+    /// [`run_param`] of this run.
     fn param(&self, path: &str) -> Option<&Value> {
-        let upstream = || {
-            let (slot, rest) = path.split_once('.')?;
-            walk_path(self.upstream.get(slot)?, rest)
-        };
-        walk_path(&self.params, path).or_else(upstream)
+        run_param(&self.params, &self.upstream, path)
     }
 
     /// A numeric param (see `param`), else the last value of the metrics column of the
@@ -427,17 +437,14 @@ pub fn check_group_by<'a>(
             let Some(columns) = stage.metrics_columns() else {
                 continue;
             };
-            let scalar = |v: &Value| v.is_string() || v.is_number() || v.is_boolean();
-            let of_input = || {
-                let (slot, rest) = name.split_once('.')?;
-                let params = stage.upstream.get(slot)?;
-                Some(params.is_array() || walk_path(params, rest).is_some_and(scalar))
-            };
+            let labelled = run_param(stage.params, stage.upstream, name)
+                .is_some_and(|v| v.is_string() || v.is_number() || v.is_boolean());
+            let through_sweep = name
+                .split_once('.')
+                .and_then(|(slot, _)| stage.upstream.get(slot))
+                .is_some_and(Value::is_array);
             let column = name.rsplit('.').next().unwrap_or(name);
-            if walk_path(stage.params, name).is_some_and(scalar)
-                || of_input() == Some(true)
-                || columns.iter().any(|c| c == column)
-            {
+            if labelled || through_sweep || columns.iter().any(|c| c == column) {
                 continue;
             }
             let mut known = Vec::new();
