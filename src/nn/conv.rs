@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor};
 
 use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
-use super::im2col::patches;
+use super::im2col::{conv_input_gradient, patch_weight_gradient, patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
 use super::reduce::column_sums;
 use super::ConvNet;
@@ -55,24 +55,43 @@ pub fn kernel_matrix(weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `patchesᵀ δ` for patches (R, k·k·C_in) and δ (N, H_o, W_o, C_out) with R = N·H_o·W_o: the
-/// gradient of the convolution's weight, in its layout (C_out, C_in, k, k).
+/// gradient of the convolution's weight, in its layout (C_out, C_in, k, k). On the CPU by blocks
+/// of rows ([`patch_weight_gradient`]), elsewhere one matrix product.
 pub fn kernel_gradient(patches: &Tensor, delta: &Tensor, k: usize) -> Result<Tensor> {
     let (n, ho, wo, c_out) = delta.dims4()?;
     let c_in = patches.dim(1)? / (k * k);
-    patches
-        .t()?
-        .matmul(&delta.reshape((n * ho * wo, c_out))?)?
-        .reshape((k, k, c_in, c_out))?
-        .permute((3, 2, 0, 1))?
-        .contiguous()
+    let delta = delta.reshape((n * ho * wo, c_out))?;
+    if patches.device().is_cpu() {
+        patch_weight_gradient(patches, &delta)?
+            .reshape((c_out, k, k, c_in))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    } else {
+        patches
+            .t()?
+            .matmul(&delta)?
+            .reshape((k, k, c_in, c_out))?
+            .permute((3, 2, 0, 1))?
+            .contiguous()
+    }
 }
 
 /// ∂/∂x of Σ δ · conv(x, W) for δ (N, H_o, W_o, C_out): (N, H_o + k − 1, W_o + k − 1, C_in),
-/// Σ_{a, b} δ[p − a, q − b] W[:, :, a, b], the patches of δ padded by k − 1 against the kernel
-/// flipped in both spatial axes.
+/// Σ_{a, b} δ[p − a, q − b] W[:, :, a, b]: on the CPU the patch gradients δ Kᵀ summed back onto
+/// the image ([`conv_input_gradient`]), elsewhere the patches of δ padded by k − 1 against the
+/// kernel flipped in both spatial axes.
 pub fn input_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (c_out, c_in, k, _) = weight.dims4()?;
     let (n, ho, wo, _) = delta.dims4()?;
+    let input_dims = (n, ho + k - 1, wo + k - 1, c_in);
+    if delta.device().is_cpu() {
+        return conv_input_gradient(
+            &delta.reshape((n * ho * wo, c_out))?,
+            &kernel_matrix(weight)?,
+            input_dims,
+            Window::valid(k),
+        );
+    }
     let flipped = weight
         .flip(&[2, 3])?
         .permute((2, 3, 0, 1))?
@@ -80,9 +99,7 @@ pub fn input_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let padded = delta
         .pad_with_zeros(1, k - 1, k - 1)?
         .pad_with_zeros(2, k - 1, k - 1)?;
-    patches(&padded, k)?
-        .matmul(&flipped)?
-        .reshape((n, ho + k - 1, wo + k - 1, c_in))
+    patches(&padded, k)?.matmul(&flipped)?.reshape(input_dims)
 }
 
 /// The head's input (N, C·H·W) in PyTorch's flatten order from the trunk's output (N, H, W, C).

@@ -6,8 +6,8 @@
 //! As in [`super::conv`], activations are channels-last (N, H, W, C) and a convolution is one
 //! matrix product of its input's patches ([`window_patches`], here with padding 1 and stride 1 or 2)
 //! with the kernel as a (9·C_in, C_out) matrix. Its weight gradient is patchesᵀ δ; its input gradient
-//! sums the patch gradients δ Kᵀ back onto the image ([`col2im`], the adjoint of the patches), which
-//! serves every stride and padding. Each convolution is followed by a ReLU (the block's second after
+//! sums the patch gradients δ Kᵀ back onto the image ([`conv_input_gradient`], the adjoint of the
+//! patches), which serves every stride and padding. Each convolution is followed by a ReLU (the block's second after
 //! the shortcut is added), so each keeps one 0/1 gate. The option-A shortcut and the global average
 //! pool are linear maps with exact adjoints ([`shortcut`], [`shortcut_adjoint`], [`average_pool`],
 //! [`average_pool_adjoint`]). The linear layer runs through [`DenseForward`]. Every tensor is detached.
@@ -17,7 +17,7 @@ use candle_core::{Result, Tensor};
 use super::conv::{kernel_gradient, kernel_matrix};
 use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
-use super::im2col::{col2im, window_patches, Window};
+use super::im2col::{conv_input_gradient, window_patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
 use super::{ResidualBlock, ResidualNet};
 
@@ -94,15 +94,6 @@ pub fn average_pool_adjoint(g: &Tensor, dims: Dims) -> Result<Tensor> {
         .reshape(dims)
 }
 
-/// The patch gradients δ Kᵀ (N·H_o·W_o, 9·C_in) of a convolution with `weight` (C_out, C_in, 3, 3)
-/// for δ (N, H_o, W_o, C_out); [`col2im`] of their sum is the input gradient.
-fn patch_gradient(delta: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (n, ho, wo, c_out) = delta.dims4()?;
-    delta
-        .reshape((n * ho * wo, c_out))?
-        .matmul(&kernel_matrix(weight)?.t()?)
-}
-
 /// One convolution of the network as the passes see it.
 pub struct ConvLayer {
     /// The detached weight (C_out, C_in, 3, 3).
@@ -167,20 +158,29 @@ impl ConvLayer {
             .reshape(self.gate.shape())
     }
 
-    /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ, weight) pairs on this layer's window.
+    /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ (N, H_o, W_o, C_out), weight) pairs on
+    /// this layer's window: the δ's side by side against the kernel matrices side by side, one
+    /// product ([`conv_input_gradient`]).
     pub fn input_gradient(&self, terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
-        let mut cols: Option<Tensor> = None;
-        for (delta, weight) in terms {
-            let term = patch_gradient(delta, weight)?;
-            cols = Some(match cols {
-                Some(c) => (c + term)?,
-                None => term,
-            });
+        if terms.is_empty() {
+            candle_core::bail!("input gradient of no terms");
         }
-        match cols {
-            Some(c) => col2im(&c, self.input_dims, self.window),
-            None => candle_core::bail!("input gradient of no terms"),
-        }
+        let rows = self.gate.elem_count() / self.gate.dim(3)?;
+        let (deltas, kernels): (Vec<Tensor>, Vec<Tensor>) = terms
+            .iter()
+            .map(|(delta, weight)| {
+                let c_out = delta.dim(3)?;
+                Ok((delta.reshape((rows, c_out))?, kernel_matrix(weight)?))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        conv_input_gradient(
+            &Tensor::cat(&deltas, 1)?,
+            &Tensor::cat(&kernels, 1)?,
+            self.input_dims,
+            self.window,
+        )
     }
 }
 
