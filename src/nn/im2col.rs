@@ -103,7 +103,7 @@ pub fn conv_input_gradient(
 /// CPU only. Rows are taken in blocks of [`ROWS_PER_BLOCK`], one single-threaded product per
 /// block in parallel, and the blocks' sums added in order: candle's one product over all R rows
 /// synchronised its threads after every slice of the long inner dimension and wrote a 16–64-wide
-/// destination row by row (2–3.5× slower on the ResNets' 16- and 32-channel convolutions). The
+/// destination row by row (1.5–5× slower on the ResNets' 16- and 32-channel convolutions). The
 /// blocks depend only on R, so the result is deterministic.
 pub fn patch_weight_gradient(patches: &Tensor, deltas: &Tensor) -> Result<Tensor> {
     if !patches.device().is_cpu() {

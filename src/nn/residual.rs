@@ -4,13 +4,14 @@
 //! their derivatives here, on the CPU.
 //!
 //! As in [`super::conv`], activations are channels-last (N, H, W, C) and a convolution is one
-//! matrix product of its input's patches ([`window_patches`], here with padding 1 and stride 1 or 2)
-//! with the kernel as a (9·C_in, C_out) matrix. Its weight gradient is patchesᵀ δ; its input gradient
-//! sums the patch gradients δ Kᵀ back onto the image ([`conv_input_gradient`], the adjoint of the
-//! patches), which serves every stride and padding. Each convolution is followed by a ReLU (the block's second after
-//! the shortcut is added), so each keeps one 0/1 gate. The option-A shortcut and the global average
-//! pool are linear maps with exact adjoints ([`shortcut`], [`shortcut_adjoint`], [`average_pool`],
-//! [`average_pool_adjoint`]). The linear layer runs through [`DenseForward`]. Every tensor is detached.
+//! matrix product of its input's patches ([`window_patches`], here with padding 1 and stride 1 or
+//! 2) with the kernel as a (9·C_in, C_out) matrix. Its weight gradient is patchesᵀ δ; its input
+//! gradient sums the patch gradients δ Kᵀ back onto the image ([`conv_input_gradient`], the adjoint
+//! of the patches), which serves every stride and padding. Each convolution is followed by a ReLU
+//! (the block's second after the shortcut is added), so each keeps one 0/1 gate. The option-A
+//! shortcut and the global average pool are linear maps with exact adjoints ([`shortcut`],
+//! [`shortcut_adjoint`], [`average_pool`], [`average_pool_adjoint`]). The linear layer runs through
+//! [`DenseForward`]. Every tensor is detached.
 
 use candle_core::{Result, Tensor};
 
