@@ -11,7 +11,9 @@
 //! only the patches.)
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 /// A square convolution window: its size, stride and zero padding on every side.
@@ -72,7 +74,9 @@ pub fn window_patches(x: &Tensor, window: Window) -> Result<Tensor> {
     if !x.device().is_cpu() {
         candle_core::bail!("im2col with padding or strides runs on the CPU only");
     }
-    x.contiguous()?.apply_op1_no_bwd(&Im2col { window })
+    let image_dims = x.dims4()?;
+    x.contiguous()?
+        .apply_op1_no_bwd(&Im2col { window, image_dims })
 }
 
 /// The input gradient of convolutions that read one image: col2im(Σ_j δ_j K_jᵀ), the patch
@@ -109,9 +113,15 @@ pub fn patch_weight_gradient(patches: &Tensor, deltas: &Tensor) -> Result<Tensor
     if !patches.device().is_cpu() {
         candle_core::bail!("the convolution weight gradient by blocks runs on the CPU only");
     }
+    let ((rows, row), (delta_rows, c_out)) = (patches.dims2()?, deltas.dims2()?);
+    if delta_rows != rows {
+        candle_core::bail!(
+            "convolution weight gradient: {rows} patch rows against {delta_rows} δ rows"
+        );
+    }
     patches
         .contiguous()?
-        .apply_op2_no_bwd(&deltas.contiguous()?, &WeightGradient)
+        .apply_op2_no_bwd(&deltas.contiguous()?, &WeightGradient { rows, row, c_out })
 }
 
 /// [`patches`] from k² shifted views of `x`, on any device (on the CPU candle copies the views a
@@ -154,15 +164,20 @@ fn fill_zeros<T: Copy + Default>(dst: &mut [std::mem::MaybeUninit<T>]) {
 /// [`window_patches`] on the CPU.
 struct Im2col {
     window: Window,
+    image_dims: (usize, usize, usize, usize),
 }
 
-impl Im2col {
-    fn gather<T: Copy + Default + Send + Sync>(
-        &self,
-        image: &[T],
-        dims: (usize, usize, usize, usize),
-    ) -> Result<(Vec<T>, Shape)> {
-        let (n, h, w, c) = dims;
+impl FloatKernel<1> for Im2col {
+    const NAME: &'static str = "im2col";
+
+    fn run<T: WithDType + Default>(&self, [image]: [&[T]; 1]) -> Result<Vec<T>> {
+        let (n, h, w, c) = self.image_dims;
+        if image.len() != n * h * w * c {
+            candle_core::bail!(
+                "im2col: {} values are not an image of {n}×{h}×{w}×{c}",
+                image.len()
+            );
+        }
         let window = self.window;
         let k = window.k;
         let (ho, wo) = (window.output_len(h)?, window.output_len(w)?);
@@ -196,31 +211,23 @@ impl Im2col {
         // SAFETY: the chunks tile all `len` elements (N·H_o rows of W_o patches of k runs of k·C
         // values each) and every element was written above.
         unsafe { out.set_len(len) };
-        Ok((out, Shape::from((n * ho * wo, row))))
+        Ok(out)
     }
 }
 
 impl CustomOp1 for Im2col {
     fn name(&self) -> &'static str {
-        "im2col"
+        Self::NAME
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col: the input must be contiguous");
-        };
-        let dims = layout.shape().dims4()?;
-        Ok(match storage {
-            CpuStorage::F32(x) => {
-                let (out, shape) = self.gather(&x[start..end], dims)?;
-                (CpuStorage::F32(out), shape)
-            }
-            CpuStorage::F64(x) => {
-                let (out, shape) = self.gather(&x[start..end], dims)?;
-                (CpuStorage::F64(out), shape)
-            }
-            other => candle_core::bail!("im2col: {:?} is not supported (f32, f64)", other.dtype()),
-        })
+        let (n, h, w, c) = self.image_dims;
+        let (k, window) = (self.window.k, self.window);
+        let pixels = n * window.output_len(h)? * window.output_len(w)?;
+        Ok((
+            self.on_cpu([(storage, layout)])?,
+            Shape::from((pixels, k * k * c)),
+        ))
     }
 }
 
@@ -230,14 +237,12 @@ struct Col2im {
     image_dims: (usize, usize, usize, usize),
 }
 
-impl Col2im {
+impl FloatKernel<2> for Col2im {
+    const NAME: &'static str = "col2im";
+
     /// Each image's patch gradients (H_o·W_o, k·k·C) = its δ rows times `kernels`ᵀ, into a
     /// per-thread scratch buffer, then [`Col2im::scatter`]ed onto the image.
-    fn input_gradient<T: WithDType + Default>(
-        &self,
-        deltas: &[T],
-        kernels: &[T],
-    ) -> Result<Vec<T>> {
+    fn run<T: WithDType + Default>(&self, [deltas, kernels]: [&[T]; 2]) -> Result<Vec<T>> {
         let (n, h, w, c) = self.image_dims;
         let k = self.window.k;
         let (ho, wo) = (self.window.output_len(h)?, self.window.output_len(w)?);
@@ -269,7 +274,9 @@ impl Col2im {
             });
         Ok(image)
     }
+}
 
+impl Col2im {
     /// Sums one image's patch rows `cols` (H_o·W_o, k·k·C) onto `image` (H, W, C), for W_o = `wo`.
     fn scatter<T: Copy + std::ops::AddAssign>(&self, cols: &[T], image: &mut [T], wo: usize) {
         let (_, h, w, c) = self.image_dims;
@@ -299,7 +306,7 @@ impl Col2im {
 
 impl CustomOp2 for Col2im {
     fn name(&self) -> &'static str {
-        "col2im"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -309,26 +316,8 @@ impl CustomOp2 for Col2im {
         kernels: &CpuStorage,
         kernels_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((d0, d1)), Some((k0, k1))) = (
-            deltas_layout.contiguous_offsets(),
-            kernels_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("col2im: the inputs must be contiguous");
-        };
-        let out = match (deltas, kernels) {
-            (CpuStorage::F32(d), CpuStorage::F32(k)) => {
-                CpuStorage::F32(self.input_gradient(&d[d0..d1], &k[k0..k1])?)
-            }
-            (CpuStorage::F64(d), CpuStorage::F64(k)) => {
-                CpuStorage::F64(self.input_gradient(&d[d0..d1], &k[k0..k1])?)
-            }
-            (d, k) => candle_core::bail!(
-                "col2im: {:?} δ and {:?} kernels are not supported (both f32 or both f64)",
-                d.dtype(),
-                k.dtype()
-            ),
-        };
-        Ok((out, Shape::from(self.image_dims)))
+        let image = self.on_cpu([(deltas, deltas_layout), (kernels, kernels_layout)])?;
+        Ok((image, Shape::from(self.image_dims)))
     }
 }
 
@@ -414,42 +403,65 @@ fn product<T: WithDType>(
 /// Rows of the patches per block of [`patch_weight_gradient`].
 pub const ROWS_PER_BLOCK: usize = 1024;
 
-/// [`patch_weight_gradient`] on the CPU.
-struct WeightGradient;
+/// Blocks of [`patch_weight_gradient`] computed in parallel before their sums are added in order:
+/// bounds the partial sums held at once, whatever the number of rows.
+const BLOCKS_PER_ROUND: usize = 64;
 
-impl WeightGradient {
-    fn blocks<T: WithDType + Default>(
-        patches: &[T],
-        deltas: &[T],
-        (row, c_out): (usize, usize),
-    ) -> Vec<T> {
-        let partials: Vec<Vec<T>> = patches
-            .par_chunks(ROWS_PER_BLOCK * row)
-            .zip(deltas.par_chunks(ROWS_PER_BLOCK * c_out))
-            .map(|(p, d)| {
-                let len = d.len() / c_out;
-                let mut out = vec![T::default(); row * c_out];
-                // (row, c_out) stored column by column, i.e. the (c_out, row) gradient row-major:
-                // the block's patches (len, row) read as their transpose, times δ (len, c_out).
-                product(
-                    (row, c_out, len),
-                    Strided::column_major(&mut out, row),
-                    Strided::column_major(p, row),
-                    Strided::row_major(d, c_out),
-                );
-                out
-            })
-            .collect();
-        let mut blocks = partials.into_iter();
-        let mut sum = blocks
-            .next()
-            .unwrap_or_else(|| vec![T::default(); row * c_out]);
-        for block in blocks {
-            for (s, b) in sum.iter_mut().zip(block) {
-                *s += b;
+/// [`patch_weight_gradient`] on the CPU: patches (`rows`, `row`), δ (`rows`, `c_out`).
+struct WeightGradient {
+    rows: usize,
+    row: usize,
+    c_out: usize,
+}
+
+impl FloatKernel<2> for WeightGradient {
+    const NAME: &'static str = "convolution weight gradient";
+
+    fn run<T: WithDType + Default>(&self, [patches, deltas]: [&[T]; 2]) -> Result<Vec<T>> {
+        let Self { rows, row, c_out } = *self;
+        if patches.len() != rows * row || deltas.len() != rows * c_out {
+            candle_core::bail!(
+                "{}: {} patch values and {} δ values do not make {rows} rows of {row} and of \
+                 {c_out}",
+                Self::NAME,
+                patches.len(),
+                deltas.len()
+            );
+        }
+        let mut sum = vec![T::default(); row * c_out];
+        if sum.is_empty() {
+            return Ok(sum);
+        }
+        let round = BLOCKS_PER_ROUND * ROWS_PER_BLOCK;
+        for (p, d) in patches
+            .chunks(round * row)
+            .zip(deltas.chunks(round * c_out))
+        {
+            let partials: Vec<Vec<T>> = p
+                .par_chunks(ROWS_PER_BLOCK * row)
+                .zip(d.par_chunks(ROWS_PER_BLOCK * c_out))
+                .map(|(p, d)| {
+                    let len = d.len() / c_out;
+                    let mut out = vec![T::default(); row * c_out];
+                    // (row, c_out) stored column by column, i.e. the (c_out, row) gradient
+                    // row-major: the block's patches (len, row) read as their transpose, times
+                    // δ (len, c_out).
+                    product(
+                        (row, c_out, len),
+                        Strided::column_major(&mut out, row),
+                        Strided::column_major(p, row),
+                        Strided::row_major(d, c_out),
+                    );
+                    out
+                })
+                .collect();
+            for block in partials {
+                for (s, b) in sum.iter_mut().zip(block) {
+                    *s += b;
+                }
             }
         }
-        sum
+        Ok(sum)
     }
 }
 
@@ -465,35 +477,48 @@ impl CustomOp2 for WeightGradient {
         deltas: &CpuStorage,
         deltas_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, row) = patches_layout.shape().dims2()?;
-        let (delta_rows, c_out) = deltas_layout.shape().dims2()?;
-        if delta_rows != rows {
+        let gradient = self.on_cpu([(patches, patches_layout), (deltas, deltas_layout)])?;
+        Ok((gradient, Shape::from((self.c_out, self.row))))
+    }
+}
+
+/// The body of a CPU op on `N` inputs, written once for both float types.
+trait FloatKernel<const N: usize> {
+    /// The op's name in error messages.
+    const NAME: &'static str;
+
+    /// The output's values from the inputs' values, all contiguous and of one float type.
+    fn run<T: WithDType + Default>(&self, inputs: [&[T]; N]) -> Result<Vec<T>>;
+
+    /// [`FloatKernel::run`] on candle's CPU storage: the inputs must be contiguous and all f32 or
+    /// all f64.
+    fn on_cpu(&self, inputs: [(&CpuStorage, &Layout); N]) -> Result<CpuStorage> {
+        let dtypes = inputs.map(|(storage, _)| storage.dtype());
+        if dtypes.iter().all(|&d| d == DType::F32) {
+            self.on_values::<f32>(inputs)
+        } else if dtypes.iter().all(|&d| d == DType::F64) {
+            self.on_values::<f64>(inputs)
+        } else {
             candle_core::bail!(
-                "convolution weight gradient: {rows} patch rows against {delta_rows} δ rows"
-            );
+                "{}: inputs of {dtypes:?} are not supported (all f32 or all f64)",
+                Self::NAME
+            )
         }
-        let (Some((p0, p1)), Some((d0, d1))) = (
-            patches_layout.contiguous_offsets(),
-            deltas_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("convolution weight gradient: the inputs must be contiguous");
-        };
-        let dims = (row, c_out);
-        let out = match (patches, deltas) {
-            (CpuStorage::F32(p), CpuStorage::F32(d)) => {
-                CpuStorage::F32(Self::blocks(&p[p0..p1], &d[d0..d1], dims))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(d)) => {
-                CpuStorage::F64(Self::blocks(&p[p0..p1], &d[d0..d1], dims))
-            }
-            (p, d) => candle_core::bail!(
-                "convolution weight gradient: {:?} patches and {:?} δ are not supported (both \
-                 f32 or both f64)",
-                p.dtype(),
-                d.dtype()
-            ),
-        };
-        Ok((out, Shape::from((c_out, row))))
+    }
+
+    /// [`FloatKernel::run`] on inputs of type `T`.
+    fn on_values<T: WithDType + Default>(
+        &self,
+        inputs: [(&CpuStorage, &Layout); N],
+    ) -> Result<CpuStorage> {
+        let mut values: [&[T]; N] = [&[]; N];
+        for (value, (storage, layout)) in values.iter_mut().zip(inputs) {
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("{}: the inputs must be contiguous", Self::NAME);
+            };
+            *value = &storage.as_slice::<T>()?[start..end];
+        }
+        Ok(T::to_cpu_storage_owned(self.run(values)?))
     }
 }
 
@@ -587,8 +612,8 @@ mod tests {
 
     #[test]
     fn the_weight_gradient_by_blocks_is_patches_transposed_times_delta() {
-        // Three blocks, the last one partial; f64, against one plain product.
-        let rows = 2 * ROWS_PER_BLOCK + 37;
+        // Two rounds of blocks, the last block partial; f64, against one plain product.
+        let rows = (BLOCKS_PER_ROUND + 2) * ROWS_PER_BLOCK + 37;
         let patches = random_tensor(&[rows, 18], 5, 1.0).unwrap();
         let deltas = random_tensor(&[rows, 3], 6, 1.0).unwrap();
         let got = patch_weight_gradient(&patches, &deltas).unwrap();
