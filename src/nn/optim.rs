@@ -8,7 +8,7 @@
 //!
 //! The learning rate η may change between steps (schedules). The velocity is exposed so checkpoints
 //! can save and restore it. On the CPU the update runs in place on the parameters' storage (one pass,
-//! no allocation); on other devices it is computed with tensor ops and copied in.
+//! no allocation, in parallel chunks); on other devices it is computed with tensor ops and copied in.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
