@@ -467,7 +467,7 @@ impl FloatKernel<2> for WeightGradient {
 
 impl CustomOp2 for WeightGradient {
     fn name(&self) -> &'static str {
-        "conv-weight-gradient"
+        Self::NAME
     }
 
     fn cpu_fwd(
