@@ -16,6 +16,7 @@ use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::{conv_input_gradient, patch_weight_gradient, patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
+use super::product::matmul;
 use super::reduce::column_sums;
 use super::ConvNet;
 
@@ -124,9 +125,7 @@ fn convolve(
     let (c_out, _, k, _) = weight.dims4()?;
     let (n, h, w, _) = a.dims4()?;
     let cols = patches(a, k)?;
-    let y = cols
-        .matmul(&kernel_matrix(weight)?)?
-        .reshape((n, h + 1 - k, w + 1 - k, c_out))?;
+    let y = matmul(&cols, &kernel_matrix(weight)?)?.reshape((n, h + 1 - k, w + 1 - k, c_out))?;
     let (activated, gate) = activate(&y, bias, pool)?;
     Ok((cols, activated, gate))
 }

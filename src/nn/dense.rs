@@ -11,6 +11,7 @@ use candle_core::{Result, Tensor, D};
 
 use super::loss::{LossKind, Targets};
 use super::pass::Pass;
+use super::product::matmul;
 use super::reduce::column_sums;
 use super::DenseStack;
 
@@ -54,9 +55,7 @@ impl DenseForward {
         let mut kept_bends = Vec::with_capacity(layers);
         let mut a = x.detach().flatten_from(1)?;
         for l in 0..layers {
-            let z = a
-                .matmul(&params[2 * l])?
-                .broadcast_add(&params[2 * l + 1])?;
+            let z = matmul(&a, &params[2 * l])?.broadcast_add(&params[2 * l + 1])?;
             let next = if l + 1 < layers {
                 let (slope, bend) = stack.activation.derivatives(&z)?;
                 slopes.push(slope);
@@ -83,7 +82,7 @@ impl DenseForward {
         let (deltas, upstream, input_gradient) = self.backpropagate(output_grad, to_input)?;
         let mut gradient = Vec::with_capacity(2 * deltas.len());
         for (a, delta) in self.inputs.iter().zip(&deltas) {
-            gradient.push(a.t()?.matmul(delta)?);
+            gradient.push(matmul(&a.t()?, delta)?);
             gradient.push(column_sums(delta)?);
         }
         Ok(DenseBackward {
@@ -111,13 +110,13 @@ impl DenseForward {
         let mut deltas = Vec::with_capacity(layers);
         let mut upstream = Vec::with_capacity(layers);
         for l in (1..layers).rev() {
-            let u = delta.matmul(&self.params[2 * l].t()?)?;
+            let u = matmul(&delta, &self.params[2 * l].t()?)?;
             let below = (&u * &self.slopes[l - 1])?;
             upstream.push(u);
             deltas.push(std::mem::replace(&mut delta, below));
         }
         let input_gradient = if to_input {
-            Some(delta.matmul(&self.params[0].t()?)?)
+            Some(matmul(&delta, &self.params[0].t()?)?)
         } else {
             None
         };
@@ -181,7 +180,7 @@ pub fn gradient_moments(
     let mut squares = Vec::with_capacity(backward.gradient.len());
     for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
         let delta_sq = delta.sqr()?;
-        squares.push(a.sqr()?.t()?.matmul(&delta_sq)?);
+        squares.push(matmul(&a.sqr()?.t()?, &delta_sq)?);
         squares.push(column_sums(&delta_sq)?);
     }
     Ok((backward.gradient, squares))

@@ -16,6 +16,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::product::{product, Strided};
+
 /// A square convolution window: its size, stride and zero padding on every side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -269,6 +271,7 @@ impl FloatKernel<2> for Col2im {
                     Strided::row_major(cols, row),
                     Strided::row_major(delta, depth),
                     Strided::column_major(kernels, depth),
+                    gemm::Parallelism::None,
                 );
                 self.scatter(cols, image, wo);
             });
@@ -318,85 +321,6 @@ impl CustomOp2 for Col2im {
     ) -> Result<(CpuStorage, Shape)> {
         let image = self.on_cpu([(deltas, deltas_layout), (kernels, kernels_layout)])?;
         Ok((image, Shape::from(self.image_dims)))
-    }
-}
-
-/// A matrix in a slice: its values and the strides between its rows and between its columns.
-struct Strided<S> {
-    values: S,
-    row_stride: usize,
-    column_stride: usize,
-}
-
-impl<S> Strided<S> {
-    /// Rows of `width` values one after another.
-    fn row_major(values: S, width: usize) -> Self {
-        Self {
-            values,
-            row_stride: width,
-            column_stride: 1,
-        }
-    }
-
-    /// Columns of `height` values one after another.
-    fn column_major(values: S, height: usize) -> Self {
-        Self {
-            values,
-            row_stride: 1,
-            column_stride: height,
-        }
-    }
-
-    /// Whether a (rows, columns) matrix with these strides lies inside `len` values.
-    fn holds(&self, (rows, columns): (usize, usize), len: usize) -> bool {
-        rows == 0
-            || columns == 0
-            || (rows - 1) * self.row_stride + (columns - 1) * self.column_stride < len
-    }
-}
-
-/// dst (m, n) := lhs (m, k) · rhs (k, n) on the calling thread, by the `gemm` crate (the kernels
-/// behind candle's CPU matmul). Panics when a matrix does not fit its slice, or when T is not a
-/// float type of `gemm`'s (f16, f32, f64).
-fn product<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: Strided<&mut [T]>,
-    lhs: Strided<&[T]>,
-    rhs: Strided<&[T]>,
-) {
-    let one = T::from_f64(1.0);
-    assert!(
-        dst.holds((m, n), dst.values.len())
-            && lhs.holds((m, k), lhs.values.len())
-            && rhs.holds((k, n), rhs.values.len()),
-        "matrix product ({m}×{k}) · ({k}×{n}): an operand does not fit its slice"
-    );
-    let stride = |s: usize| s as isize;
-    // SAFETY: every element the product reads or writes lies inside its slice (checked above);
-    // `dst` is borrowed mutably, so it overlaps neither operand. With `read_dst` false the old
-    // values of `dst` are not read (alpha unused), so `one` serves as alpha too.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.values.as_mut_ptr(),
-            stride(dst.column_stride),
-            stride(dst.row_stride),
-            false,
-            lhs.values.as_ptr(),
-            stride(lhs.column_stride),
-            stride(lhs.row_stride),
-            rhs.values.as_ptr(),
-            stride(rhs.column_stride),
-            stride(rhs.row_stride),
-            one,
-            one,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -451,6 +375,7 @@ impl FloatKernel<2> for WeightGradient {
                         Strided::column_major(&mut out, row),
                         Strided::column_major(p, row),
                         Strided::row_major(d, c_out),
+                        gemm::Parallelism::None,
                     );
                     out
                 })

@@ -17,6 +17,7 @@ pub mod loss;
 pub mod models;
 pub mod optim;
 pub mod pass;
+pub mod product;
 pub mod reduce;
 pub mod residual;
 pub mod spec;

@@ -20,6 +20,7 @@ use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::{conv_input_gradient, window_patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
+use super::product::matmul;
 use super::{ResidualBlock, ResidualNet};
 
 /// Image dimensions (N, H, W, C).
@@ -124,7 +125,7 @@ impl ConvLayer {
         let (n, h, w, _) = input_dims;
         let c_out = weight.dim(0)?;
         let patches = window_patches(x, window)?;
-        let y = patches.matmul(&kernel_matrix(&weight)?)?.reshape((
+        let y = matmul(&patches, &kernel_matrix(&weight)?)?.reshape((
             n,
             window.output_len(h)?,
             window.output_len(w)?,
@@ -154,9 +155,7 @@ impl ConvLayer {
     /// `patches` (of this layer's input or of a tangent of it) times `kernel` (C_out, C_in, 3, 3),
     /// shaped like the layer's output.
     pub fn patches_apply(&self, patches: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-        patches
-            .matmul(&kernel_matrix(kernel)?)?
-            .reshape(self.gate.shape())
+        matmul(patches, &kernel_matrix(kernel)?)?.reshape(self.gate.shape())
     }
 
     /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ (N, H_o, W_o, C_out), weight) pairs on

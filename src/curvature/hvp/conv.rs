@@ -30,6 +30,7 @@ use crate::nn::conv::{
 };
 use crate::nn::gate::gate_gradient;
 use crate::nn::im2col::patches;
+use crate::nn::product::matmul;
 use crate::nn::reduce::column_sums;
 
 /// Forward tangents through the convolutions of a network (the CNN, the ResNets).
@@ -75,8 +76,7 @@ impl Chunk<ConvForward> {
             let k = weights[l].dim(2).ctx(ctx)?;
             let kernel = kernel_matrix(&weights[l]).ctx(ctx)?;
             let v_kernel = kernel_matrix(&v_conv[2 * l]).ctx(ctx)?;
-            let mut z_dot = kept[l]
-                .matmul(&v_kernel)
+            let mut z_dot = matmul(&kept[l], &v_kernel)
                 .and_then(|t| t.broadcast_add(&v_conv[2 * l + 1]))
                 .ctx(ctx)?;
             let patch_dot = a_dot
@@ -85,19 +85,19 @@ impl Chunk<ConvForward> {
                 .transpose()
                 .ctx(ctx)?;
             if let Some(p) = &patch_dot {
-                z_dot = (z_dot + p.matmul(&kernel).ctx(ctx)?).ctx(ctx)?;
+                z_dot = (z_dot + matmul(p, &kernel).ctx(ctx)?).ctx(ctx)?;
             }
             if second {
                 let mut z_ddot = match &patch_dot {
                     Some(p) => Some(
-                        p.matmul(&v_kernel)
+                        matmul(p, &v_kernel)
                             .and_then(|t| t.affine(2.0, 0.0))
                             .ctx(ctx)?,
                     ),
                     None => None,
                 };
                 if let Some(add) = &a_ddot {
-                    let term = patches(add, k).and_then(|p| p.matmul(&kernel)).ctx(ctx)?;
+                    let term = patches(add, k).and_then(|p| matmul(&p, &kernel)).ctx(ctx)?;
                     z_ddot = Some(accumulate(z_ddot, term).ctx(ctx)?);
                 }
                 a_ddot = z_ddot.map(|t| gate(l, t)).transpose().ctx(ctx)?;

@@ -24,6 +24,7 @@ use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::dense::{DenseBackward, DenseForward, SampleWeights};
 use crate::nn::loss::{per_sample_loss, LossKind, Targets};
 use crate::nn::pass::{Backward, Forward, Pass};
+use crate::nn::product::matmul;
 use crate::nn::reduce::column_sums;
 
 /// The per-sample factors of a chunk's objective (the mean loss: share / n_c for every sample).
@@ -283,14 +284,14 @@ pub(super) fn quadratic_form(
     for l in 0..layers {
         let mut z_ddot = match &a_dot[l] {
             Some(ad) => Some(
-                ad.matmul(&v[2 * l])
+                matmul(ad, &v[2 * l])
                     .and_then(|t| t.affine(2.0, 0.0))
                     .ctx(ctx)?,
             ),
             None => None,
         };
         if let Some(add) = &a_ddot {
-            let term = add.matmul(&w[2 * l]).ctx(ctx)?;
+            let term = matmul(add, &w[2 * l]).ctx(ctx)?;
             z_ddot = Some(accumulate(z_ddot, term).ctx(ctx)?);
         }
         if l + 1 == layers {
@@ -348,12 +349,11 @@ pub(super) fn tangents(
     let mut z_dot: Vec<Tensor> = Vec::with_capacity(layers);
     let mut a_dot: Vec<Option<Tensor>> = vec![input_tangent];
     for l in 0..layers {
-        let mut rz = inputs[l]
-            .matmul(&v[2 * l])
+        let mut rz = matmul(&inputs[l], &v[2 * l])
             .and_then(|t| t.broadcast_add(&v[2 * l + 1]))
             .ctx(ctx)?;
         if let Some(ra) = &a_dot[l] {
-            rz = (rz + ra.matmul(&w[2 * l]).ctx(ctx)?).ctx(ctx)?;
+            rz = (rz + matmul(ra, &w[2 * l]).ctx(ctx)?).ctx(ctx)?;
         }
         if l + 1 < layers {
             a_dot.push(Some((&rz * &slopes[l]).ctx(ctx)?));
@@ -396,17 +396,17 @@ pub(super) fn backward_tangents(
     let mut out = vec![None; w.len()];
     // R u_{l−1} = R δ_l W_lᵀ + δ_l V_{W_l}ᵀ.
     let r_upstream = |l: usize, r_delta: &Tensor| -> Result<Tensor> {
-        let mut r_up = r_delta.matmul(&w[2 * l].t().ctx(ctx)?).ctx(ctx)?;
+        let mut r_up = matmul(r_delta, &w[2 * l].t().ctx(ctx)?).ctx(ctx)?;
         if !gauss_newton {
-            let term = deltas[l].matmul(&v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
+            let term = matmul(&deltas[l], &v[2 * l].t().ctx(ctx)?).ctx(ctx)?;
             r_up = (r_up + term).ctx(ctx)?;
         }
         Ok(r_up)
     };
     for l in (0..layers).rev() {
-        let mut gw = inputs[l].t().and_then(|x| x.matmul(&r_delta)).ctx(ctx)?;
+        let mut gw = inputs[l].t().and_then(|x| matmul(&x, &r_delta)).ctx(ctx)?;
         if let (false, Some(ra)) = (gauss_newton, &tangents.inputs[l]) {
-            let term = ra.t().and_then(|x| x.matmul(&deltas[l])).ctx(ctx)?;
+            let term = ra.t().and_then(|x| matmul(&x, &deltas[l])).ctx(ctx)?;
             gw = (gw + term).ctx(ctx)?;
         }
         out[2 * l] = Some(gw);

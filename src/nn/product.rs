@@ -1,0 +1,355 @@
+//! Matrix products of detached 2-D tensors for the hand-written passes. On the CPU a product of
+//! middling size is cut into a fixed number of panels of its output, each one single-threaded
+//! `gemm` call, run across rayon's threads with one join per product: candle's matmul hands
+//! `gemm` all threads, and `gemm` joins them after every slice of the inner dimension, which costs
+//! more than the second core brings on the thin products of a small batch. Small products run on
+//! the calling thread, large ones with `gemm`'s own threading. The panels depend on the shapes
+//! only, so results do not depend on the number of threads. Elsewhere (CUDA, other dtypes,
+//! batched products) this is candle's matmul.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Multiply-adds below which a product runs on the calling thread alone, and the least work of
+/// one panel.
+const PANEL_WORK: usize = 1 << 21;
+
+/// Multiply-adds from which a product runs as one `gemm` call with `gemm`'s own threading.
+const THREADED_WORK: usize = 1 << 29;
+
+/// The most panels a product is cut into.
+const MAX_PANELS: usize = 4;
+
+/// `a` (m, k) · `b` (k, n) without recording a graph (the inputs must not need gradients).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.rank() == 2 && b.rank() == 2 {
+        a.apply_op2_no_bwd(b, &Product)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// The CPU op behind [`matmul`].
+struct Product;
+
+impl Product {
+    const NAME: &'static str = "matrix product";
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        lhs: &CpuStorage,
+        lhs_layout: &Layout,
+        rhs: &CpuStorage,
+        rhs_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lhs_layout.shape().dims2()?;
+        let (depth, n) = rhs_layout.shape().dims2()?;
+        if depth != k {
+            candle_core::bail!(
+                "{}: ({m}×{k}) · ({depth}×{n}): the inner dimensions differ",
+                Self::NAME
+            );
+        }
+        let dims = (m, n, k);
+        let out = match (lhs, rhs) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(panel_product(
+                dims,
+                Strided::of(a, lhs_layout),
+                Strided::of(b, rhs_layout),
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(panel_product(
+                dims,
+                Strided::of(a, lhs_layout),
+                Strided::of(b, rhs_layout),
+            )),
+            _ => candle_core::bail!(
+                "{}: operands of {:?} and {:?} are not supported (both f32 or both f64)",
+                Self::NAME,
+                lhs.dtype(),
+                rhs.dtype()
+            ),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// lhs (m, k) · rhs (k, n), row-major, in panels (see the module's doc).
+fn panel_product<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Strided<&[T]>,
+    rhs: Strided<&[T]>,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); m * n];
+    let work = m * n * k;
+    let panels = (work / PANEL_WORK).clamp(1, MAX_PANELS);
+    if work >= THREADED_WORK || panels == 1 {
+        let threading = if work >= THREADED_WORK {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        product(
+            (m, n, k),
+            Strided::row_major(&mut out, n),
+            lhs,
+            rhs,
+            threading,
+        );
+    } else if m >= n {
+        // Bands of whole rows: each its own stretch of the output.
+        let band = m.div_ceil(panels);
+        out.par_chunks_mut(band * n)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                let height = rows.len() / n;
+                product(
+                    (height, n, k),
+                    Strided::row_major(rows, n),
+                    lhs.rows_from(i * band),
+                    rhs.rows_from(0),
+                    gemm::Parallelism::None,
+                );
+            });
+    } else {
+        // Bands of columns, each computed apart and copied into place (the output is the smaller
+        // part of the traffic here: m < n ≤ the columns of rhs read).
+        let band = n.div_ceil(panels);
+        let bands: Vec<Vec<T>> = (0..n.div_ceil(band))
+            .into_par_iter()
+            .map(|i| {
+                let width = band.min(n - i * band);
+                let mut part = vec![T::zero(); m * width];
+                product(
+                    (m, width, k),
+                    Strided::row_major(&mut part, width),
+                    lhs.rows_from(0),
+                    rhs.columns_from(i * band),
+                    gemm::Parallelism::None,
+                );
+                part
+            })
+            .collect();
+        for (i, part) in bands.iter().enumerate() {
+            let width = part.len() / m.max(1);
+            for (row, values) in out.chunks_mut(n).zip(part.chunks(width.max(1))) {
+                row[i * band..i * band + width].copy_from_slice(values);
+            }
+        }
+    }
+    out
+}
+
+/// A matrix in a slice: its values and the strides between its rows and between its columns.
+pub(super) struct Strided<S> {
+    values: S,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl<S> Strided<S> {
+    /// Rows of `width` values one after another.
+    pub(super) fn row_major(values: S, width: usize) -> Self {
+        Self {
+            values,
+            row_stride: width,
+            column_stride: 1,
+        }
+    }
+
+    /// Columns of `height` values one after another.
+    pub(super) fn column_major(values: S, height: usize) -> Self {
+        Self {
+            values,
+            row_stride: 1,
+            column_stride: height,
+        }
+    }
+
+    /// Whether a (rows, columns) matrix with these strides lies inside `len` values.
+    fn holds(&self, (rows, columns): (usize, usize), len: usize) -> bool {
+        rows == 0
+            || columns == 0
+            || (rows - 1) * self.row_stride + (columns - 1) * self.column_stride < len
+    }
+}
+
+impl<'a, T> Strided<&'a [T]> {
+    /// The 2-D tensor of `layout` in `storage`.
+    fn of(storage: &'a [T], layout: &Layout) -> Self {
+        let stride = layout.stride();
+        Self {
+            values: &storage[layout.start_offset().min(storage.len())..],
+            row_stride: stride[0],
+            column_stride: stride[1],
+        }
+    }
+
+    /// The matrix from row `row` on.
+    fn rows_from(&self, row: usize) -> Self {
+        self.shifted(row * self.row_stride)
+    }
+
+    /// The matrix from column `column` on.
+    fn columns_from(&self, column: usize) -> Self {
+        self.shifted(column * self.column_stride)
+    }
+
+    fn shifted(&self, offset: usize) -> Self {
+        Self {
+            values: &self.values[offset.min(self.values.len())..],
+            row_stride: self.row_stride,
+            column_stride: self.column_stride,
+        }
+    }
+}
+
+/// dst (m, n) := lhs (m, k) · rhs (k, n) by the `gemm` crate (the kernels behind candle's CPU
+/// matmul). Panics when a matrix does not fit its slice, or when T is not a float type of
+/// `gemm`'s (f16, f32, f64).
+pub(super) fn product<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<&mut [T]>,
+    lhs: Strided<&[T]>,
+    rhs: Strided<&[T]>,
+    threading: gemm::Parallelism,
+) {
+    let one = T::from_f64(1.0);
+    assert!(
+        dst.holds((m, n), dst.values.len())
+            && lhs.holds((m, k), lhs.values.len())
+            && rhs.holds((k, n), rhs.values.len()),
+        "matrix product ({m}×{k}) · ({k}×{n}): an operand does not fit its slice"
+    );
+    let stride = |s: usize| s as isize;
+    // SAFETY: every element the product reads or writes lies inside its slice (checked above);
+    // `dst` is borrowed mutably, so it overlaps neither operand. With `read_dst` false the old
+    // values of `dst` are not read (alpha unused), so `one` serves as alpha too.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.values.as_mut_ptr(),
+            stride(dst.column_stride),
+            stride(dst.row_stride),
+            false,
+            lhs.values.as_ptr(),
+            stride(lhs.column_stride),
+            stride(lhs.row_stride),
+            rhs.values.as_ptr(),
+            stride(rhs.column_stride),
+            stride(rhs.row_stride),
+            one,
+            one,
+            false,
+            false,
+            false,
+            threading,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+    use crate::nn::gradcheck::{flat, random_tensor};
+
+    /// Some entries of `a · b` against f64 dot products of the operands' values.
+    fn check_entries(a: &Tensor, b: &Tensor, tol: f64) {
+        let got = matmul(a, b).unwrap();
+        let (m, k) = a.dims2().unwrap();
+        let n = b.dim(1).unwrap();
+        assert_eq!(got.dims(), &[m, n]);
+        let (av, bv, gv) = (flat(a), flat(b), flat(&got));
+        let step = (m * n / 500).max(1);
+        for e in (0..m * n).step_by(step).chain([m * n - 1]) {
+            let (i, j) = (e / n, e % n);
+            let want: f64 = (0..k).map(|p| av[i * k + p] * bv[p * n + j]).sum();
+            let scale: f64 = (0..k).map(|p| (av[i * k + p] * bv[p * n + j]).abs()).sum();
+            assert!(
+                (gv[e] - want).abs() <= tol * scale.max(1e-300),
+                "({m}×{k})·({k}×{n}) entry ({i}, {j}): {} against {want}",
+                gv[e]
+            );
+        }
+    }
+
+    #[test]
+    fn every_regime_matches_plain_dot_products() {
+        // (m, n, k): on the calling thread; bands of rows (uneven); bands of columns (uneven);
+        // gemm's own threading (2²⁹ multiply-adds).
+        let shapes = [
+            (7, 5, 3),
+            (301, 100, 150),
+            (40, 501, 300),
+            (1024, 1024, 512),
+        ];
+        for (seed, &(m, n, k)) in shapes.iter().enumerate() {
+            let seed = seed as u64;
+            let a = random_tensor(&[m, k], seed, 1.0).unwrap();
+            let b = random_tensor(&[k, n], seed + 10, 1.0).unwrap();
+            check_entries(&a, &b, 1e-12);
+            let (a32, b32) = (
+                a.to_dtype(DType::F32).unwrap(),
+                b.to_dtype(DType::F32).unwrap(),
+            );
+            check_entries(&a32, &b32, 1e-5);
+        }
+    }
+
+    #[test]
+    fn transposed_and_offset_operands_are_read_through_their_strides() {
+        // aᵀ and bᵀ as strided views, a taken from past the start of its storage.
+        let big = random_tensor(&[330, 150], 3, 1.0).unwrap();
+        let a_t = big.narrow(0, 29, 301).unwrap().t().unwrap(); // (150, 301) view
+        let b_t = random_tensor(&[40, 301], 4, 1.0).unwrap().t().unwrap(); // (301, 40)
+        let a_dense = a_t.contiguous().unwrap();
+        let b_dense = b_t.contiguous().unwrap();
+        let got = flat(&matmul(&a_t, &b_t).unwrap());
+        let want = flat(&matmul(&a_dense, &b_dense).unwrap());
+        assert_eq!(got, want);
+        check_entries(&a_dense, &b_dense, 1e-12);
+    }
+
+    #[test]
+    fn the_result_does_not_depend_on_the_number_of_threads() {
+        for (m, n, k) in [(301, 100, 150), (40, 501, 300)] {
+            let a = random_tensor(&[m, k], 5, 1.0)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .unwrap();
+            let b = random_tensor(&[k, n], 6, 1.0)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .unwrap();
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| flat(&matmul(&a, &b).unwrap()))
+            };
+            assert_eq!(on(1), on(3));
+        }
+    }
+
+    #[test]
+    fn mismatched_operands_are_errors() {
+        let a = random_tensor(&[3, 4], 1, 1.0).unwrap();
+        let b = random_tensor(&[5, 2], 2, 1.0).unwrap();
+        let err = matmul(&a, &b).unwrap_err().to_string();
+        assert!(err.contains("inner dimensions"), "{err}");
+        let b32 = random_tensor(&[4, 2], 2, 1.0)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .unwrap();
+        let err = matmul(&a, &b32).unwrap_err().to_string();
+        assert!(err.contains("not supported"), "{err}");
+    }
+}
