@@ -169,6 +169,21 @@ struct Im2col {
     image_dims: (usize, usize, usize, usize),
 }
 
+impl Im2col {
+    /// (H_o, W_o): the output's height and width under the window.
+    fn output_size(&self) -> Result<(usize, usize)> {
+        let (_, h, w, _) = self.image_dims;
+        Ok((self.window.output_len(h)?, self.window.output_len(w)?))
+    }
+
+    /// The patch matrix's shape (N·H_o·W_o, k·k·C).
+    fn patch_matrix(&self) -> Result<(usize, usize)> {
+        let (n, _, _, c) = self.image_dims;
+        let (ho, wo) = self.output_size()?;
+        Ok((n * ho * wo, self.window.k * self.window.k * c))
+    }
+}
+
 impl FloatKernel<1> for Im2col {
     const NAME: &'static str = "im2col";
 
@@ -181,10 +196,10 @@ impl FloatKernel<1> for Im2col {
             );
         }
         let window = self.window;
-        let k = window.k;
-        let (ho, wo) = (window.output_len(h)?, window.output_len(w)?);
-        let (run, row) = (k * c, k * k * c);
-        let len = n * ho * wo * row;
+        let (ho, wo) = self.output_size()?;
+        let (pixels, row) = self.patch_matrix()?;
+        let run = window.k * c;
+        let len = pixels * row;
         // Written once, never zeroed first (zeroing the patches, several times the input, took a
         // tenth of a CNN step).
         let mut out = Vec::with_capacity(len);
@@ -223,13 +238,8 @@ impl CustomOp1 for Im2col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, h, w, c) = self.image_dims;
-        let (k, window) = (self.window.k, self.window);
-        let pixels = n * window.output_len(h)? * window.output_len(w)?;
-        Ok((
-            self.on_cpu([(storage, layout)])?,
-            Shape::from((pixels, k * k * c)),
-        ))
+        let patches = self.on_cpu([(storage, layout)])?;
+        Ok((patches, Shape::from(self.patch_matrix()?)))
     }
 }
 
