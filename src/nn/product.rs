@@ -119,8 +119,8 @@ fn banded_product<T: WithDType>(
                 );
             });
     } else {
-        // Bands of columns, each computed apart and copied into place (the output is the smaller
-        // part of the traffic here: m < n ≤ the columns of rhs read).
+        // Bands of columns, each computed apart and copied into place (m < n here: the copy moves
+        // m·n values, against the m·k + k·n the product reads).
         let band = n.div_ceil(bands);
         let parts: Vec<Vec<T>> = (0..n.div_ceil(band))
             .into_par_iter()
