@@ -122,25 +122,26 @@ fn banded_product<T: WithDType>(
         // Bands of columns, each computed apart and copied into place (m < n here: the copy moves
         // m·n values, against the m·k + k·n the product reads).
         let band = n.div_ceil(bands);
-        let parts: Vec<Vec<T>> = (0..n.div_ceil(band))
+        let parts: Vec<(usize, Vec<T>)> = (0..n)
             .into_par_iter()
-            .map(|i| {
-                let width = band.min(n - i * band);
+            .step_by(band)
+            .map(|first| {
+                let width = band.min(n - first);
                 let mut part = vec![T::zero(); m * width];
                 product(
                     (m, width, k),
                     Strided::row_major(&mut part, width),
                     lhs.rows_from(0),
-                    rhs.columns_from(i * band),
+                    rhs.columns_from(first),
                     gemm::Parallelism::None,
                 );
-                part
+                (first, part)
             })
             .collect();
-        for (i, part) in parts.iter().enumerate() {
-            let width = part.len() / m.max(1);
-            for (row, values) in out.chunks_mut(n).zip(part.chunks(width.max(1))) {
-                row[i * band..i * band + width].copy_from_slice(values);
+        for (first, part) in parts {
+            let width = part.len() / m;
+            for (row, values) in out.chunks_mut(n).zip(part.chunks(width)) {
+                row[first..first + width].copy_from_slice(values);
             }
         }
     }

@@ -22,6 +22,7 @@ use super::dense::{accumulate, OutputCurvature};
 use super::{add_into, Batch, CandleContext, ParamVec, Result};
 use crate::nn::dense::{output_gradient, DenseForward, SampleWeights};
 use crate::nn::loss::LossKind;
+use crate::nn::product::matmul;
 use crate::nn::DenseStack;
 
 const CTX: &str = "batch quadratic forms by Gram matrices";
@@ -242,7 +243,7 @@ impl Forms<'_> {
                 let (x, y) = (&self.eval.inputs[l], &self.dir.forward.inputs[l]);
                 let m = x.dim(0)?;
                 // One (m, K·b) product, then one (m, b) block per batch.
-                x.matmul(&y.t()?.contiguous()?)?
+                matmul(x, &y.t()?)?
                     .reshape((m, self.dir.count, self.dir.b))?
                     .transpose(0, 1)?
                     .contiguous()?
@@ -328,5 +329,5 @@ impl Forms<'_> {
 /// (K, m, d_in) tangents times a weight (d_in, d_out), as one (K·m)-row product.
 fn times(t: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let (k, m, d) = t.dims3()?;
-    t.reshape((k * m, d))?.matmul(weight)?.reshape((k, m, ()))
+    matmul(&t.reshape((k * m, d))?, weight)?.reshape((k, m, ()))
 }
