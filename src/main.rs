@@ -28,8 +28,26 @@ fn keep_freed_memory() {
     }
 }
 
+/// How many times candle's elementwise-op workers spin before they park, unless
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise (candle's default is 25,000).
+const BARRIER_POOL_SPIN_LIMIT: &str = "500";
+
+/// Candle runs elementwise ops of 65,536 elements or more on its own pool of threads, beside the
+/// rayon pool that our products and gates use, and its idle workers spin 25,000 times before they
+/// park: on 2 cores they take a core from the rayon threads between ops. Parking sooner took the
+/// ResNet-20 step at b = 8 from 28–43 ms to 26–29 ms, batch sharpness of the conv nets 3–8 % down,
+/// and moved no other case beyond noise (`eoss bench`, session 24). Elementwise results do not
+/// depend on the threads, so the bits stay the same.
+fn park_idle_elementwise_workers() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT);
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    // Like the flag below, read once, when candle first needs it: set while single-threaded.
+    park_idle_elementwise_workers();
     // Candle reads this once per thread before its first backward pass; set it while the process is
     // still single-threaded, before anything else runs.
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
