@@ -35,9 +35,9 @@ const BARRIER_POOL_SPIN_LIMIT: &str = "500";
 /// Candle runs elementwise ops of 65,536 elements or more on its own pool of threads, beside the
 /// rayon pool that our products and gates use, and its idle workers spin 25,000 times before they
 /// park: on 2 cores they take a core from the rayon threads between ops. Parking sooner took the
-/// ResNet-20 step at b = 8 from 28–43 ms to 26–29 ms, batch sharpness of the conv nets 3–8 % down,
-/// and moved no other case beyond noise (`eoss bench`, session 24). Elementwise results do not
-/// depend on the threads, so the bits stay the same.
+/// ResNet-20 step at b = 8 from 28–47 ms (mean 36) to 26–34 ms (mean 30) over ten runs each, the
+/// conv nets' batch sharpness 3–8 % down, and moved no other case beyond noise (`eoss bench`,
+/// session 24). Elementwise results do not depend on the threads, so the bits stay the same.
 fn park_idle_elementwise_workers() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT);
