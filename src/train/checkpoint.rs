@@ -114,6 +114,11 @@ fn failed(path: &Path, e: impl std::fmt::Display) -> StageError {
     StageError::Failed(format!("{}: {e}", path.display()))
 }
 
+/// A checkpoint error as a stage failure (its message already names the file).
+fn named(e: weights::CheckpointError) -> StageError {
+    StageError::Failed(e.to_string())
+}
+
 /// Removes what a run killed while writing a checkpoint left behind (hidden temporary files).
 pub fn remove_partial(dir: &Path) -> Result<(), StageError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StageError::io(dir, e))? {
@@ -145,7 +150,7 @@ pub fn save(
         serde_json::to_string(state).expect("train state serializes"),
     );
     store_warm_vectors(measure, &mut extras);
-    weights::save(&path, model, Some(optimizer), &extras).map_err(|e| failed(&path, e))?;
+    weights::save(&path, model, Some(optimizer), &extras).map_err(named)?;
     Ok(path)
 }
 
@@ -156,7 +161,7 @@ pub fn load(
     optimizer: &Sgd,
     measure: &mut MeasureState,
 ) -> Result<TrainState, StageError> {
-    let extras = weights::load(path, model, Some(optimizer)).map_err(|e| failed(path, e))?;
+    let extras = weights::load(path, model, Some(optimizer)).map_err(named)?;
     let text = extras
         .metadata
         .get(STATE_KEY)

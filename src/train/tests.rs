@@ -164,6 +164,33 @@ fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() 
 }
 
 #[test]
+fn a_damaged_checkpoint_is_an_error_that_names_the_file_once() {
+    let data = tiny_data(24, 2);
+    let config = config(40);
+    let first = tempfile::tempdir().unwrap();
+    run(&config, &data, &StartPoint::Fresh, first.path());
+    let path = first
+        .path()
+        .join("checkpoints")
+        .join(checkpoint::file_name(20));
+    let bytes = read(&path);
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let resume = StartPoint::Checkpoint {
+        path: path.clone(),
+        metrics: first.path().join("metrics.csv"),
+    };
+    let second = tempfile::tempdir().unwrap();
+    let message = train(&config, &data, None, &resume, second.path(), &Quiet)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message.matches(&*path.display().to_string()).count(),
+        1,
+        "{message}"
+    );
+}
+
+#[test]
 fn a_branch_that_changes_nothing_equals_the_uninterrupted_run() {
     let data = tiny_data(24, 3);
     let config = config(60);
