@@ -88,8 +88,20 @@ fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+fn checkpoint_path(dir: &Path, step: u64) -> std::path::PathBuf {
+    dir.join("checkpoints").join(checkpoint::file_name(step))
+}
+
 fn final_checkpoint(dir: &Path, step: u64) -> Vec<u8> {
-    read(&dir.join("checkpoints").join(checkpoint::file_name(step)))
+    read(&checkpoint_path(dir, step))
+}
+
+/// Starts from the checkpoint of step `step` of the run in `dir`.
+fn from_checkpoint(dir: &Path, step: u64) -> StartPoint {
+    StartPoint::Checkpoint {
+        path: checkpoint_path(dir, step),
+        metrics: dir.join("metrics.csv"),
+    }
 }
 
 #[test]
@@ -145,13 +157,7 @@ fn a_run_resumed_from_a_checkpoint_ends_bit_identical_to_an_uninterrupted_one() 
             std::fs::remove_file(path).unwrap();
         }
     }
-    let resume = StartPoint::Checkpoint {
-        path: killed
-            .path()
-            .join("checkpoints")
-            .join(checkpoint::file_name(20)),
-        metrics: killed.path().join("metrics.csv"),
-    };
+    let resume = from_checkpoint(killed.path(), 20);
     run(&config, &data, &resume, killed.path());
     assert_eq!(
         final_checkpoint(whole.path(), 60),
@@ -169,16 +175,10 @@ fn a_damaged_checkpoint_is_an_error_that_names_the_file_once() {
     let config = config(40);
     let first = tempfile::tempdir().unwrap();
     run(&config, &data, &StartPoint::Fresh, first.path());
-    let path = first
-        .path()
-        .join("checkpoints")
-        .join(checkpoint::file_name(20));
+    let path = checkpoint_path(first.path(), 20);
     let bytes = read(&path);
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let resume = StartPoint::Checkpoint {
-        path: path.clone(),
-        metrics: first.path().join("metrics.csv"),
-    };
+    let resume = from_checkpoint(first.path(), 20);
     let second = tempfile::tempdir().unwrap();
     let message = train(&config, &data, None, &resume, second.path(), &Quiet)
         .unwrap_err()
@@ -197,13 +197,7 @@ fn a_branch_that_changes_nothing_equals_the_uninterrupted_run() {
     let base = tempfile::tempdir().unwrap();
     run(&config, &data, &StartPoint::Fresh, base.path());
     let branch = tempfile::tempdir().unwrap();
-    let start = StartPoint::Checkpoint {
-        path: base
-            .path()
-            .join("checkpoints")
-            .join(checkpoint::file_name(40)),
-        metrics: base.path().join("metrics.csv"),
-    };
+    let start = from_checkpoint(base.path(), 40);
     run(&config, &data, &start, branch.path());
     assert_eq!(
         final_checkpoint(base.path(), 60),
