@@ -37,18 +37,6 @@ pub struct ConvForward {
     pub features: (usize, usize, usize, usize),
 }
 
-/// Sums `t` (N, H, W, C) over 2×2 windows, dropping an odd last row or column: with `t` already
-/// masked to the window maxima, the max pool's tangent.
-pub fn window_sum(t: &Tensor) -> Result<Tensor> {
-    let (n, h, w, c) = t.dims4()?;
-    let (ho, wo) = (h / 2, w / 2);
-    t.narrow(1, 0, 2 * ho)?
-        .narrow(2, 0, 2 * wo)?
-        .reshape((n, ho, 2, wo, 2, c))?
-        .sum(4)?
-        .sum(2)
-}
-
 /// A weight (C_out, C_in, k, k) as the (k·k·C_in, C_out) matrix that multiplies patches.
 pub fn kernel_matrix(weight: &Tensor) -> Result<Tensor> {
     let (c_out, c_in, k, _) = weight.dims4()?;

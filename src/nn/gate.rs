@@ -1,6 +1,7 @@
 //! The conv net's activation after each convolution, a = maxpool₂(ReLU(z)) or ReLU(z), with its
 //! gate ∂a/∂z (1 where z > 0 and, under a pool, z is its window's maximum; 0 elsewhere), and the
-//! gated backward step δ = unpool(u) ⊙ gate. On the CPU each is one parallel pass over the
+//! gated backward step δ = unpool(u) ⊙ gate, and the forward tangent through it (t ⊙ gate, summed
+//! over each pool window). On the CPU each is one parallel pass over the
 //! channels-last tensor (candle's elementwise ops, reductions and pads run one after another, each
 //! on one thread: nearly half of a CNN step); elsewhere they are composed from candle ops. Both
 //! give the same values.
@@ -133,6 +134,63 @@ pub fn gate_gradient(u: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
             spread * gate
         }
     }
+}
+
+/// The tangent of [`activate`]'s output along a tangent `t` of its input, which holds the values of
+/// `gate` (N, H, W, C) in any shape: t ⊙ gate, summed over each 2×2 window when `pool` (the gate
+/// already picks the window maxima), (N, H/2, W/2, C); t ⊙ gate otherwise.
+pub fn gate_tangent(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
+    let dims = gate.dims4()?;
+    let t = t.reshape(dims)?;
+    if pool {
+        let fast = with_cpu_f32(&t, |ts| {
+            with_cpu_f32(gate, |gs| window_sums_cpu(ts, gs, dims))
+        })
+        .flatten();
+        if let Some(sums) = fast {
+            let (n, h, w, c) = dims;
+            return Tensor::from_vec(sums, (n, h / 2, w / 2, c), t.device());
+        }
+    }
+    gate_tangent_by_ops(&t, gate, pool)
+}
+
+/// [`gate_tangent`] composed from candle ops, for `t` shaped like `gate`.
+fn gate_tangent_by_ops(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
+    let gated = (t * gate)?;
+    if !pool {
+        return Ok(gated);
+    }
+    let (n, h, w, c) = gated.dims4()?;
+    let (ho, wo) = (h / 2, w / 2);
+    gated
+        .narrow(1, 0, 2 * ho)?
+        .narrow(2, 0, 2 * wo)?
+        .reshape((n, ho, 2, wo, 2, c))?
+        .sum(4)?
+        .sum(2)
+}
+
+fn window_sums_cpu(ts: &[f32], gs: &[f32], (n, h, w, c): (usize, usize, usize, usize)) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut sums = vec![0f32; n * ho * wo * c];
+    sums.par_chunks_mut(wo * c)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let first = (row / ho * h + 2 * (row % ho)) * w * c;
+            for j in 0..wo {
+                for ch in 0..c {
+                    let x = |q: usize| {
+                        let at = first + ((q / 2) * w + 2 * j + q % 2) * c + ch;
+                        ts[at] * gs[at]
+                    };
+                    // In candle's order (each row's pair from 0, then the rows), so that both
+                    // paths give the same bits, signed zeros included.
+                    out[j * c + ch] = ((0.0 + x(0)) + x(1)) + ((0.0 + x(2)) + x(3));
+                }
+            }
+        });
+    sums
 }
 
 fn unpool_cpu(
@@ -286,5 +344,49 @@ mod tests {
         let (a, g) = activate(&y, &Tensor::new(&[0f32], y.device()).unwrap(), true).unwrap();
         assert_eq!(flat(&a), [1.0]);
         assert_eq!(flat(&g), [1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_fused_tangent_pass_gives_the_composed_ops_bits() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        let check = |y: &Tensor, t: &Tensor, pool: bool| -> Vec<u32> {
+            let dims = y.dims4().unwrap();
+            let (_, gate) = activate(
+                y,
+                &Tensor::zeros(dims.3, DType::F32, y.device()).unwrap(),
+                pool,
+            )
+            .unwrap();
+            // The tangent handed over flat, as the convolution's product gives it.
+            let flat_t = t.reshape((dims.0 * dims.1 * dims.2, dims.3)).unwrap();
+            let fused = gate_tangent(&flat_t, &gate, pool).unwrap();
+            let composed = gate_tangent_by_ops(t, &gate, pool).unwrap();
+            assert_eq!(fused.dims(), composed.dims());
+            assert_eq!(bits(&fused), bits(&composed));
+            bits(&fused)
+        };
+        // Odd sizes (a dropped row and column), zeros and ties.
+        for (dims, pool) in [
+            ([3, 7, 5, 4], true),
+            ([2, 6, 8, 3], true),
+            ([2, 6, 8, 3], false),
+        ] {
+            check(&coarse(&dims, 4), &coarse(&dims, 6), pool);
+        }
+        // A closed gate times a negative tangent is −0 everywhere; candle's sums from +0 give +0.
+        let closed = coarse(&[2, 4, 4, 3], 7)
+            .abs()
+            .unwrap()
+            .affine(-1.0, -0.5)
+            .unwrap();
+        let negative = coarse(&[2, 4, 4, 3], 8)
+            .abs()
+            .unwrap()
+            .affine(-1.0, -0.5)
+            .unwrap();
+        assert!(check(&closed, &negative, true).iter().all(|&b| b == 0));
     }
 }

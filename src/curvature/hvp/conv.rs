@@ -26,9 +26,9 @@ use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::{
     flatten_features, input_gradient, kernel_gradient, kernel_matrix, unflatten_features,
-    window_sum, ConvForward,
+    ConvForward,
 };
-use crate::nn::gate::gate_gradient;
+use crate::nn::gate::{gate_gradient, gate_tangent};
 use crate::nn::im2col::patches;
 use crate::nn::product::matmul;
 use crate::nn::reduce::column_sums;
@@ -61,14 +61,7 @@ impl Chunk<ConvForward> {
             pools,
             ..
         } = &self.forward;
-        let gate = |l: usize, t: Tensor| -> candle_core::Result<Tensor> {
-            let gated = (t.reshape(gates[l].shape())? * &gates[l])?;
-            if pools[l] {
-                window_sum(&gated)
-            } else {
-                Ok(gated)
-            }
-        };
+        let gate = |l: usize, t: Tensor| gate_tangent(&t, &gates[l], pools[l]);
         let mut a_dot: Option<Tensor> = None;
         let mut a_ddot: Option<Tensor> = None;
         let mut patch_dots = Vec::with_capacity(gates.len());
