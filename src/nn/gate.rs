@@ -160,14 +160,16 @@ fn gate_tangent_by_ops(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> 
     if !pool {
         return Ok(gated);
     }
-    let (n, h, w, c) = gated.dims4()?;
+    windows(&gated)?.sum(4)?.sum(2)
+}
+
+/// The 2×2 windows of `t` (N, H, W, C) as (N, H/2, 2, W/2, 2, C), an odd last row or column dropped.
+fn windows(t: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = t.dims4()?;
     let (ho, wo) = (h / 2, w / 2);
-    gated
-        .narrow(1, 0, 2 * ho)?
+    t.narrow(1, 0, 2 * ho)?
         .narrow(2, 0, 2 * wo)?
-        .reshape((n, ho, 2, wo, 2, c))?
-        .sum(4)?
-        .sum(2)
+        .reshape((n, ho, 2, wo, 2, c))
 }
 
 fn window_sums_cpu(ts: &[f32], gs: &[f32], (n, h, w, c): (usize, usize, usize, usize)) -> Vec<f32> {
@@ -228,10 +230,7 @@ fn unpool_cpu(
 fn max_pool(a: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, h, w, c) = a.dims4()?;
     let (ho, wo) = (h / 2, w / 2);
-    let windows = a
-        .narrow(1, 0, 2 * ho)?
-        .narrow(2, 0, 2 * wo)?
-        .reshape((n, ho, 2, wo, 2, c))?;
+    let windows = windows(a)?;
     let pooled = windows.max_keepdim(4)?.max_keepdim(2)?;
     let mask = windows
         .broadcast_eq(&pooled)?
