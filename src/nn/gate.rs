@@ -21,6 +21,13 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// `pool` (an odd last row or column dropped), and the gate (N, H, W, C).
 pub fn activate(y: &Tensor, bias: &Tensor, pool: bool) -> Result<(Tensor, Tensor)> {
     let dims = y.dims4()?;
+    if bias.dims() != [dims.3] {
+        candle_core::bail!(
+            "activation: a bias of shape {:?} for {} channels",
+            bias.dims(),
+            dims.3
+        );
+    }
     if pool && (dims.1 < 2 || dims.2 < 2) {
         candle_core::bail!(
             "max pool: input {}×{} is too small for a 2×2 window",
@@ -64,19 +71,27 @@ fn activate_by_ops(y: &Tensor, bias: &Tensor, pool: bool) -> Result<(Tensor, Ten
 }
 
 fn relu_cpu(ys: &[f32], bs: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let c = bs.len();
-    let mut a = vec![0f32; ys.len()];
-    let mut gate = vec![0f32; ys.len()];
-    a.par_chunks_mut(c)
-        .zip(gate.par_chunks_mut(c))
+    let (c, len) = (bs.len(), ys.len());
+    // Written once, never zeroed first (the allocator's zeroing took 2 % of a ResNet step).
+    let mut a = Vec::with_capacity(len);
+    let mut gate = Vec::with_capacity(len);
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(c)
+        .zip(gate.spare_capacity_mut()[..len].par_chunks_mut(c))
         .zip(ys.par_chunks(c))
         .for_each(|((a, g), y)| {
             for i in 0..c {
                 let z = y[i] + bs[i];
-                a[i] = z.max(0f32);
-                g[i] = if z > 0.0 { 1.0 } else { 0.0 };
+                a[i].write(z.max(0f32));
+                g[i].write(if z > 0.0 { 1.0 } else { 0.0 });
             }
         });
+    // SAFETY: `ys` holds whole rows of c values (its last axis is the bias's, checked by
+    // `activate`), so the chunks tile all `len` elements of both vectors, each written above.
+    unsafe {
+        a.set_len(len);
+        gate.set_len(len);
+    }
     (a, gate)
 }
 
