@@ -1,18 +1,24 @@
 //! The conv net's activation after each convolution, a = maxpool₂(ReLU(z)) or ReLU(z), with its
 //! gate ∂a/∂z (1 where z > 0 and, under a pool, z is its window's maximum; 0 elsewhere), and the
 //! gated backward step δ = unpool(u) ⊙ gate, and the forward tangent through it (t ⊙ gate, summed
-//! over each pool window). On the CPU each is one parallel pass over the channels-last tensor
+//! over each pool window; for the ResNets, a sum of tangents gated). On the CPU each is one
+//! parallel pass over the channels-last tensor
 //! (candle's elementwise ops, reductions and pads run one after another, each on one thread: nearly
 //! half of a CNN step); elsewhere they are composed from candle ops. Both give the same values.
 
-use candle_core::{CpuStorage, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Runs `f` on the f32 values of `t` when it is a contiguous CPU f32 tensor.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Some(f(&values[start..end])),
+    cpu_f32(&storage, layout).map(f)
+}
+
+/// The values of a contiguous CPU f32 tensor's storage.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Some(&values[start..end]),
         _ => None,
     }
 }
@@ -167,6 +173,61 @@ pub fn gate_tangent(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
         }
     }
     gate_tangent_by_ops(&t, gate, pool)
+}
+
+/// (t₀ + t₁ + …) ⊙ `gate`, the terms added from left to right: the tangent of a ReLU whose input
+/// is a sum (the ResNets' tangents, a convolution along the input's tangent plus one along the
+/// weights' and a shortcut), shaped like `gate`. Each term holds `gate`'s number of values in
+/// any shape. On the CPU one parallel pass, candle's adds and product in the same order (same
+/// bits); elsewhere those ops.
+pub fn gated_sum(terms: &[&Tensor], gate: &Tensor) -> Result<Tensor> {
+    let Some((first, rest)) = terms.split_first() else {
+        candle_core::bail!("gated sum of no terms");
+    };
+    let fast = {
+        let guards: Vec<_> = terms
+            .iter()
+            .chain([&gate])
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let values: Option<Vec<&[f32]>> = guards.iter().map(|(s, l)| cpu_f32(s, l)).collect();
+        values
+            .filter(|v| v.iter().all(|t| t.len() == gate.elem_count()))
+            .map(|v| gated_sum_cpu(&v[..terms.len()], v[terms.len()]))
+    };
+    if let Some(out) = fast {
+        return Tensor::from_vec(out, gate.shape(), gate.device());
+    }
+    let mut sum = first.reshape(gate.shape())?;
+    for t in rest {
+        sum = (sum + t.reshape(gate.shape())?)?;
+    }
+    sum * gate
+}
+
+/// Values per block of [`gated_sum_cpu`]: a stack buffer the compiler can vectorise over.
+const SUM_BLOCK: usize = 64;
+
+fn gated_sum_cpu(terms: &[&[f32]], gs: &[f32]) -> Vec<f32> {
+    let chunk = 64 * SUM_BLOCK;
+    let mut out = vec![0f32; gs.len()];
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+        for (b, out) in out.chunks_mut(SUM_BLOCK).enumerate() {
+            let at = c * chunk + b * SUM_BLOCK;
+            let len = out.len();
+            let mut sum = [0f32; SUM_BLOCK];
+            sum[..len].copy_from_slice(&terms[0][at..at + len]);
+            for t in &terms[1..] {
+                for (s, v) in sum.iter_mut().zip(&t[at..at + len]) {
+                    *s += *v;
+                }
+            }
+            for ((o, s), g) in out.iter_mut().zip(&sum).zip(&gs[at..at + len]) {
+                *o = s * g;
+            }
+        }
+    });
+    out
 }
 
 /// [`gate_tangent`] composed from candle ops, for `t` shaped like `gate`.
@@ -401,5 +462,44 @@ mod tests {
             .affine(-1.0, -0.5)
             .unwrap();
         assert!(check(&closed, &negative, true).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn the_gated_sum_gives_the_composed_ops_bits() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        // 2·3·5·7 = 210 values: three blocks of 64 and a partial one. Terms of different scales,
+        // whose sums round differently in another order; a −0 term last.
+        let dims = [2, 3, 5, 7];
+        let gate = coarse(&dims, 9)
+            .gt(0.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let terms: Vec<Tensor> = [(10, 1.0), (11, 3.0), (12, 0.3)]
+            .into_iter()
+            .map(|(seed, scale)| {
+                let t = random_tensor(&dims, seed, scale).unwrap();
+                t.to_dtype(DType::F32).unwrap()
+            })
+            .collect();
+        let negative_zero =
+            Tensor::from_vec(vec![-0f32; 210], 210, &candle_core::Device::Cpu).unwrap();
+        for count in 1..=3 {
+            let mut given: Vec<&Tensor> = terms[..count].iter().collect();
+            given.push(&negative_zero);
+            let mut composed = given[0].clone();
+            for t in &given[1..] {
+                composed = (composed + t.reshape(gate.shape()).unwrap()).unwrap();
+            }
+            let composed = (composed * &gate).unwrap();
+            let fused = gated_sum(&given, &gate).unwrap();
+            assert_eq!(fused.dims(), gate.dims());
+            assert_eq!(bits(&fused), bits(&composed), "{count} terms and −0");
+        }
+        let err = gated_sum(&[], &gate).unwrap_err().to_string();
+        assert!(err.contains("no terms"), "{err}");
     }
 }

@@ -21,13 +21,11 @@
 use candle_core::Tensor;
 
 use super::conv::TrunkTangents;
-use super::dense::{
-    accumulate, product_context, quadratic_form, Chunk, ChunkProducts, InputTangents,
-};
+use super::dense::{product_context, quadratic_form, Chunk, ChunkProducts, InputTangents};
 use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
 use crate::nn::conv::kernel_gradient;
-use crate::nn::gate::gate_gradient;
+use crate::nn::gate::{gate_gradient, gated_sum};
 use crate::nn::im2col::window_patches;
 use crate::nn::residual::{
     average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualForward,
@@ -56,33 +54,44 @@ impl Chunk<ResidualForward> {
             let (v1, v2) = (&v_conv[1 + 2 * b], &v_conv[2 + 2 * b]);
             let step = || -> candle_core::Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
                 let p_a = window_patches(&a_dot, first.window)?;
-                let h_pre = (first.patches_apply(&first.patches, v1)?
-                    + first.patches_apply(&p_a, &first.weight)?)?;
-                let h_dot = (h_pre * &first.gate)?;
+                let h_dot = gated_sum(
+                    &[
+                        &first.patches_apply(&first.patches, v1)?,
+                        &first.patches_apply(&p_a, &first.weight)?,
+                    ],
+                    &first.gate,
+                )?;
                 let p_h = window_patches(&h_dot, last.window)?;
-                let skip = shortcut(&a_dot, block.out_channels, block.stride)?;
-                let o = ((last.patches_apply(&last.patches, v2)?
-                    + last.patches_apply(&p_h, &last.weight)?)?
-                    + skip)?;
-                let next = (o * &last.gate)?;
+                let next = gated_sum(
+                    &[
+                        &last.patches_apply(&last.patches, v2)?,
+                        &last.patches_apply(&p_h, &last.weight)?,
+                        &shortcut(&a_dot, block.out_channels, block.stride)?,
+                    ],
+                    &last.gate,
+                )?;
                 let next_second = if second {
-                    let h2 = accumulate(
-                        a_ddot
-                            .as_ref()
-                            .map(|t| first.apply(t, &first.weight))
-                            .transpose()?,
-                        first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?,
-                    )?;
-                    let h_ddot = (h2 * &first.gate)?;
-                    let o2 = accumulate(
-                        a_ddot
-                            .as_ref()
-                            .map(|t| shortcut(t, block.out_channels, block.stride))
-                            .transpose()?,
-                        (last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?
-                            + last.apply(&h_ddot, &last.weight)?)?,
-                    )?;
-                    Some((o2 * &last.gate)?)
+                    // The terms of z̈ in the order the sums were taken when each was its own op
+                    // (the bits of the measurements do not change).
+                    let doubled = first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?;
+                    let through = a_ddot
+                        .as_ref()
+                        .map(|t| first.apply(t, &first.weight))
+                        .transpose()?;
+                    let h_ddot = match &through {
+                        Some(t) => gated_sum(&[t, &doubled], &first.gate)?,
+                        None => gated_sum(&[&doubled], &first.gate)?,
+                    };
+                    let doubled = last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?;
+                    let through = last.apply(&h_ddot, &last.weight)?;
+                    let skip = a_ddot
+                        .as_ref()
+                        .map(|t| shortcut(t, block.out_channels, block.stride))
+                        .transpose()?;
+                    Some(match &skip {
+                        Some(s) => gated_sum(&[&doubled, &through, s], &last.gate)?,
+                        None => gated_sum(&[&doubled, &through], &last.gate)?,
+                    })
                 } else {
                     None
                 };
