@@ -2,9 +2,9 @@
 //! gate ∂a/∂z (1 where z > 0 and, under a pool, z is its window's maximum; 0 elsewhere), and the
 //! gated backward step δ = unpool(u) ⊙ gate, and the forward tangent through it (t ⊙ gate, summed
 //! over each pool window; for the ResNets, a sum of tangents gated). On the CPU each is one
-//! parallel pass over the channels-last tensor
-//! (candle's elementwise ops, reductions and pads run one after another, each on one thread: nearly
-//! half of a CNN step); elsewhere they are composed from candle ops. Both give the same values.
+//! parallel pass over the channels-last tensor (candle's elementwise ops, reductions and pads run
+//! one after another, each on one thread: nearly half of a CNN step); elsewhere they are composed
+//! from candle ops. Both give the same values.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
