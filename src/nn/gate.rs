@@ -366,6 +366,12 @@ mod tests {
         }
     }
 
+    /// The bit patterns of an f32 tensor's values (signed zeros told apart).
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// f32 values on a grid of halves, so that exact zeros and tied window maxima occur.
     fn coarse(dims: &[usize], seed: u64) -> Tensor {
         let t = random_tensor(dims, seed, 1.5).unwrap();
@@ -422,10 +428,6 @@ mod tests {
 
     #[test]
     fn the_fused_tangent_pass_gives_the_composed_ops_bits() {
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            values.iter().map(|v| v.to_bits()).collect()
-        };
         let check = |y: &Tensor, t: &Tensor, pool: bool| -> Vec<u32> {
             let dims = y.dims4().unwrap();
             let (_, gate) = activate(
@@ -466,10 +468,6 @@ mod tests {
 
     #[test]
     fn the_gated_sum_gives_the_composed_ops_bits() {
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            values.iter().map(|v| v.to_bits()).collect()
-        };
         // 2·3·5·7 = 210 values: three blocks of 64 and a partial one. Terms of different scales,
         // whose sums round differently in another order; a −0 term last.
         let dims = [2, 3, 5, 7];

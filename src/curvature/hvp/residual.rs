@@ -78,20 +78,17 @@ impl Chunk<ResidualForward> {
                         .as_ref()
                         .map(|t| first.apply(t, &first.weight))
                         .transpose()?;
-                    let h_ddot = match &through {
-                        Some(t) => gated_sum(&[t, &doubled], &first.gate)?,
-                        None => gated_sum(&[&doubled], &first.gate)?,
-                    };
+                    let terms: Vec<&Tensor> = through.iter().chain([&doubled]).collect();
+                    let h_ddot = gated_sum(&terms, &first.gate)?;
                     let doubled = last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?;
                     let through = last.apply(&h_ddot, &last.weight)?;
                     let skip = a_ddot
                         .as_ref()
                         .map(|t| shortcut(t, block.out_channels, block.stride))
                         .transpose()?;
-                    Some(match &skip {
-                        Some(s) => gated_sum(&[&doubled, &through, s], &last.gate)?,
-                        None => gated_sum(&[&doubled, &through], &last.gate)?,
-                    })
+                    let terms: Vec<&Tensor> =
+                        [&doubled, &through].into_iter().chain(&skip).collect();
+                    Some(gated_sum(&terms, &last.gate)?)
                 } else {
                     None
                 };
