@@ -141,18 +141,14 @@ fn pool_cpu(
 
 /// δ = unpool(u) ⊙ gate for u (N, H/2, W/2, C) when `pool`, else u ⊙ gate; gate (N, H, W, C).
 pub fn gate_gradient(u: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
+    if !pool {
+        return gated_sum(&[u], gate);
+    }
     let dims = gate.dims4()?;
-    let fast = with_cpu_f32(u, |us| {
-        with_cpu_f32(gate, |gs| unpool_cpu(us, gs, dims, pool))
-    })
-    .flatten();
+    let fast = with_cpu_f32(u, |us| with_cpu_f32(gate, |gs| unpool_cpu(us, gs, dims))).flatten();
     match fast {
         Some(delta) => Tensor::from_vec(delta, dims, u.device()),
-        None => {
-            let (_, h, w, _) = dims;
-            let spread = if pool { unpool(u, h, w)? } else { u.clone() };
-            spread * gate
-        }
+        None => unpool(u, dims.1, dims.2)? * gate,
     }
 }
 
@@ -160,19 +156,22 @@ pub fn gate_gradient(u: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
 /// `gate` (N, H, W, C) in any shape: t ⊙ gate, summed over each 2×2 window when `pool` (the gate
 /// already picks the window maxima), (N, H/2, W/2, C); t ⊙ gate otherwise.
 pub fn gate_tangent(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
+    if !pool {
+        return gated_sum(&[t], gate);
+    }
     let dims = gate.dims4()?;
     let t = t.reshape(dims)?;
-    if pool {
-        let fast = with_cpu_f32(&t, |ts| {
-            with_cpu_f32(gate, |gs| window_sums_cpu(ts, gs, dims))
-        })
-        .flatten();
-        if let Some(sums) = fast {
+    let fast = with_cpu_f32(&t, |ts| {
+        with_cpu_f32(gate, |gs| window_sums_cpu(ts, gs, dims))
+    })
+    .flatten();
+    match fast {
+        Some(sums) => {
             let (n, h, w, c) = dims;
-            return Tensor::from_vec(sums, (n, h / 2, w / 2, c), t.device());
+            Tensor::from_vec(sums, (n, h / 2, w / 2, c), t.device())
         }
+        None => window_sums_by_ops(&t, gate),
     }
-    gate_tangent_by_ops(&t, gate, pool)
 }
 
 /// (t₀ + t₁ + …) ⊙ `gate`, the terms added from left to right: the tangent of a ReLU whose input
@@ -209,34 +208,36 @@ pub fn gated_sum(terms: &[&Tensor], gate: &Tensor) -> Result<Tensor> {
 const SUM_BLOCK: usize = 64;
 
 fn gated_sum_cpu(terms: &[&[f32]], gs: &[f32]) -> Vec<f32> {
-    let chunk = 64 * SUM_BLOCK;
-    let mut out = vec![0f32; gs.len()];
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-        for (b, out) in out.chunks_mut(SUM_BLOCK).enumerate() {
-            let at = c * chunk + b * SUM_BLOCK;
-            let len = out.len();
-            let mut sum = [0f32; SUM_BLOCK];
-            sum[..len].copy_from_slice(&terms[0][at..at + len]);
-            for t in &terms[1..] {
-                for (s, v) in sum.iter_mut().zip(&t[at..at + len]) {
-                    *s += *v;
+    let (chunk, len) = (64 * SUM_BLOCK, gs.len());
+    // Written once, never zeroed first (see `relu_cpu`).
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(c, out)| {
+            for (b, out) in out.chunks_mut(SUM_BLOCK).enumerate() {
+                let at = c * chunk + b * SUM_BLOCK;
+                let n = out.len();
+                let mut sum = [0f32; SUM_BLOCK];
+                sum[..n].copy_from_slice(&terms[0][at..at + n]);
+                for t in &terms[1..] {
+                    for (s, v) in sum.iter_mut().zip(&t[at..at + n]) {
+                        *s += *v;
+                    }
+                }
+                for ((o, s), g) in out.iter_mut().zip(&sum).zip(&gs[at..at + n]) {
+                    o.write(s * g);
                 }
             }
-            for ((o, s), g) in out.iter_mut().zip(&sum).zip(&gs[at..at + len]) {
-                *o = s * g;
-            }
-        }
-    });
+        });
+    // SAFETY: the chunks and their blocks tile all `len` elements, each written above.
+    unsafe { out.set_len(len) };
     out
 }
 
-/// [`gate_tangent`] composed from candle ops, for `t` shaped like `gate`.
-fn gate_tangent_by_ops(t: &Tensor, gate: &Tensor, pool: bool) -> Result<Tensor> {
-    let gated = (t * gate)?;
-    if !pool {
-        return Ok(gated);
-    }
-    windows(&gated)?.sum(4)?.sum(2)
+/// [`gate_tangent`]'s pooled case composed from candle ops, for `t` shaped like `gate`.
+fn window_sums_by_ops(t: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    windows(&(t * gate)?)?.sum(4)?.sum(2)
 }
 
 /// The 2×2 windows of `t` (N, H, W, C) as (N, H/2, 2, W/2, 2, C), an odd last row or column dropped.
@@ -270,15 +271,7 @@ fn window_sums_cpu(ts: &[f32], gs: &[f32], (n, h, w, c): (usize, usize, usize, u
     sums
 }
 
-fn unpool_cpu(
-    us: &[f32],
-    gs: &[f32],
-    (_, h, w, c): (usize, usize, usize, usize),
-    pool: bool,
-) -> Vec<f32> {
-    if !pool {
-        return us.par_iter().zip(gs).map(|(u, g)| u * g).collect();
-    }
+fn unpool_cpu(us: &[f32], gs: &[f32], (_, h, w, c): (usize, usize, usize, usize)) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut delta = vec![0f32; gs.len()];
     delta
@@ -439,7 +432,11 @@ mod tests {
             // The tangent handed over flat, as the convolution's product gives it.
             let flat_t = t.reshape((dims.0 * dims.1 * dims.2, dims.3)).unwrap();
             let fused = gate_tangent(&flat_t, &gate, pool).unwrap();
-            let composed = gate_tangent_by_ops(t, &gate, pool).unwrap();
+            let composed = if pool {
+                window_sums_by_ops(t, &gate).unwrap()
+            } else {
+                (t * &gate).unwrap()
+            };
             assert_eq!(fused.dims(), composed.dims());
             assert_eq!(bits(&fused), bits(&composed));
             bits(&fused)
