@@ -199,6 +199,28 @@ pub struct ResidualForward {
 impl ResidualForward {
     /// Runs `x` (N, C, H, W) through the network.
     pub fn run(net: ResidualNet<'_>, x: &Tensor) -> Result<Self> {
+        let mut convs = Vec::with_capacity(net.convs.len());
+        let (head, features) = Self::trunk(net, x, |layer| convs.push(layer))?;
+        Ok(Self {
+            convs,
+            blocks: net.blocks.to_vec(),
+            head,
+            features,
+        })
+    }
+
+    /// The outputs f (N, K) of `x` (N, C, H, W), each layer dropped once the next has read it.
+    pub fn outputs(net: ResidualNet<'_>, x: &Tensor) -> Result<Tensor> {
+        Ok(Self::trunk(net, x, drop)?.0.outputs)
+    }
+
+    /// Runs `x` through the convolutions, handing each layer to `keep` in the network's order,
+    /// then the pool and the head: the head's pass and the dims of the last block's output.
+    fn trunk(
+        net: ResidualNet<'_>,
+        x: &Tensor,
+        mut keep: impl FnMut(ConvLayer),
+    ) -> Result<(DenseForward, Dims)> {
         let weights: Vec<Tensor> = net
             .convs
             .iter()
@@ -213,24 +235,18 @@ impl ResidualForward {
             );
         }
         let x = x.detach().permute((0, 2, 3, 1))?.contiguous()?;
-        let mut convs = Vec::with_capacity(weights.len());
         let (stem, mut a) = ConvLayer::run(weights[0].clone(), &x, 1, None)?;
-        convs.push(stem);
+        keep(stem);
         for (b, block) in net.blocks.iter().enumerate() {
             let (first, h) = ConvLayer::run(weights[1 + 2 * b].clone(), &a, block.stride, None)?;
             let skip = shortcut(&a, block.out_channels, block.stride)?;
+            keep(first);
             let (second, out) = ConvLayer::run(weights[2 + 2 * b].clone(), &h, 1, Some(&skip))?;
+            keep(second);
             a = out;
-            convs.push(first);
-            convs.push(second);
         }
-        let features = a.dims4()?;
-        Ok(Self {
-            convs,
-            blocks: net.blocks.to_vec(),
-            head: DenseForward::run(net.head, &average_pool(&a)?, false)?,
-            features,
-        })
+        let head = DenseForward::run(net.head, &average_pool(&a)?, false)?;
+        Ok((head, a.dims4()?))
     }
 }
 
