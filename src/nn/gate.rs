@@ -6,22 +6,10 @@
 //! one after another, each on one thread: nearly half of a CNN step); elsewhere they are composed
 //! from candle ops. Both give the same values.
 
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-/// Runs `f` on the f32 values of `t` when it is a contiguous CPU f32 tensor.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    cpu_f32(&storage, layout).map(f)
-}
-
-/// The values of a contiguous CPU f32 tensor's storage.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Some(&values[start..end]),
-        _ => None,
-    }
-}
+use super::{cpu_f32, with_cpu_f32};
 
 /// z = y + bias for y (N, H, W, C) and bias (C,); a = ReLU(z), max-pooled 2×2 with stride 2 when
 /// `pool` (an odd last row or column dropped), and the gate (N, H, W, C).
@@ -326,7 +314,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::nn::gradcheck::{flat, random_tensor};
+    use crate::nn::gradcheck::{bits, flat, random_tensor};
 
     #[test]
     fn max_pool_keeps_the_window_maxima() {
@@ -360,11 +348,6 @@ mod tests {
     }
 
     /// The bit patterns of an f32 tensor's values (signed zeros told apart).
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        values.iter().map(|v| v.to_bits()).collect()
-    }
-
     /// f32 values on a grid of halves, so that exact zeros and tied window maxima occur.
     fn coarse(dims: &[usize], seed: u64) -> Tensor {
         let t = random_tensor(dims, seed, 1.5).unwrap();

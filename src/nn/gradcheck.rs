@@ -27,6 +27,12 @@ pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
     Tensor::from_vec(v, dims, &Device::Cpu)
 }
 
+/// The bit patterns of an f32 tensor's values, for comparisons bit for bit (−0 against +0, NaNs).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
 /// The values of some tensors as f64, one after another.
 pub fn flat_all(parts: &[Tensor]) -> Vec<f64> {
     parts.iter().flat_map(flat).collect()

@@ -25,7 +25,7 @@ pub mod spec;
 pub use layers::Activation;
 pub use spec::{ModelSpec, SpecError};
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
 
 /// How an in-memory parameter maps to its PyTorch layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,4 +117,18 @@ pub struct ResidualNet<'a> {
     pub blocks: &'a [ResidualBlock],
     /// The linear layer after the pool.
     pub head: DenseStack<'a>,
+}
+
+/// Runs `f` on the f32 values of `t` when it is a contiguous CPU f32 tensor.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    cpu_f32(&storage, layout).map(f)
+}
+
+/// The values of a contiguous CPU f32 tensor's storage.
+pub(crate) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Some(&values[start..end]),
+        _ => None,
+    }
 }

@@ -11,6 +11,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::cpu_f32;
+
 mod narrow;
 
 /// Multiply-adds below which a product runs on the calling thread alone, and the least work of
@@ -31,6 +33,32 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     } else {
         a.matmul(b)
     }
+}
+
+/// conv(`x`, K) for `x` (N, H, W, C) and `kernel` K (9·C, 16) in patch order, a 3×3 window with
+/// stride 1 and zero padding 1, as (N, H, W, 16): on an AVX-512 CPU in f32 read in place from
+/// the image (a zero-padded copy, each patch nine runs of C values; no patch matrix), the same
+/// bits as the patches times K by [`matmul`], in parallel from 2²¹ multiply-adds on; `None`
+/// elsewhere.
+pub fn same_convolution_16(x: &Tensor, kernel: &Tensor) -> Result<Option<Tensor>> {
+    let dims = x.dims4()?;
+    let (n, h, w, c) = dims;
+    if kernel.dims() != [9 * c, narrow::WIDTH] || !narrow::available() {
+        return Ok(None);
+    }
+    let out = {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (k_storage, k_layout) = kernel.storage_and_layout();
+        let (Some(image), Some(k)) = (cpu_f32(&x_storage, x_layout), cpu_f32(&k_storage, k_layout))
+        else {
+            return Ok(None);
+        };
+        let mut out = vec![0f32; n * h * w * narrow::WIDTH];
+        let parallel = n * h * w * 9 * c * narrow::WIDTH >= BAND_WORK;
+        narrow::convolution(&mut out, image, dims, k, parallel);
+        out
+    };
+    Tensor::from_vec(out, (n, h, w, narrow::WIDTH), x.device()).map(Some)
 }
 
 /// The CPU op behind [`matmul`].
@@ -294,7 +322,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::nn::gradcheck::{flat, random_tensor};
+    use crate::nn::gradcheck::{bits, flat, random_tensor};
 
     /// Some entries of `a · b` against f64 dot products of the operands' values.
     fn check_entries(a: &Tensor, b: &Tensor, tol: f64) {
@@ -384,5 +412,49 @@ mod tests {
             .unwrap();
         let err = matmul(&a, &b32).unwrap_err().to_string();
         assert!(err.contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn the_direct_convolution_gives_the_patch_products_bits() {
+        use crate::nn::im2col::{window_patches, Window};
+        if !narrow::available() {
+            eprintln!("skipped: this CPU lacks AVX-512F, convolutions go through their patches");
+            return;
+        }
+        // Widths below, at and around the block of 16 pixels; the stem's 3 channels and the
+        // ResNets' 16; the last case large enough to run in parallel over several tasks.
+        for (n, h, w, c) in [
+            (1, 1, 1, 16),
+            (2, 3, 5, 3),
+            (1, 4, 16, 16),
+            (3, 5, 17, 16),
+            (2, 7, 35, 5),
+            (2, 32, 32, 16),
+        ] {
+            let x = random_tensor(&[n, h, w, c], (h * w) as u64, 1.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let kernel = random_tensor(&[9 * c, 16], c as u64, 0.3)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let direct = same_convolution_16(&x, &kernel).unwrap().unwrap();
+            let window = Window {
+                k: 3,
+                stride: 1,
+                pad: 1,
+            };
+            let by_patches = matmul(&window_patches(&x, window).unwrap(), &kernel).unwrap();
+            assert_eq!(direct.dims(), [n, h, w, 16]);
+            assert!(bits(&direct) == bits(&by_patches), "{n}×{h}×{w}×{c}");
+        }
+        // Not 16 output channels, or f64: not taken.
+        let x = Tensor::zeros((1, 3, 3, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let wide = Tensor::zeros((18, 32), DType::F32, x.device()).unwrap();
+        assert!(same_convolution_16(&x, &wide).unwrap().is_none());
+        let x = x.to_dtype(DType::F64).unwrap();
+        let kernel = Tensor::zeros((18, 16), DType::F64, x.device()).unwrap();
+        assert!(same_convolution_16(&x, &kernel).unwrap().is_none());
     }
 }

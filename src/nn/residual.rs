@@ -20,7 +20,7 @@ use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::{conv_input_gradient, window_patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
-use super::product::matmul;
+use super::product::{matmul, same_convolution_16};
 use super::{ResidualBlock, ResidualNet};
 
 /// Image dimensions (N, H, W, C).
@@ -111,6 +111,31 @@ pub struct ConvLayer {
     pub gate: Tensor,
 }
 
+/// conv(`x`, `weight`) on `window` for `x` (N, H, W, C_in), (N, H_o, W_o, C_out), no patches
+/// kept: read in place from `x` where [`same_convolution_16`] applies, otherwise its patches
+/// times the kernel matrix (the same bits).
+fn convolution(x: &Tensor, weight: &Tensor, window: Window) -> Result<Tensor> {
+    let kernel = kernel_matrix(weight)?;
+    if window == self::window(1) {
+        if let Some(y) = same_convolution_16(x, &kernel)? {
+            return Ok(y);
+        }
+    }
+    let (n, h, w, _) = x.dims4()?;
+    let (ho, wo) = (window.output_len(h)?, window.output_len(w)?);
+    matmul(&window_patches(x, window)?, &kernel)?.reshape((n, ho, wo, kernel.dim(1)?))
+}
+
+/// ReLU(`y` + `add`) and its gate, for a convolution's output `y` (N, H, W, C).
+fn rectify(y: Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let z = match add {
+        Some(t) => (y + t)?,
+        None => y,
+    };
+    let zero = Tensor::zeros(z.dim(3)?, z.dtype(), z.device())?;
+    activate(&z, &zero, false)
+}
+
 impl ConvLayer {
     /// The layer's convolution of `x`, plus `add` when given, then ReLU: the layer and its
     /// activation.
@@ -123,20 +148,14 @@ impl ConvLayer {
         let window = window(stride);
         let input_dims = x.dims4()?;
         let (n, h, w, _) = input_dims;
-        let c_out = weight.dim(0)?;
         let patches = window_patches(x, window)?;
         let y = matmul(&patches, &kernel_matrix(&weight)?)?.reshape((
             n,
             window.output_len(h)?,
             window.output_len(w)?,
-            c_out,
+            weight.dim(0)?,
         ))?;
-        let z = match add {
-            Some(t) => (y + t)?,
-            None => y,
-        };
-        let zero = Tensor::zeros(c_out, z.dtype(), z.device())?;
-        let (a, gate) = activate(&z, &zero, false)?;
+        let (a, gate) = rectify(y, add)?;
         let layer = Self {
             weight,
             window,
@@ -147,9 +166,10 @@ impl ConvLayer {
         Ok((layer, a))
     }
 
-    /// conv(`t`, `kernel`) on this layer's window, for a tangent `t` of its input.
+    /// conv(`t`, `kernel`) on this layer's window, for a tangent `t` of its input (no patches
+    /// kept: read in place where [`same_convolution_16`] applies).
     pub fn apply(&self, t: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-        self.patches_apply(&window_patches(t, self.window)?, kernel)
+        convolution(&t.reshape(self.input_dims)?, kernel, self.window)
     }
 
     /// `patches` (of this layer's input or of a tangent of it) times `kernel` (C_out, C_in, 3, 3),
@@ -200,7 +220,11 @@ impl ResidualForward {
     /// Runs `x` (N, C, H, W) through the network.
     pub fn run(net: ResidualNet<'_>, x: &Tensor) -> Result<Self> {
         let mut convs = Vec::with_capacity(net.convs.len());
-        let (head, features) = Self::trunk(net, x, |layer| convs.push(layer))?;
+        let (head, features) = Self::trunk(net, x, |weight, x, stride, add| {
+            let (layer, a) = ConvLayer::run(weight, x, stride, add)?;
+            convs.push(layer);
+            Ok(a)
+        })?;
         Ok(Self {
             convs,
             blocks: net.blocks.to_vec(),
@@ -209,17 +233,22 @@ impl ResidualForward {
         })
     }
 
-    /// The outputs f (N, K) of `x` (N, C, H, W), each layer dropped once the next has read it.
+    /// The outputs f (N, K) of `x` (N, C, H, W), keeping nothing for a backward pass (the
+    /// convolutions keep no patches; see [`ConvLayer::apply`]).
     pub fn outputs(net: ResidualNet<'_>, x: &Tensor) -> Result<Tensor> {
-        Ok(Self::trunk(net, x, drop)?.0.outputs)
+        let (head, _) = Self::trunk(net, x, |weight, x, stride, add| {
+            Ok(rectify(convolution(x, &weight, window(stride))?, add)?.0)
+        })?;
+        Ok(head.outputs)
     }
 
-    /// Runs `x` through the convolutions, handing each layer to `keep` in the network's order,
-    /// then the pool and the head: the head's pass and the dims of the last block's output.
+    /// Runs `x` through the network: `layer(weight, input, stride, add)` runs each convolution,
+    /// plus `add`, and its ReLU, in the network's order; then the pool and the head. Returns the
+    /// head's pass and the dims of the last block's output.
     fn trunk(
         net: ResidualNet<'_>,
         x: &Tensor,
-        mut keep: impl FnMut(ConvLayer),
+        mut layer: impl FnMut(Tensor, &Tensor, usize, Option<&Tensor>) -> Result<Tensor>,
     ) -> Result<(DenseForward, Dims)> {
         let weights: Vec<Tensor> = net
             .convs
@@ -235,15 +264,11 @@ impl ResidualForward {
             );
         }
         let x = x.detach().permute((0, 2, 3, 1))?.contiguous()?;
-        let (stem, mut a) = ConvLayer::run(weights[0].clone(), &x, 1, None)?;
-        keep(stem);
+        let mut a = layer(weights[0].clone(), &x, 1, None)?;
         for (b, block) in net.blocks.iter().enumerate() {
-            let (first, h) = ConvLayer::run(weights[1 + 2 * b].clone(), &a, block.stride, None)?;
+            let h = layer(weights[1 + 2 * b].clone(), &a, block.stride, None)?;
             let skip = shortcut(&a, block.out_channels, block.stride)?;
-            keep(first);
-            let (second, out) = ConvLayer::run(weights[2 + 2 * b].clone(), &h, 1, Some(&skip))?;
-            keep(second);
-            a = out;
+            a = layer(weights[2 + 2 * b].clone(), &h, 1, Some(&skip))?;
         }
         let head = DenseForward::run(net.head, &average_pool(&a)?, false)?;
         Ok((head, a.dims4()?))
@@ -298,7 +323,7 @@ mod tests {
 
     use super::*;
     use crate::nn::gradcheck::{
-        assert_gradient_equals_autograd, assert_weighted_gradient_matches_finite_difference,
+        assert_gradient_equals_autograd, assert_weighted_gradient_matches_finite_difference, bits,
         dot_all, flat, one_hot_targets, random_tensor,
     };
     use crate::nn::layers::{global_avg_pool, option_a_shortcut};
@@ -358,6 +383,24 @@ mod tests {
         // 8 → 4 → 2 rows (candle's autograd fails on some odd sizes, see below).
         assert!(setup(0, 8, 8).0.residual_net().is_some());
         assert_gradient_equals_autograd(|seed| setup(seed, 8, 8));
+    }
+
+    #[test]
+    fn outputs_without_patches_equal_the_retained_pass_bit_for_bit() {
+        // f32 on 16 × 17 images: the 16-channel convolutions read their input in place (on an
+        // AVX-512 CPU), the others through patches, as the retained pass does throughout.
+        let model = ModelSpec::Resnet { depth: 8 }
+            .build([3, 16, 17], 4, 1.0, 3, DType::F32, &Device::Cpu)
+            .unwrap();
+        let x = random_tensor(&[6, 3, 16, 17], 4, 1.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let net = model.residual_net().unwrap();
+        let lean = ResidualForward::outputs(net, &x).unwrap();
+        let retained = ResidualForward::run(net, &x).unwrap().head.outputs;
+        assert_eq!(lean.dims(), [6, 4]);
+        assert_eq!(bits(&lean), bits(&retained));
     }
 
     #[test]
