@@ -9,6 +9,7 @@
 The last line printed is a JSON object {name: {"ms": median ms, "hvps": count or null}}.
 
 Cases (op): sgd_step (forward, the paper's MSE, backward, torch.optim.SGD step on a batch of size),
+evaluate (the outputs of size samples and their mean MSE under torch.no_grad),
 hvp (one Hessian-vector product on size samples, the graph of the gradient kept; for the CNN on
 more than cnn_chunk samples, chunk by chunk with each chunk's graph rebuilt, as eoss does), hvp_rebuilt
 (forward + backward with graph + one HVP), lambda_max_cold / lambda_max_warm (Lanczos with full
@@ -212,6 +213,13 @@ def run_case(case, spec, device):
             return None
 
         return median_ms(device, seconds, step)
+    if op == "evaluate":
+        def evaluate():
+            with torch.no_grad():
+                mse(model(x), y).item()
+            return None
+
+        return median_ms(device, seconds, evaluate)
     if op in ("hvp", "hvp_autodiff") and case["model"] != "mlp" and x.shape[0] > spec["cnn_chunk"]:
         return median_ms(device, seconds, lambda: (chunked_hvp(model, x, y, spec["cnn_chunk"]), 1)[1])
     if op in ("hvp", "hvp_autodiff"):

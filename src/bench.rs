@@ -1,6 +1,6 @@
-//! `eoss bench`: times the operations that dominate a run — the SGD step, the Hessian-vector
-//! product, a λmax solve (cold and warm-started) and a batch-sharpness estimate — for the paper's
-//! MLP 3072-512-512-10 and 5-layer CNN, in f32 on the CPU or a CUDA GPU, and, when a Python with
+//! `eoss bench`: times the operations that dominate a run — the SGD step, a full-set evaluation,
+//! the Hessian-vector product, a λmax solve (cold and warm-started) and a batch-sharpness
+//! estimate — for the paper's MLP 3072-512-512-10, 5-layer CNN and ResNet-20, in f32 on the CPU or a CUDA GPU, and, when a Python with
 //! PyTorch is given, times exactly the same cases in PyTorch in the same run, each case right before
 //! eoss times it (`bench/torch_reference.py`, embedded in the binary), and prints the ratio
 //! eoss / PyTorch.
@@ -25,6 +25,7 @@ use crate::curvature::{
 };
 use crate::data::LabelEncoding;
 use crate::device::DeviceClass;
+use crate::nn::gradient;
 use crate::nn::loss::{mean_loss, LossKind, Targets};
 use crate::nn::optim::Sgd;
 use crate::nn::{Activation, Model, ModelSpec};
@@ -39,6 +40,10 @@ const TORCH_SCRIPT: &str = include_str!("../bench/torch_reference.py");
 pub enum Op {
     /// Forward, the paper's MSE, backward and the SGD update on one batch of `size`.
     SgdStep,
+    /// The outputs of `size` samples and their mean loss, nothing kept for a backward pass: a
+    /// `train` run's full-set evaluation (by the conv nets' hand-written forward passes, in
+    /// slices; PyTorch's forward under `no_grad`).
+    Evaluate,
     /// One HVP on `size` samples, the forward graph kept (built once, untimed); for the MLP by the
     /// hand-written forward-over-reverse passes that eoss uses by default.
     Hvp,
@@ -112,6 +117,9 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
         Case::new(SgdStep, "cnn", 64),
         Case::new(SgdStep, "resnet20", 8),
         Case::new(SgdStep, "resnet20", 64),
+        Case::new(Evaluate, "mlp", 8192),
+        Case::new(Evaluate, "cnn", 1024),
+        Case::new(Evaluate, "resnet20", 1024),
     ];
     let curvature: Vec<Case> = match device {
         DeviceClass::Cpu => vec![
@@ -161,7 +169,7 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
 /// Which cases run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
-    /// SGD steps only.
+    /// SGD steps and evaluation passes only.
     Train,
     /// HVP, λmax and batch sharpness only.
     Curvature,
@@ -378,6 +386,13 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
                 Ok(0)
             })?
         }
+        Op::Evaluate => median_ms(device, opts.seconds, || {
+            let outputs = gradient::outputs(&*setup.model, &setup.data.inputs).map_err(candle)?;
+            mean_loss(LossKind::Mse, &outputs, &setup.data.targets)
+                .and_then(|l| l.to_dtype(DType::F64)?.to_scalar::<f64>())
+                .map_err(candle)?;
+            Ok(0)
+        })?,
         Op::Hvp | Op::HvpAutodiff => {
             let method = match case.op {
                 Op::HvpAutodiff => HvpMethod::Autodiff,
@@ -437,7 +452,7 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
         name,
         ms,
         reps,
-        hvps: (case.op != Op::SgdStep).then_some(hvps),
+        hvps: (!matches!(case.op, Op::SgdStep | Op::Evaluate)).then_some(hvps),
         torch_ms: None,
         torch_hvps: None,
     })
@@ -571,12 +586,14 @@ mod tests {
         );
         let all = cases(DeviceClass::Cpu, Suite::All);
         let train = cases(DeviceClass::Cpu, Suite::Train);
-        assert!(train.iter().all(|c| c.op == Op::SgdStep));
+        assert!(train
+            .iter()
+            .all(|c| matches!(c.op, Op::SgdStep | Op::Evaluate)));
         assert!(all.len() > train.len());
     }
 
     #[test]
-    fn sgd_and_hvp_cases_run_on_the_cpu() {
+    fn sgd_evaluation_and_hvp_cases_run_on_the_cpu() {
         let opts = BenchOptions {
             device: DeviceClass::Cpu,
             suite: Suite::All,
@@ -587,6 +604,8 @@ mod tests {
         let dev = Device::Cpu;
         let t = run_case(&Case::new(Op::SgdStep, "mlp", 8), &opts, &dev).unwrap();
         assert!(t.ms > 0.0 && t.reps >= 3 && t.hvps.is_none());
+        let t = run_case(&Case::new(Op::Evaluate, "cnn", 4), &opts, &dev).unwrap();
+        assert!(t.ms > 0.0 && t.hvps.is_none());
         let t = run_case(&Case::new(Op::Hvp, "mlp", 32), &opts, &dev).unwrap();
         assert_eq!(t.hvps, Some(1));
     }
