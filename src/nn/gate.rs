@@ -347,7 +347,6 @@ mod tests {
         }
     }
 
-    /// The bit patterns of an f32 tensor's values (signed zeros told apart).
     /// f32 values on a grid of halves, so that exact zeros and tied window maxima occur.
     fn coarse(dims: &[usize], seed: u64) -> Tensor {
         let t = random_tensor(dims, seed, 1.5).unwrap();

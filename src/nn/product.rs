@@ -43,7 +43,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn same_convolution_16(x: &Tensor, kernel: &Tensor) -> Result<Option<Tensor>> {
     let dims = x.dims4()?;
     let (n, h, w, c) = dims;
-    if kernel.dims() != [9 * c, narrow::WIDTH] || !narrow::available() {
+    let empty = n * h * w * c == 0;
+    if empty || kernel.dims() != [9 * c, narrow::WIDTH] || !narrow::available() {
         return Ok(None);
     }
     let out = {
