@@ -121,9 +121,17 @@ fn convolution(x: &Tensor, weight: &Tensor, window: Window) -> Result<Tensor> {
             return Ok(y);
         }
     }
+    Ok(patch_convolution(x, &kernel, window)?.1)
+}
+
+/// conv(`x`, K) on `window` for `x` (N, H, W, C_in) and the kernel matrix K (9·C_in, C_out) by
+/// way of the patches: (the patches, the output (N, H_o, W_o, C_out)).
+fn patch_convolution(x: &Tensor, kernel: &Tensor, window: Window) -> Result<(Tensor, Tensor)> {
     let (n, h, w, _) = x.dims4()?;
     let (ho, wo) = (window.output_len(h)?, window.output_len(w)?);
-    matmul(&window_patches(x, window)?, &kernel)?.reshape((n, ho, wo, kernel.dim(1)?))
+    let patches = window_patches(x, window)?;
+    let y = matmul(&patches, kernel)?.reshape((n, ho, wo, kernel.dim(1)?))?;
+    Ok((patches, y))
 }
 
 /// ReLU(`y` + `add`) and its gate, for a convolution's output `y` (N, H, W, C).
@@ -146,20 +154,12 @@ impl ConvLayer {
         add: Option<&Tensor>,
     ) -> Result<(Self, Tensor)> {
         let window = window(stride);
-        let input_dims = x.dims4()?;
-        let (n, h, w, _) = input_dims;
-        let patches = window_patches(x, window)?;
-        let y = matmul(&patches, &kernel_matrix(&weight)?)?.reshape((
-            n,
-            window.output_len(h)?,
-            window.output_len(w)?,
-            weight.dim(0)?,
-        ))?;
+        let (patches, y) = patch_convolution(x, &kernel_matrix(&weight)?, window)?;
         let (a, gate) = rectify(y, add)?;
         let layer = Self {
             weight,
             window,
-            input_dims,
+            input_dims: x.dims4()?,
             patches,
             gate,
         };
