@@ -28,16 +28,20 @@ use crate::nn::conv::kernel_gradient;
 use crate::nn::gate::{gate_gradient, gated_sum};
 use crate::nn::im2col::window_patches;
 use crate::nn::residual::{
-    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ResidualForward,
+    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ConvLayer, ResidualForward,
 };
 
 impl Chunk<ResidualForward> {
     /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
-    /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated.
+    /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated. With `keep_patches`,
+    /// the convolutions of each input tangent go through its patches, which are returned for the
+    /// weight terms of H v; otherwise they read the tangent in place where they can
+    /// ([`ConvLayer::apply`]: the same bits, no patch matrix written).
     fn trunk_tangents(
         &self,
         v_conv: &[Tensor],
         second: bool,
+        keep_patches: bool,
         ctx: &'static str,
     ) -> Result<TrunkTangents> {
         let convs = &self.forward.convs;
@@ -52,20 +56,23 @@ impl Chunk<ResidualForward> {
         for (b, block) in self.forward.blocks.iter().enumerate() {
             let (first, last) = (&convs[1 + 2 * b], &convs[2 + 2 * b]);
             let (v1, v2) = (&v_conv[1 + 2 * b], &v_conv[2 + 2 * b]);
-            let step = || -> candle_core::Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
-                let p_a = window_patches(&a_dot, first.window)?;
+            type Step = (Tensor, Option<Tensor>, Option<Tensor>, Option<Tensor>);
+            let step = || -> candle_core::Result<Step> {
+                let p_a = tangent_patches(first, &a_dot, keep_patches)?;
+                let conv_a = |kernel: &Tensor| tangent_convolution(first, &a_dot, &p_a, kernel);
                 let h_dot = gated_sum(
                     &[
                         &first.patches_apply(&first.patches, v1)?,
-                        &first.patches_apply(&p_a, &first.weight)?,
+                        &conv_a(&first.weight)?,
                     ],
                     &first.gate,
                 )?;
-                let p_h = window_patches(&h_dot, last.window)?;
+                let p_h = tangent_patches(last, &h_dot, keep_patches)?;
+                let conv_h = |kernel: &Tensor| tangent_convolution(last, &h_dot, &p_h, kernel);
                 let next = gated_sum(
                     &[
                         &last.patches_apply(&last.patches, v2)?,
-                        &last.patches_apply(&p_h, &last.weight)?,
+                        &conv_h(&last.weight)?,
                         &shortcut(&a_dot, block.out_channels, block.stride)?,
                     ],
                     &last.gate,
@@ -73,14 +80,14 @@ impl Chunk<ResidualForward> {
                 let next_second = if second {
                     // The terms of z̈ in the order the sums were taken when each was its own op
                     // (the bits of the measurements do not change).
-                    let doubled = first.patches_apply(&p_a, v1)?.affine(2.0, 0.0)?;
+                    let doubled = conv_a(v1)?.affine(2.0, 0.0)?;
                     let through = a_ddot
                         .as_ref()
                         .map(|t| first.apply(t, &first.weight))
                         .transpose()?;
                     let terms: Vec<&Tensor> = through.iter().chain([&doubled]).collect();
                     let h_ddot = gated_sum(&terms, &first.gate)?;
-                    let doubled = last.patches_apply(&p_h, v2)?.affine(2.0, 0.0)?;
+                    let doubled = conv_h(v2)?.affine(2.0, 0.0)?;
                     let through = last.apply(&h_ddot, &last.weight)?;
                     let skip = a_ddot
                         .as_ref()
@@ -97,8 +104,8 @@ impl Chunk<ResidualForward> {
             let (next, next_second, p_a, p_h) = step().ctx(ctx)?;
             a_dot = next;
             a_ddot = next_second;
-            patch_dots.push(Some(p_a));
-            patch_dots.push(Some(p_h));
+            patch_dots.push(p_a);
+            patch_dots.push(p_h);
         }
         Ok(TrunkTangents {
             first: a_dot,
@@ -108,13 +115,36 @@ impl Chunk<ResidualForward> {
     }
 }
 
+/// The patches of `t`, a tangent of `layer`'s input, when they are to be kept.
+fn tangent_patches(
+    layer: &ConvLayer,
+    t: &Tensor,
+    keep: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    keep.then(|| window_patches(t, layer.window)).transpose()
+}
+
+/// conv(`t`, `kernel`) on `layer`'s window for a tangent `t` of its input, by way of its
+/// `patches` when they were kept.
+fn tangent_convolution(
+    layer: &ConvLayer,
+    t: &Tensor,
+    patches: &Option<Tensor>,
+    kernel: &Tensor,
+) -> candle_core::Result<Tensor> {
+    match patches {
+        Some(p) => layer.patches_apply(p, kernel),
+        None => layer.apply(t, kernel),
+    }
+}
+
 impl ChunkProducts for Chunk<ResidualForward> {
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
     /// tangents through the convolutions, then through the linear layer ([`quadratic_form`]).
     fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(self.forward.convs.len());
-        let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
+        let trunk = self.trunk_tangents(v_conv, !gauss_newton, false, ctx)?;
         let input = InputTangents::through(&trunk.first, trunk.second, average_pool).ctx(ctx)?;
         quadratic_form(self.head(), v_head, input, gauss_newton)
     }
@@ -129,7 +159,7 @@ impl ChunkProducts for Chunk<ResidualForward> {
             ..
         } = &self.forward;
         let (v_conv, v_head) = v.parts().split_at(convs.len());
-        let trunk = self.trunk_tangents(v_conv, false, ctx)?;
+        let trunk = self.trunk_tangents(v_conv, false, !gauss_newton, ctx)?;
         let head_input = average_pool(&trunk.first).ctx(ctx)?;
 
         // The linear layer, forward and back, down to R(∂L/∂pool).
