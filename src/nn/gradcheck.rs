@@ -15,7 +15,7 @@ use crate::data::LabelEncoding;
 use crate::nn::dense::SampleWeights;
 use crate::nn::gradient::{loss_and_gradient, mean_loss_and_gradient};
 use crate::nn::loss::{mean_loss, per_sample_loss, LossKind, Targets};
-use crate::nn::{Model, Param};
+use crate::nn::{Model, ModelSpec, Param};
 
 /// A seeded standard-normal f64 tensor on the CPU, times `scale`.
 pub fn random_tensor(dims: &[usize], seed: u64, scale: f64) -> Result<Tensor> {
@@ -70,6 +70,36 @@ pub fn directional_difference(
         p.var.set(t).unwrap();
     }
     difference
+}
+
+/// ResNet-8 (3 classes) on `n` random (2, 16, 16) inputs in f32, and the same network on the same
+/// inputs in f64 (the f32 values exactly; random linear biases): (f32 model, f64 model, f32
+/// inputs, f64 inputs). Its 16-channel stage takes the f32 passes' in-place convolutions.
+pub fn f32_and_f64_resnets(
+    seed: u64,
+    n: usize,
+) -> (Box<dyn Model>, Box<dyn Model>, Tensor, Tensor) {
+    let build = |dtype| {
+        ModelSpec::Resnet { depth: 8 }
+            .build([2, 16, 16], 3, 1.0, seed, dtype, &Device::Cpu)
+            .unwrap()
+    };
+    let (model32, model64) = (build(DType::F32), build(DType::F64));
+    for (i, (p32, p64)) in model32.params().iter().zip(model64.params()).enumerate() {
+        let mut w = p64.var.as_tensor().clone();
+        if p64.name.ends_with("bias") {
+            w = random_tensor(p64.var.dims(), seed + i as u64, 0.1).unwrap();
+        }
+        let w = w.to_dtype(DType::F32).unwrap();
+        p64.var.set(&w.to_dtype(DType::F64).unwrap()).unwrap();
+        p32.var.set(&w).unwrap();
+    }
+    let x32 = random_tensor(&[n, 2, 16, 16], seed + 100, 1.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let x64 = x32.to_dtype(DType::F64).unwrap();
+    (model32, model64, x32, x64)
 }
 
 /// One-hot f64 targets for `n` samples of `outputs` classes, sample i of class i mod `outputs`.

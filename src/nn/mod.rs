@@ -8,7 +8,7 @@ pub mod conv;
 pub mod dense;
 pub mod gate;
 #[cfg(test)]
-mod gradcheck;
+pub(crate) mod gradcheck;
 pub mod gradient;
 pub mod im2col;
 pub mod init;

@@ -35,31 +35,95 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// conv(`x`, K) for `x` (N, H, W, C) and `kernel` K (9·C, 16) in patch order, a 3×3 window with
-/// stride 1 and zero padding 1, as (N, H, W, 16): on an AVX-512 CPU in f32 read in place from
-/// the image (a zero-padded copy, each patch nine runs of C values; no patch matrix), the same
-/// bits as the patches times K by [`matmul`], in parallel from 2²¹ multiply-adds on; `None`
-/// elsewhere.
-pub fn same_convolution_16(x: &Tensor, kernel: &Tensor) -> Result<Option<Tensor>> {
+/// Output channels of [`same_convolution_16`].
+pub const SAME_CONVOLUTION_WIDTH: usize = narrow::WIDTH;
+
+/// Whether [`same_convolution_16`] and [`same_weight_gradient_16`] read the padding of `x` in
+/// place: a nonempty contiguous f32 tensor on the CPU, on an AVX-512 CPU.
+pub fn reads_in_place(x: &Tensor) -> bool {
+    let (storage, layout) = x.storage_and_layout();
+    x.elem_count() > 0 && narrow::available() && cpu_f32(&storage, layout).is_some()
+}
+
+/// `x` (N, H, W, C) zero-padded by one pixel on each side of both spatial axes: (N, H + 2,
+/// W + 2, C), the input of [`same_convolution_16`] and [`same_weight_gradient_16`] (on the CPU in
+/// f32 each value written once; elsewhere by candle's padding).
+pub fn pad_image(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims4()?;
     let (n, h, w, c) = dims;
-    let empty = n * h * w * c == 0;
-    if empty || kernel.dims() != [9 * c, narrow::WIDTH] || !narrow::available() {
+    let padded = {
+        let (storage, layout) = x.storage_and_layout();
+        cpu_f32(&storage, layout).map(|image| narrow::pad(image, dims))
+    };
+    match padded {
+        Some(values) => Tensor::from_vec(values, (n, h + 2, w + 2, c), x.device()),
+        None => x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1),
+    }
+}
+
+/// `kernel` run on the image that `padded` holds zero-padded ([`pad_image`]) and on the values of
+/// `other`, when both are contiguous f32 on the CPU, the image is not empty and this CPU runs the
+/// 16-wide kernels; `None` otherwise.
+fn padded_operands<T>(
+    padded: &Tensor,
+    other: &Tensor,
+    kernel: impl FnOnce(narrow::Padded<'_>, &[f32]) -> T,
+) -> Result<Option<T>> {
+    let (n, hp, wp, c) = padded.dims4()?;
+    if hp < 2 || wp < 2 || n * (hp - 2) * (wp - 2) * c == 0 || !narrow::available() {
         return Ok(None);
     }
-    let out = {
-        let (x_storage, x_layout) = x.storage_and_layout();
-        let (k_storage, k_layout) = kernel.storage_and_layout();
-        let (Some(image), Some(k)) = (cpu_f32(&x_storage, x_layout), cpu_f32(&k_storage, k_layout))
-        else {
-            return Ok(None);
-        };
+    let (x_storage, x_layout) = padded.storage_and_layout();
+    let (o_storage, o_layout) = other.storage_and_layout();
+    let (Some(x), Some(other)) = (cpu_f32(&x_storage, x_layout), cpu_f32(&o_storage, o_layout))
+    else {
+        return Ok(None);
+    };
+    let x = narrow::Padded::new(x, (n, hp - 2, wp - 2, c));
+    Ok(Some(kernel(x, other)))
+}
+
+/// conv(x, K) for an image x (N, H, W, C) given zero-padded ([`pad_image`]) and `kernel` K
+/// (9·C, 16) in patch order, a 3×3 window with stride 1 and zero padding 1, as (N, H, W, 16): on
+/// an AVX-512 CPU in f32 read in place (each patch nine runs of C values; no patch matrix), the
+/// same bits as the patches times K by [`matmul`], in parallel from 2²¹ multiply-adds on; `None`
+/// elsewhere.
+pub fn same_convolution_16(padded: &Tensor, kernel: &Tensor) -> Result<Option<Tensor>> {
+    let (n, hp, wp, c) = padded.dims4()?;
+    if kernel.dims() != [9 * c, narrow::WIDTH] {
+        return Ok(None);
+    }
+    let (h, w) = (hp.saturating_sub(2), wp.saturating_sub(2));
+    let out = padded_operands(padded, kernel, |x, k| {
         let mut out = vec![0f32; n * h * w * narrow::WIDTH];
         let parallel = n * h * w * 9 * c * narrow::WIDTH >= BAND_WORK;
-        narrow::convolution(&mut out, image, dims, k, parallel);
+        narrow::convolution(&mut out, x, k, parallel);
         out
-    };
-    Tensor::from_vec(out, (n, h, w, narrow::WIDTH), x.device()).map(Some)
+    })?;
+    out.map(|out| Tensor::from_vec(out, (n, h, w, narrow::WIDTH), padded.device()))
+        .transpose()
+}
+
+/// The gradient Σ_p patch(p)ᵀ δ(p) (9·16, 16) of the kernel matrix (in patch order, as for
+/// [`same_convolution_16`]) of a 3×3 convolution with stride 1 and zero padding 1 from an image x
+/// (N, H, W, 16), given zero-padded ([`pad_image`]), to 16 channels whose output gradient is
+/// `delta` (N, H, W, 16): on an AVX-512 CPU in f32 read in place (no patch matrix), pixels summed
+/// in fixed blocks, in parallel from 2²¹ multiply-adds on; `None` elsewhere. Not the bits of
+/// patchesᵀ δ by `gemm`, whose order of summation differs.
+pub fn same_weight_gradient_16(padded: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
+    let (n, hp, wp, c) = padded.dims4()?;
+    let (h, w) = (hp.saturating_sub(2), wp.saturating_sub(2));
+    if c != narrow::WIDTH || delta.dims() != [n, h, w, narrow::WIDTH] {
+        return Ok(None);
+    }
+    let out = padded_operands(padded, delta, |x, delta| {
+        let mut out = vec![0f32; 9 * c * narrow::WIDTH];
+        let parallel = n * h * w * 9 * c * narrow::WIDTH >= BAND_WORK;
+        narrow::weight_gradient(&mut out, x, delta, parallel);
+        out
+    })?;
+    out.map(|out| Tensor::from_vec(out, (9 * c, narrow::WIDTH), padded.device()))
+        .transpose()
 }
 
 /// The CPU op behind [`matmul`].
@@ -440,7 +504,14 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let direct = same_convolution_16(&x, &kernel).unwrap().unwrap();
+            let padded = pad_image(&x).unwrap();
+            let by_candle = x
+                .pad_with_zeros(1, 1, 1)
+                .unwrap()
+                .pad_with_zeros(2, 1, 1)
+                .unwrap();
+            assert_eq!(bits(&padded), bits(&by_candle), "padding {n}×{h}×{w}×{c}");
+            let direct = same_convolution_16(&padded, &kernel).unwrap().unwrap();
             let window = Window {
                 k: 3,
                 stride: 1,
@@ -450,7 +521,7 @@ mod tests {
             assert_eq!(direct.dims(), [n, h, w, 16]);
             assert!(bits(&direct) == bits(&by_patches), "{n}×{h}×{w}×{c}");
         }
-        // Not 16 output channels, or f64: not taken.
+        // Not 16 output channels, or f64: not taken (the image is taken padded, 1 × 1 × 2).
         let x = Tensor::zeros((1, 3, 3, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
         let wide = Tensor::zeros((18, 32), DType::F32, x.device()).unwrap();
         assert!(same_convolution_16(&x, &wide).unwrap().is_none());

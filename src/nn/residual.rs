@@ -7,7 +7,11 @@
 //! matrix product of its input's patches ([`window_patches`], here with padding 1 and stride 1 or
 //! 2) with the kernel as a (9·C_in, C_out) matrix. Its weight gradient is patchesᵀ δ; its input
 //! gradient sums the patch gradients δ Kᵀ back onto the image ([`conv_input_gradient`], the adjoint
-//! of the patches), which serves every stride and padding. Each convolution is followed by a ReLU
+//! of the patches), which serves every stride and padding. The stride-1 convolutions from 16
+//! channels to 16 (the first stage) keep no patches: on an AVX-512 CPU in f32 they keep their
+//! input zero-padded ([`ConvInput`]) and read it in place for the convolution (the bits of the
+//! patch product), the weight gradient, and, as the "same" convolution of δ with the flipped
+//! kernel, the input gradient. Each convolution is followed by a ReLU
 //! (the block's second after the shortcut is added), so each keeps one 0/1 gate. The option-A
 //! shortcut and the global average pool are linear maps with exact adjoints ([`shortcut`],
 //! [`shortcut_adjoint`], [`average_pool`], [`average_pool_adjoint`]). The linear layer runs through
@@ -20,7 +24,10 @@ use super::dense::DenseForward;
 use super::gate::{activate, gate_gradient};
 use super::im2col::{conv_input_gradient, window_patches, Window};
 use super::pass::{head_backward, Forward, TrunkBackward};
-use super::product::{matmul, same_convolution_16};
+use super::product::{
+    matmul, pad_image, reads_in_place, same_convolution_16, same_weight_gradient_16,
+    SAME_CONVOLUTION_WIDTH,
+};
 use super::{ResidualBlock, ResidualNet};
 
 /// Image dimensions (N, H, W, C).
@@ -104,34 +111,75 @@ pub struct ConvLayer {
     pub window: Window,
     /// (N, H, W, C_in) of its input.
     pub input_dims: Dims,
-    /// The patches of its input, (N·H_o·W_o, 9·C_in).
-    pub patches: Tensor,
+    /// What it keeps of its input for its weight gradient.
+    pub input: ConvInput,
     /// ReLU' of the pre-activation that follows it (for a block's second convolution, after the
     /// shortcut is added): (N, H_o, W_o, C_out).
     pub gate: Tensor,
 }
 
-/// conv(`x`, `weight`) on `window` for `x` (N, H, W, C_in), (N, H_o, W_o, C_out), no patches
-/// kept: read in place from `x` where [`same_convolution_16`] applies, otherwise its patches
-/// times the kernel matrix (the same bits).
-fn convolution(x: &Tensor, weight: &Tensor, window: Window) -> Result<Tensor> {
-    let kernel = kernel_matrix(weight)?;
-    if window == self::window(1) {
-        if let Some(y) = same_convolution_16(x, &kernel)? {
-            return Ok(y);
-        }
-    }
-    Ok(patch_convolution(x, &kernel, window)?.1)
+/// What a convolution keeps of its input, or of a tangent of it, for its weight gradient.
+pub enum ConvInput {
+    /// The patches (N·H_o·W_o, 9·C_in).
+    Patches(Tensor),
+    /// The image (N, H, W, 16) of a stride-1 convolution from 16 channels to 16, zero-padded
+    /// ([`pad_image`]), read in place by [`same_convolution_16`] and [`same_weight_gradient_16`]
+    /// (no patch matrix).
+    Padded(Tensor),
 }
 
-/// conv(`x`, K) on `window` for `x` (N, H, W, C_in) and the kernel matrix K (9·C_in, C_out) by
-/// way of the patches: (the patches, the output (N, H_o, W_o, C_out)).
-fn patch_convolution(x: &Tensor, kernel: &Tensor, window: Window) -> Result<(Tensor, Tensor)> {
+impl ConvInput {
+    /// What a convolution on `window` to `c_out` channels keeps of `x` (N, H, W, C_in): the
+    /// image padded where it is read in place (stride 1, 16 channels in and out,
+    /// [`reads_in_place`]), otherwise its patches.
+    pub fn of(x: &Tensor, window: Window, c_out: usize) -> Result<Self> {
+        let width = SAME_CONVOLUTION_WIDTH;
+        if window == self::window(1) && x.dim(3)? == width && c_out == width && reads_in_place(x) {
+            pad_image(x).map(Self::Padded)
+        } else {
+            window_patches(x, window).map(Self::Patches)
+        }
+    }
+
+    /// conv(the input, `kernel` (C_out, C_in, 3, 3)) on `window`, shaped `out` (N, H_o, W_o,
+    /// C_out).
+    fn convolve(&self, kernel: &Tensor, out: Dims) -> Result<Tensor> {
+        match self {
+            Self::Padded(padded) => same_convolution(padded, kernel),
+            Self::Patches(patches) => matmul(patches, &kernel_matrix(kernel)?)?.reshape(out),
+        }
+    }
+}
+
+/// conv(`x`, `weight`) on `window` for `x` (N, H, W, C_in), (N, H_o, W_o, C_out), no patches
+/// kept: read in place from a padded copy of `x` where [`same_convolution_16`] applies,
+/// otherwise its patches times the kernel matrix (the same bits).
+fn convolution(x: &Tensor, weight: &Tensor, window: Window) -> Result<Tensor> {
+    let same = window == self::window(1) && weight.dim(0)? == SAME_CONVOLUTION_WIDTH;
+    if same && reads_in_place(x) {
+        return same_convolution(&pad_image(x)?, weight);
+    }
     let (n, h, w, _) = x.dims4()?;
-    let (ho, wo) = (window.output_len(h)?, window.output_len(w)?);
-    let patches = window_patches(x, window)?;
-    let y = matmul(&patches, kernel)?.reshape((n, ho, wo, kernel.dim(1)?))?;
-    Ok((patches, y))
+    let out = (
+        n,
+        window.output_len(h)?,
+        window.output_len(w)?,
+        weight.dim(0)?,
+    );
+    matmul(&window_patches(x, window)?, &kernel_matrix(weight)?)?.reshape(out)
+}
+
+/// conv(x, `weight`) on a 3×3 window with stride 1 and padding 1 for the image x (N, H, W, C_in)
+/// given zero-padded, (N, H, W, C_out): read in place where [`same_convolution_16`] applies,
+/// otherwise the patches of the padded image (the same patches, the same bits).
+fn same_convolution(padded: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let kernel = kernel_matrix(weight)?;
+    if let Some(y) = same_convolution_16(padded, &kernel)? {
+        return Ok(y);
+    }
+    let (n, hp, wp, _) = padded.dims4()?;
+    let out = (n, hp - 2, wp - 2, kernel.dim(1)?);
+    matmul(&window_patches(padded, Window::valid(3))?, &kernel)?.reshape(out)
 }
 
 /// ReLU(`y` + `add`) and its gate, for a convolution's output `y` (N, H, W, C).
@@ -154,13 +202,16 @@ impl ConvLayer {
         add: Option<&Tensor>,
     ) -> Result<(Self, Tensor)> {
         let window = window(stride);
-        let (patches, y) = patch_convolution(x, &kernel_matrix(&weight)?, window)?;
-        let (a, gate) = rectify(y, add)?;
+        let c_out = weight.dim(0)?;
+        let input = ConvInput::of(x, window, c_out)?;
+        let (n, h, w, _) = x.dims4()?;
+        let out = (n, window.output_len(h)?, window.output_len(w)?, c_out);
+        let (a, gate) = rectify(input.convolve(&weight, out)?, add)?;
         let layer = Self {
             weight,
             window,
             input_dims: x.dims4()?,
-            patches,
+            input,
             gate,
         };
         Ok((layer, a))
@@ -172,18 +223,60 @@ impl ConvLayer {
         convolution(&t.reshape(self.input_dims)?, kernel, self.window)
     }
 
-    /// `patches` (of this layer's input or of a tangent of it) times `kernel` (C_out, C_in, 3, 3),
-    /// shaped like the layer's output.
-    pub fn patches_apply(&self, patches: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-        matmul(patches, &kernel_matrix(kernel)?)?.reshape(self.gate.shape())
+    /// What this layer keeps of `t` (its input or a tangent of it) for a weight gradient.
+    pub fn keep(&self, t: &Tensor) -> Result<ConvInput> {
+        ConvInput::of(
+            &t.reshape(self.input_dims)?,
+            self.window,
+            self.weight.dim(0)?,
+        )
+    }
+
+    /// conv(`input`, `kernel`) for `input` kept by this layer ([`Self::keep`]) and `kernel`
+    /// (C_out, C_in, 3, 3), shaped like the layer's output.
+    pub fn convolve(&self, input: &ConvInput, kernel: &Tensor) -> Result<Tensor> {
+        input.convolve(kernel, self.gate.dims4()?)
+    }
+
+    /// The weight gradient (C_out, C_in, 3, 3) of conv(`input`, W) for its output gradient
+    /// `delta` (N, H_o, W_o, C_out), `input` kept by this layer: patchesᵀ δ, or read in place
+    /// from the image ([`same_weight_gradient_16`]; its patches where that does not apply).
+    pub fn weight_gradient(&self, input: &ConvInput, delta: &Tensor) -> Result<Tensor> {
+        let k = self.window.k;
+        match input {
+            ConvInput::Patches(patches) => kernel_gradient(patches, delta, k),
+            ConvInput::Padded(x) => match same_weight_gradient_16(x, &delta.contiguous()?)? {
+                Some(g) => g
+                    .reshape((k, k, x.dim(3)?, delta.dim(3)?))?
+                    .permute((3, 2, 0, 1))?
+                    .contiguous(),
+                None => kernel_gradient(&window_patches(x, Window::valid(k))?, delta, k),
+            },
+        }
     }
 
     /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ (N, H_o, W_o, C_out), weight) pairs on
     /// this layer's window: the δ's side by side against the kernel matrices side by side, one
-    /// product ([`conv_input_gradient`]).
+    /// product ([`conv_input_gradient`]). For a stride-1 convolution of 16 channels that is the
+    /// "same" convolution of the δ's with the kernels flipped in both spatial axes, channels in
+    /// and out swapped, which [`same_convolution_16`] reads in place where it applies.
     pub fn input_gradient(&self, terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
         if terms.is_empty() {
             candle_core::bail!("input gradient of no terms");
+        }
+        if self.window == window(1) && self.input_dims.3 == SAME_CONVOLUTION_WIDTH {
+            let (deltas, weights): (Vec<&Tensor>, Vec<&Tensor>) = terms.iter().copied().unzip();
+            let deltas = Tensor::cat(&deltas, 3)?;
+            if reads_in_place(&deltas) {
+                let weights = Tensor::cat(&weights, 0)?;
+                let flipped = weights
+                    .flip(&[2, 3])?
+                    .permute((2, 3, 0, 1))?
+                    .reshape((9 * weights.dim(0)?, self.input_dims.3))?;
+                if let Some(g) = same_convolution_16(&pad_image(&deltas)?, &flipped)? {
+                    return Ok(g);
+                }
+            }
         }
         let rows = self.gate.elem_count() / self.gate.dim(3)?;
         let (deltas, kernels): (Vec<Tensor>, Vec<Tensor>) = terms
@@ -306,7 +399,7 @@ impl Forward for ResidualForward {
         let mut gradient = convs
             .iter()
             .zip(&deltas)
-            .map(|(conv, delta)| kernel_gradient(&conv.patches, delta, conv.window.k))
+            .map(|(conv, delta)| conv.weight_gradient(&conv.input, delta))
             .collect::<Result<Vec<_>>>()?;
         gradient.extend(head.gradient.iter().cloned());
         Ok(TrunkBackward {
@@ -324,8 +417,9 @@ mod tests {
     use super::*;
     use crate::nn::gradcheck::{
         assert_gradient_equals_autograd, assert_weighted_gradient_matches_finite_difference, bits,
-        dot_all, flat, one_hot_targets, random_tensor,
+        dot_all, f32_and_f64_resnets, flat, one_hot_targets, random_tensor,
     };
+    use crate::nn::gradient::mean_loss_and_gradient;
     use crate::nn::layers::{global_avg_pool, option_a_shortcut};
     use crate::nn::loss::{LossKind, Targets};
     use crate::nn::{Model, ModelSpec};
@@ -401,6 +495,49 @@ mod tests {
         let retained = ResidualForward::run(net, &x).unwrap().head.outputs;
         assert_eq!(lean.dims(), [6, 4]);
         assert_eq!(bits(&lean), bits(&retained));
+    }
+
+    #[test]
+    fn f32_gradient_read_in_place_matches_the_f64_patch_products() {
+        // In f32 the 16-channel convolutions keep their input image and take their weight and
+        // input gradients from it in place (on an AVX-512 CPU); f64 takes patches throughout.
+        let (model32, model64, x32, x64) = f32_and_f64_resnets(70, 5);
+        let targets64 = one_hot_targets(5, 3);
+        let targets32 = Targets {
+            values: targets64.values.to_dtype(DType::F32).unwrap(),
+            ..targets64.clone()
+        };
+        let forward = ResidualForward::run(model32.residual_net().unwrap(), &x32).unwrap();
+        let images = forward
+            .convs
+            .iter()
+            .filter(|c| matches!(c.input, ConvInput::Padded(_)))
+            .count();
+        if crate::nn::product::reads_in_place(&x32) {
+            assert_eq!(
+                images, 2,
+                "ResNet-8's 16-channel block reads its images in place"
+            );
+        }
+        for kind in [LossKind::Mse, LossKind::CrossEntropy] {
+            let (_, g32) =
+                mean_loss_and_gradient(model32.as_ref(), kind, &x32, &targets32).unwrap();
+            let (_, g64) =
+                mean_loss_and_gradient(model64.as_ref(), kind, &x64, &targets64).unwrap();
+            for ((got, want), p) in g32.iter().zip(&g64).zip(model64.params()) {
+                let (got, want) = (flat(got), flat(want));
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{kind:?} {}: {err:e} of {scale:e}",
+                    p.name
+                );
+            }
+        }
     }
 
     #[test]

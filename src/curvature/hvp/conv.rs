@@ -33,15 +33,18 @@ use crate::nn::im2col::patches;
 use crate::nn::product::matmul;
 use crate::nn::reduce::column_sums;
 
-/// Forward tangents through the convolutions of a network (the CNN, the ResNets).
-pub(super) struct TrunkTangents {
+/// Forward tangents through the convolutions of a network (the CNN, the ResNets), with what each
+/// convolution keeps of its input tangent (`P`: its patches, or what [`ConvLayer::keep`] keeps).
+///
+/// [`ConvLayer::keep`]: crate::nn::residual::ConvLayer::keep
+pub(super) struct TrunkTangents<P = Tensor> {
     /// ȧ at the trunk's output (N, H, W, C).
     pub first: Tensor,
     /// ä at the trunk's output, when asked for and not zero.
     pub second: Option<Tensor>,
-    /// The patches of each convolution's input tangent (none for the first: the data does not
+    /// What each convolution keeps of its input tangent (none for the first: the data does not
     /// move).
-    pub patch_dots: Vec<Option<Tensor>>,
+    pub patch_dots: Vec<Option<P>>,
 }
 
 impl Chunk<ConvForward> {

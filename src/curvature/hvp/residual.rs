@@ -8,9 +8,10 @@
 //!
 //!   ḣ = g_h ⊙ (conv(ẋ, W₁) + conv(x, V₁)),   ẋ' = g_o ⊙ (conv(ḣ, W₂) + conv(h, V₂) + S ẋ),
 //!
-//! with g the ReLU gates and conv(x, V) = P(x) K(V) on the retained patches P. The pooled ẋ enters
-//! the linear layer ([`super::dense::tangents`]), whose backward tangents return R(∂L/∂pool). Back
-//! through a block, with δ_o, δ_h the retained deltas of its two ReLUs and u = ∂L/∂x':
+//! with g the ReLU gates and conv(x, V) = P(x) K(V) on the retained patches P (or, for the
+//! 16-channel convolutions, read in place from the retained padded image: [`ConvInput`]). The
+//! pooled ẋ enters the linear layer ([`super::dense::tangents`]), whose backward tangents return
+//! R(∂L/∂pool). Back through a block, with δ_o, δ_h the retained deltas of its two ReLUs and u = ∂L/∂x':
 //!
 //!   R δ_o = g_o ⊙ R u,   (H V)_{W₂} = P(h)ᵀ R δ_o + P(ḣ)ᵀ δ_o,
 //!   R δ_h = g_h ⊙ (∂ᵀ_x(R δ_o, W₂) + ∂ᵀ_x(δ_o, V₂)),   (H V)_{W₁} = P(x)ᵀ R δ_h + P(ẋ)ᵀ δ_h,
@@ -24,30 +25,27 @@ use super::conv::TrunkTangents;
 use super::dense::{product_context, quadratic_form, Chunk, ChunkProducts, InputTangents};
 use super::Result;
 use crate::curvature::{CandleContext, ParamVec};
-use crate::nn::conv::kernel_gradient;
 use crate::nn::gate::{gate_gradient, gated_sum};
-use crate::nn::im2col::window_patches;
 use crate::nn::residual::{
-    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ConvLayer, ResidualForward,
+    average_pool, average_pool_adjoint, shortcut, shortcut_adjoint, ConvInput, ResidualForward,
 };
 
 impl Chunk<ResidualForward> {
     /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
-    /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated. With `keep_patches`,
-    /// the convolutions of each input tangent go through its patches, which are returned for the
-    /// weight terms of H v; otherwise they read the tangent in place where they can
-    /// ([`ConvLayer::apply`]: the same bits, no patch matrix written).
+    /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated. Each convolution of an
+    /// input tangent goes through what its layer keeps of it ([`ConvLayer::keep`]: its patches,
+    /// or the padded image that the 16-channel ones read in place), returned for the weight
+    /// terms of H v.
     fn trunk_tangents(
         &self,
         v_conv: &[Tensor],
         second: bool,
-        keep_patches: bool,
         ctx: &'static str,
-    ) -> Result<TrunkTangents> {
+    ) -> Result<TrunkTangents<ConvInput>> {
         let convs = &self.forward.convs;
         let stem = &convs[0];
         let mut a_dot = stem
-            .patches_apply(&stem.patches, &v_conv[0])
+            .convolve(&stem.input, &v_conv[0])
             .and_then(|t| t * &stem.gate)
             .ctx(ctx)?;
         // The stem's second tangent is zero (its input is data).
@@ -56,22 +54,19 @@ impl Chunk<ResidualForward> {
         for (b, block) in self.forward.blocks.iter().enumerate() {
             let (first, last) = (&convs[1 + 2 * b], &convs[2 + 2 * b]);
             let (v1, v2) = (&v_conv[1 + 2 * b], &v_conv[2 + 2 * b]);
-            type Step = (Tensor, Option<Tensor>, Option<Tensor>, Option<Tensor>);
+            type Step = (Tensor, Option<Tensor>, ConvInput, ConvInput);
             let step = || -> candle_core::Result<Step> {
-                let p_a = tangent_patches(first, &a_dot, keep_patches)?;
-                let conv_a = |kernel: &Tensor| tangent_convolution(first, &a_dot, &p_a, kernel);
+                let p_a = first.keep(&a_dot)?;
+                let conv_a = |kernel: &Tensor| first.convolve(&p_a, kernel);
                 let h_dot = gated_sum(
-                    &[
-                        &first.patches_apply(&first.patches, v1)?,
-                        &conv_a(&first.weight)?,
-                    ],
+                    &[&first.convolve(&first.input, v1)?, &conv_a(&first.weight)?],
                     &first.gate,
                 )?;
-                let p_h = tangent_patches(last, &h_dot, keep_patches)?;
-                let conv_h = |kernel: &Tensor| tangent_convolution(last, &h_dot, &p_h, kernel);
+                let p_h = last.keep(&h_dot)?;
+                let conv_h = |kernel: &Tensor| last.convolve(&p_h, kernel);
                 let next = gated_sum(
                     &[
-                        &last.patches_apply(&last.patches, v2)?,
+                        &last.convolve(&last.input, v2)?,
                         &conv_h(&last.weight)?,
                         &shortcut(&a_dot, block.out_channels, block.stride)?,
                     ],
@@ -104,8 +99,8 @@ impl Chunk<ResidualForward> {
             let (next, next_second, p_a, p_h) = step().ctx(ctx)?;
             a_dot = next;
             a_ddot = next_second;
-            patch_dots.push(p_a);
-            patch_dots.push(p_h);
+            patch_dots.push(Some(p_a));
+            patch_dots.push(Some(p_h));
         }
         Ok(TrunkTangents {
             first: a_dot,
@@ -115,36 +110,13 @@ impl Chunk<ResidualForward> {
     }
 }
 
-/// The patches of `t`, a tangent of `layer`'s input, when they are to be kept.
-fn tangent_patches(
-    layer: &ConvLayer,
-    t: &Tensor,
-    keep: bool,
-) -> candle_core::Result<Option<Tensor>> {
-    keep.then(|| window_patches(t, layer.window)).transpose()
-}
-
-/// conv(`t`, `kernel`) on `layer`'s window for a tangent `t` of its input, by way of its
-/// `patches` when they were kept.
-fn tangent_convolution(
-    layer: &ConvLayer,
-    t: &Tensor,
-    patches: &Option<Tensor>,
-    kernel: &Tensor,
-) -> candle_core::Result<Tensor> {
-    match patches {
-        Some(p) => layer.patches_apply(p, kernel),
-        None => layer.apply(t, kernel),
-    }
-}
-
 impl ChunkProducts for Chunk<ResidualForward> {
     /// vᵀ H v of the chunk's objective (or vᵀ G v) by a forward pass alone: first and second
     /// tangents through the convolutions, then through the linear layer ([`quadratic_form`]).
     fn quadratic_form(&self, v: &ParamVec, gauss_newton: bool) -> Result<f64> {
         let ctx = "curvature quadratic form";
         let (v_conv, v_head) = v.parts().split_at(self.forward.convs.len());
-        let trunk = self.trunk_tangents(v_conv, !gauss_newton, false, ctx)?;
+        let trunk = self.trunk_tangents(v_conv, !gauss_newton, ctx)?;
         let input = InputTangents::through(&trunk.first, trunk.second, average_pool).ctx(ctx)?;
         quadratic_form(self.head(), v_head, input, gauss_newton)
     }
@@ -159,7 +131,7 @@ impl ChunkProducts for Chunk<ResidualForward> {
             ..
         } = &self.forward;
         let (v_conv, v_head) = v.parts().split_at(convs.len());
-        let trunk = self.trunk_tangents(v_conv, false, !gauss_newton, ctx)?;
+        let trunk = self.trunk_tangents(v_conv, false, ctx)?;
         let head_input = average_pool(&trunk.first).ctx(ctx)?;
 
         // The linear layer, forward and back, down to R(∂L/∂pool).
@@ -173,9 +145,9 @@ impl ChunkProducts for Chunk<ResidualForward> {
         let mut out = vec![None; convs.len()];
         let mut weight_term = |l: usize, r_delta: &Tensor| -> candle_core::Result<()> {
             let conv = &convs[l];
-            let mut g = kernel_gradient(&conv.patches, r_delta, conv.window.k)?;
+            let mut g = conv.weight_gradient(&conv.input, r_delta)?;
             if let (false, Some(p)) = (gauss_newton, &patch_dots[l]) {
-                g = (g + kernel_gradient(p, &deltas[l], conv.window.k)?)?;
+                g = (g + conv.weight_gradient(p, &deltas[l])?)?;
             }
             out[l] = Some(g);
             Ok(())

@@ -640,3 +640,61 @@ fn gram_forms_are_taken_where_they_are_cheaper_than_forming_each_gradient() {
     let err = forms.own(&data(10, [3, 1, 1], 2, 90), false).unwrap_err();
     assert!(err.to_string().contains("not whole batches of 4"), "{err}");
 }
+
+#[test]
+fn resnet_products_in_f32_read_in_place_match_f64() {
+    // In f32 the ResNet's 16-channel convolutions keep their input images (and the tangents')
+    // and take weight and input gradients from them in place; f64 takes patches throughout.
+    let (model32, model64, x32, x64) = crate::nn::gradcheck::f32_and_f64_resnets(95, 6);
+    let batch64 = data(6, [2, 16, 16], 3, 96);
+    let batch64 = Batch::new(x64, batch64.targets).unwrap();
+    let targets32 = crate::nn::loss::Targets {
+        values: batch64.targets.values.to_dtype(DType::F32).unwrap(),
+        ..batch64.targets.clone()
+    };
+    let batch32 = Batch::new(x32, targets32).unwrap();
+    let v64 = random_vec(model64.as_ref(), 97);
+    let v32 = ParamVec::new(
+        v64.parts()
+            .iter()
+            .map(|p| p.to_dtype(DType::F32).unwrap())
+            .collect(),
+    );
+    let v64 = ParamVec::new(
+        v32.parts()
+            .iter()
+            .map(|p| p.to_dtype(DType::F64).unwrap())
+            .collect(),
+    );
+    let cfg = HvpConfig::default();
+    for kind in LOSSES {
+        let objective = &Objective::Mean;
+        let h32 = HessianOperator::new(model32.as_ref(), kind, &batch32, objective, &cfg).unwrap();
+        let h64 = HessianOperator::new(model64.as_ref(), kind, &batch64, objective, &cfg).unwrap();
+        let g32 =
+            GaussNewtonOperator::new(model32.as_ref(), kind, &batch32, objective, &cfg).unwrap();
+        let g64 =
+            GaussNewtonOperator::new(model64.as_ref(), kind, &batch64, objective, &cfg).unwrap();
+        let pairs = [
+            (h32.apply(&v32).unwrap(), h64.apply(&v64).unwrap()),
+            (g32.apply(&v32).unwrap(), g64.apply(&v64).unwrap()),
+        ];
+        for (got, want) in pairs {
+            let scale = want
+                .to_f64_vec()
+                .unwrap()
+                .iter()
+                .fold(0.0f64, |m, x| m.max(x.abs()));
+            let err = max_abs_diff(&got, &want);
+            assert!(err <= 1e-4 * scale, "{kind:?}: {err:e} of {scale:e}");
+        }
+        let (got, want) = (
+            h32.quadratic_form(&v32).unwrap(),
+            h64.quadratic_form(&v64).unwrap(),
+        );
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "{kind:?}: vᵀHv {got} vs {want}"
+        );
+    }
+}

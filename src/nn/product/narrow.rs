@@ -5,8 +5,10 @@
 //! speed it reaches on 32 or 64 columns. Here each block of 16 output rows keeps one accumulator
 //! register per row, reads the kernel one row at a time and the patches in place (the next block
 //! prefetched): 1.6–1.8× `gemm`'s speed on those shapes on one core. The same kernel runs a 3×3
-//! convolution with padding 1 straight from a zero-padded copy of the image ([`convolution`]),
-//! where no patch matrix is to be kept: 3–4× faster than writing the patches and multiplying.
+//! convolution with padding 1 straight from a zero-padded copy of the image ([`convolution`],
+//! [`pad`]), with no patch matrix: 3–4× faster than writing the patches and multiplying. Its
+//! weight gradient reads the padded image likewise ([`weight_gradient`]), so a 16-channel
+//! convolution never needs its patches.
 //!
 //! Each output element is a running fused multiply-add over the inner dimension in order, from
 //! zero: the same bits as `gemm` wherever `gemm` does not split the inner dimension (up to a few
@@ -76,36 +78,22 @@ pub(super) fn product(
     }
 }
 
-/// `dst` (N, H, W, 16) := the 3×3 convolution, stride 1, zero padding 1, of `x` (N, H, W, C)
-/// (row-major, channels last) with `rhs` (9·C, 16), the kernel in patch order (window row, window
-/// column, channel): read in place from a zero-padded copy of `x`, where the patch of each output
-/// pixel is nine runs of C values, no patch matrix written. The same bits as the patches times
-/// `rhs` by [`product`]. With `parallel`, image rows run on rayon's threads. Panics when an
-/// operand does not fit its slice or the CPU lacks AVX-512F.
-pub(super) fn convolution(
-    dst: &mut [f32],
-    x: &[f32],
-    (n, h, w, c): (usize, usize, usize, usize),
-    rhs: &[f32],
-    parallel: bool,
-) {
+/// `dst` (N, H, W, 16) := the 3×3 convolution, stride 1, zero padding 1, of an image (N, H, W, C)
+/// given zero-padded (`x`) with `rhs` (9·C, 16), the kernel in patch order (window row, window
+/// column, channel): read in place, where the patch of each output pixel is nine runs of C values,
+/// no patch matrix written. The same bits as the patches times `rhs` by [`product`]. With
+/// `parallel`, image rows run on rayon's threads. Panics when an operand does not fit its slice or
+/// the CPU lacks AVX-512F.
+pub(super) fn convolution(dst: &mut [f32], x: Padded<'_>, rhs: &[f32], parallel: bool) {
+    let (n, h, w, c) = x.dims;
     assert!(
-        dst.len() == n * h * w * WIDTH && x.len() == n * h * w * c,
+        dst.len() == n * h * w * WIDTH,
         "3×3 convolution of {n}×{h}×{w}×{c} to 16 channels: an operand does not fit its slice"
     );
-    let (hp, wp) = (h + 2, w + 2);
-    let mut padded = vec![0f32; n * hp * wp * c];
-    for (row, values) in x.chunks(w * c).enumerate() {
-        let at = ((row / h * hp + row % h + 1) * wp + 1) * c;
-        padded[at..at + w * c].copy_from_slice(values);
-    }
-    let runs: Vec<(usize, usize)> = (0..9)
-        .map(|cell| (((cell / 3) * wp + cell % 3) * c, c))
-        .collect();
+    let runs: Vec<(usize, usize)> = (0..9).map(|cell| (x.cell(cell), c)).collect();
     let image_row = |row: usize, dst: &mut [f32]| {
-        let at = (row / h * hp + row % h) * wp * c;
         let lhs = Lhs {
-            values: &padded[at..],
+            values: &x.values[x.row(row)..],
             row_stride: c,
             runs: &runs,
         };
@@ -122,6 +110,117 @@ pub(super) fn convolution(
         dst.par_chunks_mut(chunk).enumerate().for_each(task);
     } else {
         dst.chunks_mut(chunk).enumerate().for_each(task);
+    }
+}
+
+/// `dst` (9·16, 16) := Σ_p patch(p)ᵀ δ(p) over the pixels p of an image (N, H, W, 16) given
+/// zero-padded (`x`) and `delta` (N, H, W, 16), row-major and channels last: the gradient of the
+/// kernel matrix (rows in patch order: window row, window column, channel) of a 3×3 convolution
+/// with stride 1 and zero padding 1 from 16 channels to 16 whose output gradient is `delta`, read
+/// in place (no patch matrix). Each block of whole image rows (about [`ROWS_PER_TASK`] pixels,
+/// fixed by the shapes) sums its pixels in order by running fused multiply-adds, one window cell
+/// at a time; the blocks' sums are then added in order, so the result is the same however many
+/// threads run them (with `parallel`, blocks run on rayon's threads). Panics when an operand does
+/// not fit its slice or the CPU lacks AVX-512F.
+pub(super) fn weight_gradient(dst: &mut [f32], x: Padded<'_>, delta: &[f32], parallel: bool) {
+    let (n, h, w, c) = x.dims;
+    assert!(
+        c == WIDTH && dst.len() == 9 * WIDTH * WIDTH && delta.len() == n * h * w * WIDTH,
+        "weight gradient of a 3×3 convolution of {n}×{h}×{w}×{c} to 16 channels: an operand does \
+         not fit its slice"
+    );
+    assert!(
+        available(),
+        "16-wide weight gradient: this CPU lacks AVX-512F"
+    );
+    let rows_per_task = ROWS_PER_TASK.div_ceil(w.max(1));
+    let block = |first_row: usize| {
+        let rows = first_row..(first_row + rows_per_task).min(n * h);
+        let mut sums = vec![0f32; dst.len()];
+        for (cell, sums) in sums.chunks_mut(WIDTH * WIDTH).enumerate() {
+            // SAFETY: AVX-512F is available; the rows lie inside `delta` and, shifted by any
+            // window cell, inside the padded image (checked when `x` was made).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::cell_gradient(sums, x, delta, rows.clone(), cell)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("AVX-512F on a CPU that is not x86-64 ({sums:?}, {cell})")
+        }
+        sums
+    };
+    let firsts = (0..n * h).step_by(rows_per_task.max(1));
+    let blocks: Vec<Vec<f32>> = if parallel {
+        firsts
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(block)
+            .collect()
+    } else {
+        firsts.map(block).collect()
+    };
+    dst.fill(0.0);
+    for sums in blocks {
+        for (d, s) in dst.iter_mut().zip(sums) {
+            *d += s;
+        }
+    }
+}
+
+/// `x` (N, H, W, C), row-major and channels last, zero-padded by one pixel on each side:
+/// (N, H + 2, W + 2, C), each value written once.
+pub(super) fn pad(x: &[f32], (n, h, w, c): (usize, usize, usize, usize)) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        n * h * w * c,
+        "padding {n}×{h}×{w}×{c}: the image does not fit"
+    );
+    let padded_row = (w + 2) * c;
+    let mut out = Vec::with_capacity(n * (h + 2) * padded_row);
+    for image in x.chunks(h * w * c) {
+        out.resize(out.len() + padded_row + c, 0.0);
+        for (r, row) in image.chunks(w * c).enumerate() {
+            if r > 0 {
+                out.resize(out.len() + 2 * c, 0.0);
+            }
+            out.extend_from_slice(row);
+        }
+        out.resize(out.len() + c + padded_row, 0.0);
+    }
+    out
+}
+
+/// An image (N, H, W, C) zero-padded by one pixel on each side, (N, H + 2, W + 2, C) row-major
+/// and channels last ([`pad`]): the input that the 3×3 convolutions here read in place.
+#[derive(Clone, Copy)]
+pub(super) struct Padded<'a> {
+    values: &'a [f32],
+    /// (N, H, W, C) of the image before padding.
+    dims: (usize, usize, usize, usize),
+}
+
+impl<'a> Padded<'a> {
+    /// The padded `values` of an image of `dims` (N, H, W, C). Panics when they do not fit.
+    pub(super) fn new(values: &'a [f32], dims: (usize, usize, usize, usize)) -> Self {
+        let (n, h, w, c) = dims;
+        assert_eq!(
+            values.len(),
+            n * (h + 2) * (w + 2) * c,
+            "a padded {n}×{h}×{w}×{c} image: the values do not fit"
+        );
+        Self { values, dims }
+    }
+
+    /// Where the top-left window cell of the first pixel of image row `row` (of N·H) lies.
+    fn row(&self, row: usize) -> usize {
+        let (_, h, w, c) = self.dims;
+        (row / h * (h + 2) + row % h) * (w + 2) * c
+    }
+
+    /// The offset of window cell `cell` (window row · 3 + window column) from the top-left one.
+    fn cell(&self, cell: usize) -> usize {
+        let (_, _, w, c) = self.dims;
+        ((cell / 3) * (w + 2) + cell % 3) * c
     }
 }
 
@@ -155,7 +254,41 @@ mod avx512 {
         _mm_prefetch, _MM_HINT_T0,
     };
 
-    use super::{Lhs, BLOCK, WIDTH};
+    use super::{Lhs, Padded, BLOCK, WIDTH};
+
+    /// `dst` (16, 16) := Σ over the pixels of image rows `rows` of x(p + cell)ᵀ δ(p): window
+    /// cell `cell`'s rows of [`super::weight_gradient`]'s sum over those rows, one accumulator
+    /// register per input channel, pixels in order.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `padded` holds an image of 16 channels, `delta` its output
+    /// gradient, `rows` lie within both and `dst` holds 256 values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn cell_gradient(
+        dst: &mut [f32],
+        padded: Padded<'_>,
+        delta: &[f32],
+        rows: std::ops::Range<usize>,
+        cell: usize,
+    ) {
+        let w = padded.dims.2;
+        let shift = padded.cell(cell);
+        let mut acc = [_mm512_setzero_ps(); WIDTH];
+        for row in rows {
+            let x = padded.values.as_ptr().add(padded.row(row) + shift);
+            let d = delta.as_ptr().add(row * w * WIDTH);
+            for pixel in 0..w {
+                let d = _mm512_loadu_ps(d.add(pixel * WIDTH));
+                let x = x.add(pixel * WIDTH);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(c)), d, *acc);
+                }
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(dst.as_mut_ptr().add(c * WIDTH), *acc);
+        }
+    }
 
     /// [`super::block_rows`] once its operands are checked.
     ///
@@ -268,6 +401,77 @@ mod tests {
                     same,
                     "({m}×{k}), row stride {row_stride}, parallel {parallel}"
                 );
+            }
+        }
+    }
+
+    /// Σ_p patch(p)ᵀ δ(p) of a 3×3 convolution with stride 1 and zero padding 1 from 16 channels
+    /// to 16, read from the unpadded image with bounds checks, each element a running `mul_add`
+    /// over the pixels of a block of `rows_per_block` image rows, the blocks' sums added in order.
+    fn blocked_weight_gradient(
+        x: &[f32],
+        delta: &[f32],
+        (n, h, w): (usize, usize, usize),
+        rows_per_block: usize,
+    ) -> Vec<f32> {
+        let mut total = vec![0f32; 9 * WIDTH * WIDTH];
+        for first in (0..n * h).step_by(rows_per_block) {
+            let mut block = vec![0f32; total.len()];
+            for row in first..(first + rows_per_block).min(n * h) {
+                let (image, r) = (row / h, row % h);
+                for s in 0..w {
+                    let d = &delta[(row * w + s) * WIDTH..][..WIDTH];
+                    for cell in 0..9 {
+                        let (rr, ss) = (r + cell / 3, s + cell % 3);
+                        if rr == 0 || rr > h || ss == 0 || ss > w {
+                            // A padding entry: the kernel adds 0 · δ = ±0 to a running sum that
+                            // is never −0 (an exact cancellation rounds to +0): the same bits.
+                            continue;
+                        }
+                        let pixel = (image * h + rr - 1) * w + ss - 1;
+                        for c in 0..WIDTH {
+                            let xv = x[pixel * WIDTH + c];
+                            let out = &mut block[(cell * WIDTH + c) * WIDTH..][..WIDTH];
+                            for (o, dv) in out.iter_mut().zip(d) {
+                                *o = xv.mul_add(*dv, *o);
+                            }
+                        }
+                    }
+                }
+            }
+            for (t, b) in total.iter_mut().zip(block) {
+                *t += b;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn the_in_place_weight_gradient_sums_in_fixed_blocks_whatever_the_threads() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512F, the weight gradient takes the patches");
+            return;
+        }
+        // One pixel; one image row; several images with odd sizes; blocks that split an image
+        // (32 rows of 32 pixels a block) and a last block shorter than the others.
+        for (n, h, w) in [(1, 1, 1), (1, 1, 7), (3, 5, 6), (2, 33, 32), (5, 17, 13)] {
+            let x = values(n * h * w * WIDTH, (n * h + w) as u64);
+            let delta = values(n * h * w * WIDTH, (n * h * w) as u64 + 7);
+            let want = blocked_weight_gradient(&x, &delta, (n, h, w), ROWS_PER_TASK.div_ceil(w));
+            for parallel in [false, true] {
+                let mut got = vec![f32::NAN; want.len()];
+                let padded = pad(&x, (n, h, w, WIDTH));
+                weight_gradient(
+                    &mut got,
+                    Padded::new(&padded, (n, h, w, WIDTH)),
+                    &delta,
+                    parallel,
+                );
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{n}×{h}×{w}, parallel {parallel}");
             }
         }
     }
