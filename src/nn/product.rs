@@ -521,6 +521,9 @@ mod tests {
             assert_eq!(direct.dims(), [n, h, w, 16]);
             assert!(bits(&direct) == bits(&by_patches), "{n}×{h}×{w}×{c}");
         }
+        // An empty image pads to its zero border.
+        let empty = Tensor::zeros((2, 0, 3, 4), DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(pad_image(&empty).unwrap().dims(), [2, 2, 5, 4]);
         // Not 16 output channels, or f64: not taken (the image is taken padded, 1 × 1 × 2).
         let x = Tensor::zeros((1, 3, 3, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
         let wide = Tensor::zeros((18, 32), DType::F32, x.device()).unwrap();

@@ -10,9 +10,9 @@
 //! of the patches), which serves every stride and padding. The stride-1 convolutions from 16
 //! channels to 16 (the first stage) keep no patches: on an AVX-512 CPU in f32 they keep their
 //! input zero-padded ([`ConvInput`]) and read it in place for the convolution (the bits of the
-//! patch product), the weight gradient, and, as the "same" convolution of δ with the flipped
-//! kernel, the input gradient. Each convolution is followed by a ReLU
-//! (the block's second after the shortcut is added), so each keeps one 0/1 gate. The option-A
+//! patch product) and the weight gradient; their input gradient is the "same" convolution of δ
+//! with the flipped kernel, read in place likewise. Each convolution is followed by a ReLU (the
+//! block's second after the shortcut is added), so each keeps one 0/1 gate. The option-A
 //! shortcut and the global average pool are linear maps with exact adjoints ([`shortcut`],
 //! [`shortcut_adjoint`], [`average_pool`], [`average_pool_adjoint`]). The linear layer runs through
 //! [`DenseForward`]. Every tensor is detached.
@@ -141,8 +141,8 @@ impl ConvInput {
         }
     }
 
-    /// conv(the input, `kernel` (C_out, C_in, 3, 3)) on `window`, shaped `out` (N, H_o, W_o,
-    /// C_out).
+    /// conv(the input, `kernel` (C_out, C_in, 3, 3)) on the window it was kept for, shaped `out`
+    /// (N, H_o, W_o, C_out).
     fn convolve(&self, kernel: &Tensor, out: Dims) -> Result<Tensor> {
         match self {
             Self::Padded(padded) => same_convolution(padded, kernel),
@@ -257,7 +257,7 @@ impl ConvLayer {
 
     /// The input gradient Σ_j ∂ᵀ_x(δ_j, W_j) of several (δ (N, H_o, W_o, C_out), weight) pairs on
     /// this layer's window: the δ's side by side against the kernel matrices side by side, one
-    /// product ([`conv_input_gradient`]). For a stride-1 convolution of 16 channels that is the
+    /// product ([`conv_input_gradient`]). For a stride-1 convolution from 16 channels that is the
     /// "same" convolution of the δ's with the kernels flipped in both spatial axes, channels in
     /// and out swapped, which [`same_convolution_16`] reads in place where it applies.
     pub fn input_gradient(&self, terms: &[(&Tensor, &Tensor)]) -> Result<Tensor> {

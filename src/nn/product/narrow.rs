@@ -176,6 +176,9 @@ pub(super) fn pad(x: &[f32], (n, h, w, c): (usize, usize, usize, usize)) -> Vec<
         "padding {n}×{h}×{w}×{c}: the image does not fit"
     );
     let padded_row = (w + 2) * c;
+    if h * w * c == 0 {
+        return vec![0.0; n * (h + 2) * padded_row];
+    }
     let mut out = Vec::with_capacity(n * (h + 2) * padded_row);
     for image in x.chunks(h * w * c) {
         out.resize(out.len() + padded_row + c, 0.0);
