@@ -11,7 +11,8 @@
 //! with g the ReLU gates and conv(x, V) = P(x) K(V) on the retained patches P (or, for the
 //! 16-channel convolutions, read in place from the retained padded image: [`ConvInput`]). The
 //! pooled ẋ enters the linear layer ([`super::dense::tangents`]), whose backward tangents return
-//! R(∂L/∂pool). Back through a block, with δ_o, δ_h the retained deltas of its two ReLUs and u = ∂L/∂x':
+//! R(∂L/∂pool). Back through a block, with δ_o, δ_h the retained deltas of its two ReLUs and
+//! u = ∂L/∂x':
 //!
 //!   R δ_o = g_o ⊙ R u,   (H V)_{W₂} = P(h)ᵀ R δ_o + P(ḣ)ᵀ δ_o,
 //!   R δ_h = g_h ⊙ (∂ᵀ_x(R δ_o, W₂) + ∂ᵀ_x(δ_o, V₂)),   (H V)_{W₁} = P(x)ᵀ R δ_h + P(ẋ)ᵀ δ_h,
@@ -33,9 +34,11 @@ use crate::nn::residual::{
 impl Chunk<ResidualForward> {
     /// Tangents along `v_conv` through the convolutions (module docs) and, with `second`, the
     /// second-order ones: z̈ = conv(ẍ, W) + 2 conv(ẋ, V) (+ S ẍ), gated. Each convolution of an
-    /// input tangent goes through what its layer keeps of it ([`ConvLayer::keep`]: its patches,
+    /// input tangent goes through what its layer keeps of it ([`keep`]: its patches,
     /// or the padded image that the 16-channel ones read in place), returned for the weight
     /// terms of H v.
+    ///
+    /// [`keep`]: crate::nn::residual::ConvLayer::keep
     fn trunk_tangents(
         &self,
         v_conv: &[Tensor],
