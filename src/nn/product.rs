@@ -38,8 +38,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Output channels of [`same_convolution_16`].
 pub const SAME_CONVOLUTION_WIDTH: usize = narrow::WIDTH;
 
-/// Whether [`same_convolution_16`] and [`same_weight_gradient_16`] read the padding of `x` in
-/// place: a nonempty contiguous f32 tensor on the CPU, on an AVX-512 CPU.
+/// Whether [`same_convolution_16`] and [`same_weight_gradient_16`] read `x`, once padded
+/// ([`pad_image`]), in place: a nonempty contiguous f32 tensor on the CPU, on an AVX-512 CPU.
 pub fn reads_in_place(x: &Tensor) -> bool {
     let (storage, layout) = x.storage_and_layout();
     x.elem_count() > 0 && narrow::available() && cpu_f32(&storage, layout).is_some()
@@ -61,13 +61,14 @@ pub fn pad_image(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `kernel` run on the image that `padded` holds zero-padded ([`pad_image`]) and on the values of
-/// `other`, when both are contiguous f32 on the CPU, the image is not empty and this CPU runs the
-/// 16-wide kernels; `None` otherwise.
+/// `kernel` run on the image that `padded` holds zero-padded ([`pad_image`]), on the values of
+/// `other` and on whether to thread (from 2²¹ multiply-adds of a 3×3 window to 16 channels on),
+/// when both are contiguous f32 on the CPU, the image is not empty and this CPU runs the 16-wide
+/// kernels; `None` otherwise.
 fn padded_operands<T>(
     padded: &Tensor,
     other: &Tensor,
-    kernel: impl FnOnce(narrow::Padded<'_>, &[f32]) -> T,
+    kernel: impl FnOnce(narrow::Padded<'_>, &[f32], bool) -> T,
 ) -> Result<Option<T>> {
     let (n, hp, wp, c) = padded.dims4()?;
     if hp < 2 || wp < 2 || n * (hp - 2) * (wp - 2) * c == 0 || !narrow::available() {
@@ -79,8 +80,9 @@ fn padded_operands<T>(
     else {
         return Ok(None);
     };
-    let x = narrow::Padded::new(x, (n, hp - 2, wp - 2, c));
-    Ok(Some(kernel(x, other)))
+    let dims = (n, hp - 2, wp - 2, c);
+    let parallel = dims.0 * dims.1 * dims.2 * 9 * c * narrow::WIDTH >= BAND_WORK;
+    Ok(Some(kernel(narrow::Padded::new(x, dims), other, parallel)))
 }
 
 /// conv(x, K) for an image x (N, H, W, C) given zero-padded ([`pad_image`]) and `kernel` K
@@ -94,9 +96,8 @@ pub fn same_convolution_16(padded: &Tensor, kernel: &Tensor) -> Result<Option<Te
         return Ok(None);
     }
     let (h, w) = (hp.saturating_sub(2), wp.saturating_sub(2));
-    let out = padded_operands(padded, kernel, |x, k| {
+    let out = padded_operands(padded, kernel, |x, k, parallel| {
         let mut out = vec![0f32; n * h * w * narrow::WIDTH];
-        let parallel = n * h * w * 9 * c * narrow::WIDTH >= BAND_WORK;
         narrow::convolution(&mut out, x, k, parallel);
         out
     })?;
@@ -116,9 +117,8 @@ pub fn same_weight_gradient_16(padded: &Tensor, delta: &Tensor) -> Result<Option
     if c != narrow::WIDTH || delta.dims() != [n, h, w, narrow::WIDTH] {
         return Ok(None);
     }
-    let out = padded_operands(padded, delta, |x, delta| {
+    let out = padded_operands(padded, delta, |x, delta, parallel| {
         let mut out = vec![0f32; 9 * c * narrow::WIDTH];
-        let parallel = n * h * w * 9 * c * narrow::WIDTH >= BAND_WORK;
         narrow::weight_gradient(&mut out, x, delta, parallel);
         out
     })?;

@@ -146,9 +146,15 @@ impl ConvInput {
     fn convolve(&self, kernel: &Tensor, out: Dims) -> Result<Tensor> {
         match self {
             Self::Padded(padded) => same_convolution(padded, kernel),
-            Self::Patches(patches) => matmul(patches, &kernel_matrix(kernel)?)?.reshape(out),
+            Self::Patches(patches) => patch_convolution(patches, &kernel_matrix(kernel)?, out),
         }
     }
+}
+
+/// `patches` (of an image, on some window) times `kernel`, a kernel matrix (9·C_in, C_out), shaped
+/// `out` (N, H_o, W_o, C_out).
+fn patch_convolution(patches: &Tensor, kernel: &Tensor, out: Dims) -> Result<Tensor> {
+    matmul(patches, kernel)?.reshape(out)
 }
 
 /// conv(`x`, `weight`) on `window` for `x` (N, H, W, C_in), (N, H_o, W_o, C_out), no patches
@@ -166,7 +172,7 @@ fn convolution(x: &Tensor, weight: &Tensor, window: Window) -> Result<Tensor> {
         window.output_len(w)?,
         weight.dim(0)?,
     );
-    matmul(&window_patches(x, window)?, &kernel_matrix(weight)?)?.reshape(out)
+    patch_convolution(&window_patches(x, window)?, &kernel_matrix(weight)?, out)
 }
 
 /// conv(x, `weight`) on a 3×3 window with stride 1 and padding 1 for the image x (N, H, W, C_in)
@@ -179,7 +185,7 @@ fn same_convolution(padded: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
     let (n, hp, wp, _) = padded.dims4()?;
     let out = (n, hp - 2, wp - 2, kernel.dim(1)?);
-    matmul(&window_patches(padded, Window::valid(3))?, &kernel)?.reshape(out)
+    patch_convolution(&window_patches(padded, Window::valid(3))?, &kernel, out)
 }
 
 /// ReLU(`y` + `add`) and its gate, for a convolution's output `y` (N, H, W, C).
@@ -204,13 +210,14 @@ impl ConvLayer {
         let window = window(stride);
         let c_out = weight.dim(0)?;
         let input = ConvInput::of(x, window, c_out)?;
-        let (n, h, w, _) = x.dims4()?;
+        let input_dims = x.dims4()?;
+        let (n, h, w, _) = input_dims;
         let out = (n, window.output_len(h)?, window.output_len(w)?, c_out);
         let (a, gate) = rectify(input.convolve(&weight, out)?, add)?;
         let layer = Self {
             weight,
             window,
-            input_dims: x.dims4()?,
+            input_dims,
             input,
             gate,
         };

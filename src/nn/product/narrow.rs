@@ -149,15 +149,14 @@ pub(super) fn weight_gradient(dst: &mut [f32], x: Padded<'_>, delta: &[f32], par
         }
         sums
     };
-    let firsts = (0..n * h).step_by(rows_per_task.max(1));
     let blocks: Vec<Vec<f32>> = if parallel {
-        firsts
-            .collect::<Vec<_>>()
+        (0..n * h)
             .into_par_iter()
+            .step_by(rows_per_task)
             .map(block)
             .collect()
     } else {
-        firsts.map(block).collect()
+        (0..n * h).step_by(rows_per_task).map(block).collect()
     };
     dst.fill(0.0);
     for sums in blocks {
