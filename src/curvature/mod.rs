@@ -30,7 +30,7 @@ pub mod vector;
 
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)] // dense reference linear algebra reads best indexed
-mod testing;
+pub(crate) mod testing;
 
 pub use alignment::{
     model_gradient_alignment, AlignmentBins, AlignmentConfig, AlignmentReport, Histogram,

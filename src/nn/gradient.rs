@@ -6,20 +6,44 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::conv::ConvForward;
-use super::dense::{DenseForward, SampleWeights};
+use super::dense::{output_gradient, DenseForward, SampleWeights};
 use super::loss::{per_sample_loss, LossKind, Targets};
-use super::pass::{Forward, Pass};
+use super::pass::{Backward, Forward};
 use super::residual::ResidualForward;
 use super::{Model, Param};
 
-/// [`loss_and_gradient`] by a model's hand-written passes.
+/// [`backpropagate`] by a model's hand-written passes.
 fn by_hand<F: Forward>(
     forward: Result<F>,
-    kind: LossKind,
-    targets: &Targets,
-    weights: &SampleWeights,
+    cotangent: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    Pass::new(forward?, kind, targets, weights)?.losses_and_gradient(kind, targets)
+    let forward = forward?;
+    let gradient = forward.backward(cotangent(forward.outputs())?)?;
+    Ok((forward.outputs().clone(), gradient.into_gradient()))
+}
+
+/// The outputs f (N, K) of a batch and the gradient of Σ_{i,k} c_ik f_ik with c = `cotangent(f)`
+/// held fixed (the vector–Jacobian product cᵀ ∂f/∂θ), one detached tensor per parameter in the
+/// model's order: by the hand-written passes of a dense stack, a conv net or (on the CPU) a
+/// residual net, by candle's autograd otherwise.
+pub fn backpropagate(
+    model: &dyn Model,
+    inputs: &Tensor,
+    cotangent: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    if let Some(stack) = model.dense_stack() {
+        return by_hand(DenseForward::run(stack, inputs, false), cotangent);
+    }
+    if let Some(net) = model.conv_net() {
+        return by_hand(ConvForward::run(net, inputs), cotangent);
+    }
+    if let Some(net) = model.residual_net() {
+        return by_hand(ResidualForward::run(net, inputs), cotangent);
+    }
+    let outputs = model.forward(inputs)?;
+    let objective = (&outputs * cotangent(&outputs.detach())?)?.sum_all()?;
+    let gradient = param_grads(&objective, model.params(), false)?;
+    Ok((outputs.detach(), gradient))
 }
 
 /// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, one detached tensor
@@ -31,23 +55,10 @@ pub fn loss_and_gradient(
     targets: &Targets,
     weights: &SampleWeights,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    if let Some(stack) = model.dense_stack() {
-        let forward = DenseForward::run(stack, inputs, false);
-        return by_hand(forward, kind, targets, weights);
-    }
-    if let Some(net) = model.conv_net() {
-        return by_hand(ConvForward::run(net, inputs), kind, targets, weights);
-    }
-    if let Some(net) = model.residual_net() {
-        return by_hand(ResidualForward::run(net, inputs), kind, targets, weights);
-    }
-    let losses = per_sample_loss(kind, &model.forward(inputs)?, targets)?;
-    let objective = match weights {
-        SampleWeights::Uniform(c) => losses.sum_all()?.affine(*c, 0.0)?,
-        SampleWeights::PerSample(w) => (&losses * w.squeeze(1)?)?.sum_all()?,
-    };
-    let gradient = param_grads(&objective, model.params(), false)?;
-    Ok((losses.detach(), gradient))
+    let (outputs, gradient) = backpropagate(model, inputs, |f| {
+        weights.apply(&output_gradient(kind, f, targets)?.0)
+    })?;
+    Ok((per_sample_loss(kind, &outputs, targets)?, gradient))
 }
 
 /// ∂(scalar)/∂params by candle's autograd, one tensor per parameter (zeros where the scalar does

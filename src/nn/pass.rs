@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 
 use super::dense::{output_gradient, DenseBackward, DenseForward, SampleWeights};
-use super::loss::{per_sample_loss, LossKind, Targets};
+use super::loss::{LossKind, Targets};
 
 /// A network's retained forward pass of a batch.
 pub trait Forward {
@@ -58,16 +58,6 @@ impl<F: Forward> Pass<F> {
             backward,
             probs,
         })
-    }
-
-    /// The per-sample losses ℓ_i (N,) and the gradient of the objective.
-    pub fn losses_and_gradient(
-        self,
-        kind: LossKind,
-        targets: &Targets,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let losses = per_sample_loss(kind, self.forward.outputs(), targets)?;
-        Ok((losses, self.backward.into_gradient()))
     }
 }
 

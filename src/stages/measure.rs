@@ -78,7 +78,11 @@ impl Stage for MeasureStage {
         // 2: MLP curvature by hand-written forward-over-reverse passes (same values to rounding).
         // 3 (batch sharpness, GNI, IAS only): an MLP's batches many per pass (same values to
         // rounding).
-        if samples_batch_quotients(&params["measure"]) {
+        // 4 (alignment only): per-sample model gradients by hand-written passes (same values to
+        // rounding).
+        if !params["alignment"].is_null() {
+            4
+        } else if samples_batch_quotients(&params["measure"]) {
             3
         } else {
             2
@@ -519,6 +523,17 @@ mod tests {
             path(json!({"measure": some, "steps": []})),
             Err("steps".to_string())
         );
+    }
+
+    #[test]
+    fn versions_change_only_for_the_measurements_whose_values_changed() {
+        let version =
+            |raw: Value| MeasureStage.version(&MeasureStage.resolve(&raw).unwrap().params);
+        assert_eq!(version(json!({"alignment": {"samples": 8}})), 4);
+        let lambda = json!({"lambda_max": {"every": 100}});
+        assert_eq!(version(json!({"measure": lambda})), 2);
+        let sharpness = json!({"batch_sharpness": {"every": 100}});
+        assert_eq!(version(json!({"measure": sharpness})), 3);
     }
 
     #[test]

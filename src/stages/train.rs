@@ -64,8 +64,16 @@ impl Stage for TrainStage {
         // (same values to rounding).
         // 7 (the ResNets only): the 16-channel convolutions' weight and input gradients read the
         // padded image in place, in another order of summation (same values to rounding).
+        // 8 for the ResNets, 5 for the CNN (diagonal and isotropic noise only): the per-sample
+        // gradients of the noise variances by hand-written passes (same values to rounding).
+        let per_sample_variances = matches!(
+            params["dynamics"].as_str(),
+            Some("diagonal_noise" | "isotropic_noise")
+        );
         match params["model"]["arch"].as_str() {
+            Some("resnet") if per_sample_variances => 8,
             Some("resnet") => 7,
+            Some("cnn") if per_sample_variances => 5,
             Some("cnn") => 4,
             _ if samples_batch_quotients(&params["measure"]) => 5,
             _ => 3,
@@ -549,6 +557,21 @@ mod tests {
         );
         assert_eq!(version(mlp(), json!({"gni": {"every": 2}})), 5);
         let resnet = json!({"arch": "resnet", "depth": 14});
-        assert_eq!(version(resnet, nothing), 7);
+        assert_eq!(version(resnet.clone(), nothing.clone()), 7);
+        // Noisy dynamics: only those that take per-sample gradient variances of a conv net.
+        let noisy = |model: serde_json::Value, dynamics: &str| {
+            let raw = json!({
+                "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
+                "batch_size": 8, "steps": 10, "dynamics": dynamics,
+                "noise_refresh_every": 1
+            });
+            TrainStage.version(&TrainStage.resolve(&raw).unwrap().params)
+        };
+        assert_eq!(noisy(json!({"arch": "cnn"}), "diagonal_noise"), 5);
+        assert_eq!(noisy(json!({"arch": "cnn"}), "isotropic_noise"), 5);
+        assert_eq!(noisy(json!({"arch": "cnn"}), "resampling_noise"), 4);
+        assert_eq!(noisy(resnet.clone(), "isotropic_noise"), 8);
+        assert_eq!(noisy(resnet, "sde"), 7);
+        assert_eq!(noisy(mlp(), "diagonal_noise"), 3);
     }
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::dense::{gradient_moments, SampleWeights};
 use crate::nn::gradient::{loss_and_gradient, mean_loss_and_gradient};
-use crate::nn::loss::{per_sample_loss, LossKind, Targets};
+use crate::nn::loss::{LossKind, Targets};
 use crate::nn::Model;
 
 /// The update rule of a run (a plain name, so that it can be swept in a matrix; its settings are
@@ -127,7 +127,8 @@ impl FullBatch<'_> {
 
     /// Per-coordinate variances diag(Σ) of the per-sample gradients, from running sums of g_i and
     /// g_i² (memory O(d)): for a dense stack in closed form chunk by chunk
-    /// ([`gradient_moments`]), otherwise one backward pass per sample.
+    /// ([`gradient_moments`]), otherwise one backward pass per sample
+    /// ([`loss_and_gradient`] on a batch of one).
     pub fn gradient_variances(&self, model: &dyn Model) -> Result<Vec<Tensor>> {
         let params = model.params();
         let n = self.n();
@@ -150,17 +151,14 @@ impl FullBatch<'_> {
             .map(|p| p.var.zeros_like())
             .collect::<Result<_>>()?;
         let mut sum_sq = sum.clone();
+        let one = SampleWeights::Uniform(1.0);
         for i in 0..n {
-            let outputs = model.forward(&self.images.narrow(0, i, 1)?)?;
-            let loss =
-                per_sample_loss(self.loss, &outputs, &self.targets.narrow(i, 1)?)?.sum_all()?;
-            let grads = loss.backward()?;
-            for (k, param) in params.iter().enumerate() {
-                if let Some(g) = grads.get(param.var.as_tensor()) {
-                    let g = g.detach();
-                    sum_sq[k] = (&sum_sq[k] + g.sqr()?)?;
-                    sum[k] = (&sum[k] + g)?;
-                }
+            let inputs = self.images.narrow(0, i, 1)?;
+            let targets = self.targets.narrow(i, 1)?;
+            let (_, gradient) = loss_and_gradient(model, self.loss, &inputs, &targets, &one)?;
+            for (k, g) in gradient.into_iter().enumerate() {
+                sum_sq[k] = (&sum_sq[k] + g.sqr()?)?;
+                sum[k] = (&sum[k] + g)?;
             }
         }
         variances(&sum, &sum_sq, n)

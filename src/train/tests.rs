@@ -437,3 +437,44 @@ fn sde_paths_differ_only_by_their_seed() {
     assert_eq!(ckpt(0), ckpt(1));
     assert_ne!(ckpt(0), ckpt(2));
 }
+
+#[test]
+fn gradient_variances_of_the_conv_nets_equal_those_of_autograd_gradients() {
+    // The CNN and ResNet-8 in f64, cross-entropy: the variances come from one hand-written
+    // backward pass per sample, the reference from candle's autograd on each sample.
+    for spec in [ModelSpec::Cnn {}, ModelSpec::Resnet { depth: 8 }] {
+        let model = spec
+            .build(
+                [2, 12, 12],
+                3,
+                1.0,
+                5,
+                candle_core::DType::F64,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+        assert!(model.conv_net().is_some() || model.residual_net().is_some());
+        let batch = crate::curvature::testing::data(6, [2, 12, 12], 3, 6);
+        let full = FullBatch {
+            images: &batch.inputs,
+            targets: &batch.targets,
+            loss: LossKind::CrossEntropy,
+            chunk: 4,
+        };
+        let variances = flatten(full.gradient_variances(model.as_ref()).unwrap().into_iter());
+        let per_sample = per_sample_gradients(model.as_ref(), &full);
+        let moment =
+            |j: usize, power: i32| per_sample.iter().map(|g| g[j].powi(power)).sum::<f64>() / 6.0;
+        let reference: Vec<f64> = (0..variances.len())
+            .map(|j| moment(j, 2) - moment(j, 1).powi(2))
+            .collect();
+        let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (j, (got, want)) in variances.iter().zip(&reference).enumerate() {
+            assert!(
+                (got - want).abs() < 1e-10 * scale,
+                "{spec:?} coordinate {j}: {got} vs {want}"
+            );
+        }
+    }
+}
