@@ -2,10 +2,14 @@
 //! gradients ∇_θ f_k(x_i) of one model output, their Gram matrix, and histograms of the pairwise
 //! dot products and cosines (i < j) and of the squared norms.
 //!
-//! The gradients of a block of samples are kept as rows of one (block × d) tensor on the model's
-//! device and the Gram matrix is built block by block with a matrix product; when all m gradients
-//! do not fit in `max_floats`, blocks are recomputed (m² / block² extra backward passes) instead of
-//! storing all m·d floats.
+//! A model with hand-written passes ends in dense layers, whose per-sample gradients are outer
+//! products a δᵀ: their part of the Gram matrix has a closed form in the layers' inputs and deltas
+//! ([`gradient_gram`]; the whole of it for the MLP, from one batched pass; 95 % of the CNN's
+//! parameters). The gradients of the other parameters (the convolutions; all of them for a model
+//! without hand-written passes) of a block of samples are kept as rows of one (block × d) tensor on
+//! the model's device, and their Gram matrix is built block by block with a matrix product; when
+//! all m rows do not fit in `max_floats`, blocks are recomputed (m² / block² extra backward passes)
+//! instead of storing all m·d floats.
 
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
@@ -223,8 +227,8 @@ pub struct AlignmentConfig {
     /// Which model output f_k to differentiate (default 0, the paper's one-output ±1 setup).
     #[serde(default)]
     pub output: usize,
-    /// Most gradient floats held at once (≥ the parameter count); bounds memory (default 2²⁸,
-    /// 1 GiB of f32).
+    /// Most gradient floats held at once (≥ the parameters outside the dense head, the
+    /// convolutions'); bounds memory (default 2²⁸, 1 GiB of f32).
     #[serde(default = "default_max_floats")]
     pub max_floats: usize,
     /// Histogram edges (default: [`AUTO_BINS`] equal bins over each statistic's range).
@@ -233,9 +237,11 @@ pub struct AlignmentConfig {
 }
 
 /// The cotangent that picks output `output` of every sample of the outputs `f` (N, K): ones in
-/// that column, zeros elsewhere.
-fn selector(f: &Tensor, output: usize) -> candle_core::Result<Tensor> {
+/// that column, zeros elsewhere. Records K in `outputs`; where the model has no such output, a
+/// zero cotangent stands in until the caller returns [`output_error`].
+fn selector(f: &Tensor, output: usize, outputs: &mut usize) -> candle_core::Result<Tensor> {
     let (n, k) = f.dims2()?;
+    *outputs = k;
     let row: Vec<f32> = (0..k).map(|j| f32::from(j == output)).collect();
     Tensor::from_vec(row, (1, k), f.device())?
         .to_dtype(f.dtype())?
@@ -243,17 +249,7 @@ fn selector(f: &Tensor, output: usize) -> candle_core::Result<Tensor> {
         .contiguous()
 }
 
-/// [`selector`], or an error naming `output` when the model has no such output (a zero cotangent
-/// stands in until the caller returns that error).
-fn checked_selector(f: &Tensor, output: usize, outputs: &mut usize) -> candle_core::Result<Tensor> {
-    *outputs = f.dim(1)?;
-    if output < *outputs {
-        selector(f, output)
-    } else {
-        f.zeros_like()
-    }
-}
-
+/// The error of asking for output `output` of a model with `outputs` outputs.
 fn output_error(output: usize, outputs: usize) -> CurvatureError {
     CurvatureError::Config {
         field: "output",
@@ -261,32 +257,84 @@ fn output_error(output: usize, outputs: usize) -> CurvatureError {
     }
 }
 
-/// The gradients of output `output` of each sample in `rows`, as rows of a (len × d) tensor: one
-/// backward pass per sample, by the model's hand-written passes where it has them.
-fn gradient_rows(model: &dyn Model, data: &Batch, rows: &[usize], output: usize) -> Result<Tensor> {
+/// How many of a model's parameter tensors, in order, get explicit per-sample gradient rows: all
+/// but those of its dense head, whose Gram matrix has a closed form ([`gradient_gram`]).
+fn row_params(model: &dyn Model) -> usize {
+    let head = model.dense_head().map_or(0, |head| head.params.len());
+    model.params().len() - head
+}
+
+/// Per-sample gradients of output `output` of a block of samples.
+struct GradientRows {
+    /// The gradients of the first [`row_params`] parameters, one row (len × d') per sample; `None`
+    /// when there are none.
+    rows: Option<Tensor>,
+    /// The dense head's layer inputs and deltas (each len × width), when it has one.
+    head: Option<(Vec<Tensor>, Vec<Tensor>)>,
+}
+
+/// Per-layer tensors of several groups of samples (each a list of one tensor per layer), stacked
+/// layer by layer along the samples.
+fn by_layer(groups: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    let layers = groups.first().map_or(0, Vec::len);
+    (0..layers)
+        .map(|l| {
+            let layer: Vec<Tensor> = groups.iter().map(|g| g[l].clone()).collect();
+            Tensor::cat(&layer, 0).ctx("per-sample model gradient")
+        })
+        .collect()
+}
+
+/// [`GradientRows`] of the samples `rows`: one backward pass per sample, by the model's
+/// hand-written passes where it has them; a dense stack (nothing but a head) in one batched pass.
+fn gradient_rows(
+    model: &dyn Model,
+    data: &Batch,
+    rows: &[usize],
+    output: usize,
+) -> Result<GradientRows> {
     let ctx = "per-sample model gradient";
-    let mut out = Vec::with_capacity(rows.len());
-    for &r in rows {
-        let x = data.inputs.narrow(0, r, 1).ctx(ctx)?;
+    let explicit = row_params(model);
+    let passes = if explicit == 0 {
+        vec![data.select(rows)?.inputs]
+    } else {
+        let single = |&r: &usize| data.inputs.narrow(0, r, 1).ctx(ctx);
+        rows.iter().map(single).collect::<Result<_>>()?
+    };
+    let (mut explicit_rows, mut inputs, mut deltas) = (Vec::new(), Vec::new(), Vec::new());
+    for x in &passes {
         let mut outputs = 0;
-        let (_, parts) =
-            backpropagate(model, &x, |f| checked_selector(f, output, &mut outputs)).ctx(ctx)?;
+        let pass = backpropagate(model, x, |f| selector(f, output, &mut outputs)).ctx(ctx)?;
         if output >= outputs {
             return Err(output_error(output, outputs));
         }
-        let parts = parts
-            .iter()
-            .map(Tensor::flatten_all)
-            .collect::<candle_core::Result<Vec<_>>>()
-            .ctx(ctx)?;
-        out.push(Tensor::cat(&parts, 0).ctx(ctx)?);
+        if explicit > 0 {
+            let parts = pass.gradient[..explicit]
+                .iter()
+                .map(Tensor::flatten_all)
+                .collect::<candle_core::Result<Vec<_>>>()
+                .ctx(ctx)?;
+            explicit_rows.push(Tensor::cat(&parts, 0).ctx(ctx)?);
+        }
+        if let Some((a, delta)) = pass.head {
+            inputs.push(a);
+            deltas.push(delta);
+        }
     }
-    Tensor::stack(&out, 0).ctx(ctx)
+    let rows = match explicit_rows.is_empty() {
+        true => None,
+        false => Some(Tensor::stack(&explicit_rows, 0).ctx(ctx)?),
+    };
+    let head = match inputs.is_empty() {
+        true => None,
+        false => Some((by_layer(inputs)?, by_layer(deltas)?)),
+    };
+    Ok(GradientRows { rows, head })
 }
 
-/// Gram matrix of per-sample gradients of output `output` over `rows`: for a dense stack in
-/// closed form from one batched pass ([`gradient_gram`]); otherwise from the gradients
-/// themselves, in blocks of at most `block` samples.
+/// Gram matrix of per-sample gradients of output `output` over `rows`: the explicit gradient
+/// rows' products, in blocks of at most `block` samples, plus the dense head's part in closed
+/// form ([`gradient_gram`]).
 pub fn model_gradient_gram(
     model: &dyn Model,
     data: &Batch,
@@ -295,34 +343,26 @@ pub fn model_gradient_gram(
     block: usize,
 ) -> Result<Vec<Vec<f64>>> {
     let ctx = "model-gradient Gram matrix";
-    if let Some(stack) = model.dense_stack() {
-        let inputs = data.select(rows)?.inputs;
-        let mut outputs = 0;
-        let gram = gradient_gram(stack, &inputs, |f| {
-            checked_selector(f, output, &mut outputs)
-        })
-        .ctx(ctx)?;
-        if output >= outputs {
-            return Err(output_error(output, outputs));
-        }
-        return gram
-            .to_dtype(DType::F64)
-            .and_then(|g| g.to_vec2::<f64>())
-            .ctx(ctx);
-    }
     let block = block.max(1);
     let m = rows.len();
     let mut gram = vec![vec![0.0; m]; m];
+    let (mut head_inputs, mut head_deltas) = (Vec::new(), Vec::new());
     let starts: Vec<usize> = (0..m).step_by(block).collect();
     for (bi, &si) in starts.iter().enumerate() {
         let ri = &rows[si..(si + block).min(m)];
         let a = gradient_rows(model, data, ri, output)?;
+        if let Some((inputs, deltas)) = a.head {
+            head_inputs.push(inputs);
+            head_deltas.push(deltas);
+        }
+        let Some(a) = a.rows else { continue };
         for &sj in &starts[bi..] {
             let rj = &rows[sj..(sj + block).min(m)];
             let b = if sj == si {
                 a.clone()
             } else {
-                gradient_rows(model, data, rj, output)?
+                let b = gradient_rows(model, data, rj, output)?.rows;
+                b.ok_or_else(|| CurvatureError::Batch("no gradient rows".into()))?
             };
             let g = a
                 .matmul(&b.t().ctx(ctx)?)
@@ -334,6 +374,17 @@ pub fn model_gradient_gram(
                     gram[si + i][sj + j] = *v;
                     gram[sj + j][si + i] = *v;
                 }
+            }
+        }
+    }
+    if !head_inputs.is_empty() {
+        let head = gradient_gram(&by_layer(head_inputs)?, &by_layer(head_deltas)?)
+            .and_then(|g| g.to_dtype(DType::F64))
+            .and_then(|g| g.to_vec2::<f64>())
+            .ctx(ctx)?;
+        for (row, head_row) in gram.iter_mut().zip(head) {
+            for (v, h) in row.iter_mut().zip(head_row) {
+                *v += h;
             }
         }
     }
@@ -352,19 +403,22 @@ pub fn model_gradient_alignment(
             field: "samples",
             message: format!("must be in 1..={}, got {}", data.len(), cfg.samples),
         })?;
-    let d: usize = model
-        .params()
+    // The floats of one sample's explicit gradient row.
+    let d: usize = model.params()[..row_params(model)]
         .iter()
         .map(|p| p.var.as_tensor().elem_count())
         .sum();
     if cfg.max_floats < d {
         return Err(CurvatureError::Config {
             field: "max_floats",
-            message: format!("{} is below one gradient ({d} parameters)", cfg.max_floats),
+            message: format!(
+                "{} is below one gradient row ({d} parameters outside the dense head)",
+                cfg.max_floats
+            ),
         });
     }
     // Two blocks are alive at once.
-    let block = (cfg.max_floats / d / 2).max(1);
+    let block = (cfg.max_floats / d.max(1) / 2).max(1);
     let gram = model_gradient_gram(model, data, &rows, cfg.output, block)?;
     AlignmentReport::from_gram(rows, gram, cfg.bins.as_ref())
 }
@@ -477,11 +531,9 @@ mod tests {
             let model = spec
                 .build([2, 12, 12], 3, 1.0, 41, DType::F64, &Device::Cpu)
                 .unwrap();
-            assert!(
-                model.dense_stack().is_some()
-                    || model.conv_net().is_some()
-                    || model.residual_net().is_some()
-            );
+            // Only the parameters below the dense head get explicit rows (none for the MLP).
+            let head = model.dense_head().unwrap().params.len();
+            assert_eq!(row_params(model.as_ref()), model.params().len() - head);
             for (i, p) in model.params().iter().enumerate() {
                 if p.name.ends_with("bias") {
                     p.var
@@ -492,7 +544,9 @@ mod tests {
             let batch = data(5, [2, 12, 12], 3, 42);
             let rows = [4, 1, 2];
             let error = model_gradient_gram(model.as_ref(), &batch, &rows, 3, 2).unwrap_err();
-            assert!(error.to_string().contains("output 3 of a model with 3 outputs"));
+            assert!(error
+                .to_string()
+                .contains("output 3 of a model with 3 outputs"));
             let g = reference_gradients(model.as_ref(), &batch, &rows, 2);
             let gram = model_gradient_gram(model.as_ref(), &batch, &rows, 2, 2).unwrap();
             let scale = dot(&g[0], &g[0]);

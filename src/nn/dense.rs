@@ -186,19 +186,13 @@ pub fn gradient_moments(
     Ok((backward.gradient, squares))
 }
 
-/// The Gram matrix (N, N) of the per-sample gradients g_i = ∂(c_iᵀ f_i)/∂θ of a batch, with
-/// c = `cotangent(f)`, without forming any g_i: layer l's part of g_i is the outer product
-/// a_{l,i} δ_{l,i}ᵀ and its bias's is δ_{l,i}, so ⟨g_i, g_j⟩ = Σ_l (a_{l,i}·a_{l,j} + 1)
-/// (δ_{l,i}·δ_{l,j}). Memory: the batch's activations and a few (N, N) matrices.
-pub fn gradient_gram(
-    stack: DenseStack<'_>,
-    inputs: &Tensor,
-    cotangent: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let forward = DenseForward::run(stack, inputs, false)?;
-    let backward = forward.backward_to(cotangent(&forward.outputs)?, false)?;
+/// The Gram matrix (N, N) of the per-sample gradients of dense layers with inputs a_l (N, in_l)
+/// and deltas δ_l (N, out_l), without forming any: sample i's gradient of layer l is the outer
+/// product a_{l,i} δ_{l,i}ᵀ and of its bias δ_{l,i}, so ⟨g_i, g_j⟩ = Σ_l (a_{l,i}·a_{l,j} + 1)
+/// (δ_{l,i}·δ_{l,j}).
+pub fn gradient_gram(inputs: &[Tensor], deltas: &[Tensor]) -> Result<Tensor> {
     let mut gram: Option<Tensor> = None;
-    for (a, delta) in forward.inputs.iter().zip(&backward.deltas) {
+    for (a, delta) in inputs.iter().zip(deltas) {
         let with_bias = matmul(a, &a.t()?)?.affine(1.0, 1.0)?;
         let term = (with_bias * matmul(delta, &delta.t()?)?)?;
         gram = Some(match gram {
@@ -206,7 +200,7 @@ pub fn gradient_gram(
             Some(g) => (g + term)?,
         });
     }
-    gram.ok_or_else(|| candle_core::Error::Msg("a dense stack without layers".into()))
+    gram.ok_or_else(|| candle_core::Error::Msg("no dense layer".into()))
 }
 
 #[cfg(test)]

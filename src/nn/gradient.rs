@@ -12,25 +12,45 @@ use super::pass::{Backward, Forward};
 use super::residual::ResidualForward;
 use super::{Model, Param};
 
+/// What [`backpropagate`] gives.
+pub struct Backpropagation {
+    /// The outputs f (N, K).
+    pub outputs: Tensor,
+    /// cᵀ ∂f/∂θ, one detached tensor per parameter in the model's order.
+    pub gradient: Vec<Tensor>,
+    /// By hand-written passes, the inputs a_l (N, in_l) and the deltas δ_l (N, out_l) of each
+    /// layer of the dense head ([`Model::dense_head`]): sample i's gradient of layer l is
+    /// a_{l,i} δ_{l,i}ᵀ.
+    pub head: Option<(Vec<Tensor>, Vec<Tensor>)>,
+}
+
 /// [`backpropagate`] by a model's hand-written passes.
 fn by_hand<F: Forward>(
     forward: Result<F>,
     cotangent: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, Vec<Tensor>)> {
+) -> Result<Backpropagation> {
     let forward = forward?;
-    let gradient = forward.backward(cotangent(forward.outputs())?)?;
-    Ok((forward.outputs().clone(), gradient.into_gradient()))
+    let backward = forward.backward(cotangent(forward.outputs())?)?;
+    let head = (
+        forward.head().inputs.clone(),
+        backward.head().deltas.clone(),
+    );
+    Ok(Backpropagation {
+        outputs: forward.outputs().clone(),
+        gradient: backward.into_gradient(),
+        head: Some(head),
+    })
 }
 
-/// The outputs f (N, K) of a batch and the gradient of Σ_{i,k} c_ik f_ik with c = `cotangent(f)`
-/// held fixed (the vector–Jacobian product cᵀ ∂f/∂θ), one detached tensor per parameter in the
-/// model's order: by the hand-written passes of a dense stack, a conv net or (on the CPU) a
-/// residual net, by candle's autograd otherwise.
+/// Backpropagates `cotangent(f)` = c (N, K), held fixed, from the outputs f of a batch: the
+/// gradient of Σ_{i,k} c_ik f_ik (the vector–Jacobian product cᵀ ∂f/∂θ), by the hand-written
+/// passes of a dense stack, a conv net or (on the CPU) a residual net, by candle's autograd
+/// otherwise.
 pub fn backpropagate(
     model: &dyn Model,
     inputs: &Tensor,
     cotangent: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, Vec<Tensor>)> {
+) -> Result<Backpropagation> {
     if let Some(stack) = model.dense_stack() {
         return by_hand(DenseForward::run(stack, inputs, false), cotangent);
     }
@@ -42,8 +62,11 @@ pub fn backpropagate(
     }
     let outputs = model.forward(inputs)?;
     let objective = (&outputs * cotangent(&outputs.detach())?)?.sum_all()?;
-    let gradient = param_grads(&objective, model.params(), false)?;
-    Ok((outputs.detach(), gradient))
+    Ok(Backpropagation {
+        gradient: param_grads(&objective, model.params(), false)?,
+        outputs: outputs.detach(),
+        head: None,
+    })
 }
 
 /// The per-sample losses ℓ_i (N,) of a batch and the gradient of Σ_i c_i ℓ_i, one detached tensor
@@ -55,10 +78,13 @@ pub fn loss_and_gradient(
     targets: &Targets,
     weights: &SampleWeights,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let (outputs, gradient) = backpropagate(model, inputs, |f| {
+    let pass = backpropagate(model, inputs, |f| {
         weights.apply(&output_gradient(kind, f, targets)?.0)
     })?;
-    Ok((per_sample_loss(kind, &outputs, targets)?, gradient))
+    Ok((
+        per_sample_loss(kind, &pass.outputs, targets)?,
+        pass.gradient,
+    ))
 }
 
 /// ∂(scalar)/∂params by candle's autograd, one tensor per parameter (zeros where the scalar does

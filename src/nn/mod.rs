@@ -72,6 +72,13 @@ pub trait Model: Send + Sync {
     fn residual_net(&self) -> Option<ResidualNet<'_>> {
         None
     }
+    /// The dense layers at the top of a network with hand-written passes (all of a dense stack):
+    /// the last parameters, whose per-sample gradients are outer products.
+    fn dense_head(&self) -> Option<DenseStack<'_>> {
+        self.dense_stack()
+            .or_else(|| self.conv_net().map(|net| net.head))
+            .or_else(|| self.residual_net().map(|net| net.head))
+    }
 }
 
 /// A network that flattens its input, then applies dense layers `x ↦ x W + b` (weights stored
