@@ -15,7 +15,8 @@ more than cnn_chunk samples, chunk by chunk with each chunk's graph rebuilt, as 
 (forward + backward with graph + one HVP), lambda_max_cold / lambda_max_warm (Lanczos with full
 reorthogonalisation and the same relative-residual stop as eoss; warm: after one full-batch gradient
 step, started from the previous top eigenvector), batch_sharpness (mean of g_B' H_B g_B / |g_B|^2
-over a fixed number of random batches).
+over a fixed number of random batches), alignment (the gradients of output 0 of each of size
+samples by torch.func's vmap of grad, and their Gram matrix).
 """
 import json
 import sys
@@ -261,6 +262,21 @@ def run_case(case, spec, device):
             return count
 
         return median_ms(device, seconds, estimate)
+    if op == "alignment":
+        from torch.func import functional_call, grad, vmap
+
+        params = {k: p.detach() for k, p in model.named_parameters()}
+
+        def output0(p, xi):
+            return functional_call(model, p, (xi.unsqueeze(0),))[0, 0]
+
+        def gram():
+            rows = vmap(grad(output0), in_dims=(None, 0))(params, x)
+            flat = torch.cat([g.flatten(1) for g in rows.values()], 1)
+            (flat @ flat.T).sum().item()
+            return None
+
+        return median_ms(device, seconds, gram)
     raise SystemExit(f"unknown case op {op!r}")
 
 

@@ -1,6 +1,6 @@
 //! `eoss bench`: times the operations that dominate a run — the SGD step, a full-set evaluation,
-//! the Hessian-vector product, a λmax solve (cold and warm-started) and a batch-sharpness
-//! estimate — for the paper's MLP 3072-512-512-10, 5-layer CNN and ResNet-20, in f32 on the CPU or
+//! the Hessian-vector product, a λmax solve (cold and warm-started), a batch-sharpness estimate
+//! and the per-sample gradient alignment — for the paper's MLP 3072-512-512-10, 5-layer CNN and ResNet-20, in f32 on the CPU or
 //! a CUDA GPU, and, when a Python with PyTorch is given, times exactly the same cases in PyTorch in
 //! the same run, each case right before eoss times it (`bench/torch_reference.py`, embedded in the
 //! binary), and prints the ratio eoss / PyTorch.
@@ -20,8 +20,8 @@ use rand_distr::StandardNormal;
 use serde::Serialize;
 
 use crate::curvature::{
-    Batch, FullBatchConfig, HessianOperator, HvpConfig, HvpMethod, LanczosConfig, Landscape,
-    MonteCarloConfig, Objective, Start,
+    model_gradient_alignment, AlignmentConfig, Batch, FullBatchConfig, HessianOperator, HvpConfig,
+    HvpMethod, LanczosConfig, Landscape, MonteCarloConfig, Objective, Start,
 };
 use crate::data::LabelEncoding;
 use crate::device::DeviceClass;
@@ -58,6 +58,9 @@ pub enum Op {
     LambdaMaxWarm,
     /// Batch sharpness: 50 batches of 16 drawn from `size` samples.
     BatchSharpness,
+    /// The alignment of figures 23–24: the gradients of output 0 of `size` samples, their Gram
+    /// matrix and its histograms (PyTorch: `torch.func`'s vmap of grad, then one matrix product).
+    Alignment,
 }
 
 /// One benchmark case.
@@ -138,6 +141,8 @@ pub fn cases(device: DeviceClass, suite: Suite) -> Vec<Case> {
             Case::new(Hvp, "resnet20", 512),
             Case::new(LambdaMaxCold, "resnet20", 256),
             Case::new(BatchSharpness, "resnet20", 8192),
+            Case::new(Alignment, "mlp", 256),
+            Case::new(Alignment, "cnn", 128),
         ],
         DeviceClass::Cuda => vec![
             Case::new(Hvp, "mlp", 512),
@@ -447,12 +452,19 @@ fn run_case(case: &Case, opts: &BenchOptions, device: &Device) -> Result<Timing,
                 Ok(e.samples)
             })?
         }
+        Op::Alignment => {
+            let cfg = AlignmentConfig::new(setup.data.len());
+            median_ms(device, opts.seconds, || {
+                model_gradient_alignment(&*setup.model, &setup.data, &cfg).map_err(curv)?;
+                Ok(0)
+            })?
+        }
     };
     Ok(Timing {
         name,
         ms,
         reps,
-        hvps: (!matches!(case.op, Op::SgdStep | Op::Evaluate)).then_some(hvps),
+        hvps: (!matches!(case.op, Op::SgdStep | Op::Evaluate | Op::Alignment)).then_some(hvps),
         torch_ms: None,
         torch_hvps: None,
     })
@@ -593,7 +605,7 @@ mod tests {
     }
 
     #[test]
-    fn sgd_evaluation_and_hvp_cases_run_on_the_cpu() {
+    fn sgd_evaluation_hvp_and_alignment_cases_run_on_the_cpu() {
         let opts = BenchOptions {
             device: DeviceClass::Cpu,
             suite: Suite::All,
@@ -608,5 +620,7 @@ mod tests {
         assert!(t.ms > 0.0 && t.hvps.is_none());
         let t = run_case(&Case::new(Op::Hvp, "mlp", 32), &opts, &dev).unwrap();
         assert_eq!(t.hvps, Some(1));
+        let t = run_case(&Case::new(Op::Alignment, "cnn", 3), &opts, &dev).unwrap();
+        assert!(t.ms > 0.0 && t.hvps.is_none());
     }
 }

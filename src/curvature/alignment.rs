@@ -236,6 +236,19 @@ pub struct AlignmentConfig {
     pub bins: Option<AlignmentBins>,
 }
 
+impl AlignmentConfig {
+    /// `samples` samples with every other setting at its default.
+    pub fn new(samples: usize) -> Self {
+        Self {
+            samples,
+            seed: 0,
+            output: 0,
+            max_floats: default_max_floats(),
+            bins: None,
+        }
+    }
+}
+
 /// The cotangent that picks output `output` of every sample of the outputs `f` (N, K): ones in
 /// that column, zeros elsewhere. Records K in `outputs`; where the model has no such output, a
 /// zero cotangent stands in until the caller returns [`output_error`].
