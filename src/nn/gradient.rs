@@ -1,7 +1,8 @@
-//! The gradient of a batch objective Σ_i c_i ℓ_i by the fastest passes a model has: hand-written
-//! ones for a dense stack ([`super::dense`]), a conv net ([`super::conv`]) or, on the CPU, a
-//! residual net ([`super::residual`]); candle's autograd otherwise. Also the outputs alone
-//! ([`outputs`]), for evaluation.
+//! Gradients by the fastest passes a model has: hand-written ones for a dense stack
+//! ([`super::dense`]), a conv net ([`super::conv`]) or, on the CPU, a residual net
+//! ([`super::residual`]); candle's autograd otherwise. [`backpropagate`] takes any cotangent of the
+//! outputs (a per-sample model gradient ∇f_k: a one-hot one), [`loss_and_gradient`] that of a
+//! batch objective Σ_i c_i ℓ_i. Also the outputs alone ([`outputs`]), for evaluation.
 
 use candle_core::{DType, Result, Tensor};
 
