@@ -1,7 +1,7 @@
 //! `eoss bench`: times the operations that dominate a run — the SGD step, a full-set evaluation,
 //! the Hessian-vector product, a λmax solve (cold and warm-started), a batch-sharpness estimate
-//! and the per-sample gradient alignment — for the paper's MLP 3072-512-512-10, 5-layer CNN and ResNet-20, in f32 on the CPU or
-//! a CUDA GPU, and, when a Python with PyTorch is given, times exactly the same cases in PyTorch in
+//! and the per-sample gradient alignment — for the paper's MLP 3072-512-512-10, 5-layer CNN and
+//! ResNet-20, in f32 on the CPU or a CUDA GPU, and, when a Python with PyTorch is given, times exactly the same cases in PyTorch in
 //! the same run, each case right before eoss times it (`bench/torch_reference.py`, embedded in the
 //! binary), and prints the ratio eoss / PyTorch.
 //!

@@ -537,14 +537,19 @@ mod tests {
         // Resolved params, as keys see them: the MLP's results did not change when the CNN's and
         // the ResNets' gradients moved to hand-written passes, so their keys must not either.
         use serde_json::json;
-        // The version a run of `model` measuring `measure` gets, from its resolved params.
-        let version = |model: serde_json::Value, measure: serde_json::Value| {
-            let raw = json!({
+        // The version a run of `model` with the params `extra` gets, from its resolved params.
+        let version_with = |model: serde_json::Value, extra: serde_json::Value| {
+            let mut raw = json!({
                 "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
-                "batch_size": 8, "steps": 10, "measure": measure
+                "batch_size": 8, "steps": 10
             });
+            raw.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             TrainStage.version(&TrainStage.resolve(&raw).unwrap().params)
         };
+        // ... measuring `measure`.
+        let version = |model, measure| version_with(model, json!({ "measure": measure }));
         let nothing = json!({});
         assert_eq!(version(json!({"arch": "cnn"}), nothing.clone()), 4);
         assert_eq!(version(json!({"arch": "mlp"}), nothing.clone()), 3);
@@ -559,13 +564,11 @@ mod tests {
         let resnet = json!({"arch": "resnet", "depth": 14});
         assert_eq!(version(resnet.clone(), nothing.clone()), 7);
         // Noisy dynamics: only those that take per-sample gradient variances of a conv net.
-        let noisy = |model: serde_json::Value, dynamics: &str| {
-            let raw = json!({
-                "model": model, "init_scale": 0.2, "loss": "mse", "lr": 0.1,
-                "batch_size": 8, "steps": 10, "dynamics": dynamics,
-                "noise_refresh_every": 1
-            });
-            TrainStage.version(&TrainStage.resolve(&raw).unwrap().params)
+        let noisy = |model, dynamics: &str| {
+            version_with(
+                model,
+                json!({"dynamics": dynamics, "noise_refresh_every": 1}),
+            )
         };
         assert_eq!(noisy(json!({"arch": "cnn"}), "diagonal_noise"), 5);
         assert_eq!(noisy(json!({"arch": "cnn"}), "isotropic_noise"), 5);
