@@ -159,8 +159,8 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         mirror: Option<String>,
     },
-    /// Times the SGD step, HVPs, λmax solves and batch sharpness of the paper's MLP, CNN and
-    /// ResNet-20, next to PyTorch when `--torch` names a Python that has it (the ratio column is
+    /// Times the SGD step, HVPs, λmax solves, batch sharpness and the per-sample gradient
+    /// alignment of the paper's MLP, CNN and ResNet-20, next to PyTorch when `--torch` names a Python that has it (the ratio column is
     /// eoss / PyTorch).
     Bench {
         /// Device to time on.
