@@ -14,7 +14,7 @@ FIGURES := $(patsubst pipelines/%.yaml,%,$(wildcard pipelines/fig*.yaml))
 .PHONY: test lint check-figures quickstart bench figures $(FIGURES)
 
 # fmt, clippy, every test, and the minutes-long checks that the smoke figures 1, 2 and 8 show their
-# effect (tests/figures.rs; about 22 minutes in all on 2 cores, with the build); `cargo test` alone skips those.
+# effect (tests/figures.rs; about 24 minutes in all on 2 cores, with the build); `cargo test` alone skips those.
 test: lint
 	$(CARGO) test
 	$(MAKE) check-figures
